@@ -1,0 +1,32 @@
+"""mtpnb: multi-token-prediction speculative decoding on MLX, seen and used from Jupyter.
+
+    import mtpnb
+    model = mtpnb.load()                      # the embedded default model (or a folder / hub repo)
+    result = model.generate("def fibonacci(n):", depth=3, max_tokens=64)
+    print(result.text, result.metrics.summary())
+"""
+
+from .engine import Engine, GenerationParams
+from .errors import MTPNBError
+from .events import TOKEN_KINDS, Done, Metrics, Result, StepEvent, TokenEvent
+from .loading import load, save
+from .model import Model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "load", "save", "Model", "Engine", "GenerationParams", "MTPNBError",
+    "Result", "Metrics", "TokenEvent", "StepEvent", "Done", "TOKEN_KINDS",
+]
+
+
+def load_ipython_extension(ipython):
+    from .magics import load_ipython_extension as _load
+
+    _load(ipython)
+
+
+def unload_ipython_extension(ipython):
+    from .magics import unload_ipython_extension as _unload
+
+    _unload(ipython)

@@ -1,0 +1,71 @@
+"""The MTP head of Qwen3.5 / Qwen3.6 / Qwen3-Next checkpoints, on MLX.
+
+    e = pre_fc_norm_embedding(embed(x[t+1]));  h = pre_fc_norm_hidden(H[t])
+    z = layer(fc([e, h]));  g = norm(z);  logits = lm_head(g)
+
+H is the trunk's output after its final norm. Step j > 1 feeds the previous step's `g` back as
+the hidden state (as vLLM does), with the embedding of the previous draft. The layer is one
+gated full-attention decoder layer of the Qwen3.5 family, reused from mlx-lm, with its own
+KV cache.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models import qwen3_5
+from mlx_lm.models.base import create_attention_mask
+
+# The seven RMSNorms of a dense head. Hugging Face checkpoints store them as w, applied as
+# x_hat * (1 + w); MLX's RMSNorm applies x_hat * w, so these get +1 when loaded from that layout.
+MTP_NORM_SUFFIXES = (
+    "pre_fc_norm_embedding.weight",
+    "pre_fc_norm_hidden.weight",
+    "mtp.norm.weight",
+    "input_layernorm.weight",
+    "post_attention_layernorm.weight",
+    "q_norm.weight",
+    "k_norm.weight",
+)
+
+
+def head_args(text_config: dict) -> qwen3_5.TextModelArgs:
+    """Arguments of the head's decoder layer from the trunk's (text) config.
+
+    Qwen3.5 trunks give them directly. An all-attention trunk (qwen3, llama) carrying the same
+    head format gets a Qwen3.5 layer shaped like its own attention, rotary over the whole head
+    unless the config says otherwise."""
+    cfg = dict(text_config)
+    if not cfg.get("model_type", "").startswith("qwen3_5"):
+        rope = dict(cfg.get("rope_parameters") or {})
+        rope.setdefault("rope_theta", cfg.get("rope_theta", 10000.0))
+        rope.setdefault("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+        rope.setdefault("type", "default")
+        cfg["rope_parameters"] = rope
+        cfg.pop("rope_scaling", None)
+    args = qwen3_5.TextModelArgs.from_dict(cfg)
+    args.num_experts = 0  # dense head; MoE heads are not supported yet
+    return args
+
+
+class MTPHead(nn.Module):
+    def __init__(self, args: qwen3_5.TextModelArgs):
+        super().__init__()
+        hidden, eps = args.hidden_size, args.rms_norm_eps
+        self.pre_fc_norm_embedding = nn.RMSNorm(hidden, eps=eps)
+        self.pre_fc_norm_hidden = nn.RMSNorm(hidden, eps=eps)
+        self.fc = nn.Linear(2 * hidden, hidden, bias=False)
+        # The layer index only selects the full-attention variant of the decoder layer.
+        self.layers = [qwen3_5.DecoderLayer(args, layer_idx=args.full_attention_interval - 1)]
+        self.norm = nn.RMSNorm(hidden, eps=eps)
+
+    def __call__(self, hidden: mx.array, embeddings: mx.array, cache=None) -> mx.array:
+        """hidden, embeddings: [B, T, H] -> g: [B, T, H] (post-norm, feeds lm_head and the next step)."""
+        z = self.fc(
+            mx.concatenate(
+                [self.pre_fc_norm_embedding(embeddings), self.pre_fc_norm_hidden(hidden)], axis=-1
+            )
+        )
+        mask = create_attention_mask(z, cache)
+        z = self.layers[0](z, mask=mask, cache=cache)
+        return self.norm(z)

@@ -1,0 +1,132 @@
+"""A loaded model: an mlx-lm trunk, an optional MTP head, a tokenizer, and the forwards the engine uses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+from mlx_lm.models.cache import KVCache
+
+from .head import MTPHead
+from .rollback import RollbackArraysCache
+
+
+@dataclass
+class Model:
+    trunk: nn.Module  # the mlx-lm model (its `mtp.*` weights stripped)
+    head: MTPHead | None
+    tokenizer: Any  # mlx_lm TokenizerWrapper
+    config: dict
+    path: Path
+    name: str
+    notes: list[str] = field(default_factory=list)  # what the loader did that a user should know
+
+    def __post_init__(self):
+        language_model = getattr(self.trunk, "language_model", self.trunk)
+        self._inner = language_model.model  # returns the post-norm hidden state
+        self._tied = getattr(language_model.args, "tie_word_embeddings", False)
+        self._language_model = language_model
+        self._engine = None
+
+    # -- the forwards -------------------------------------------------------------------------
+    @property
+    def has_mtp(self) -> bool:
+        return self.head is not None
+
+    def embed(self, ids: mx.array) -> mx.array:
+        return self._inner.embed_tokens(ids)
+
+    def lm_head(self, hidden: mx.array) -> mx.array:
+        if self._tied:
+            return self._inner.embed_tokens.as_linear(hidden)
+        return self._language_model.lm_head(hidden)
+
+    def forward(self, ids: mx.array, cache=None) -> tuple[mx.array, mx.array]:
+        """ids [B, L] -> (post-norm hidden [B, L, H], logits [B, L, V])."""
+        hidden = self._inner(ids, cache=cache)
+        return hidden, self.lm_head(hidden)
+
+    def mtp_forward(self, hidden: mx.array, next_ids: mx.array, cache=None) -> tuple[mx.array, mx.array]:
+        """One head step: hidden [B, T, H] at positions t, next_ids [B, T] = tokens at t+1
+        -> (g [B, T, H], logits [B, T, V]) predicting the tokens at t+2."""
+        if self.head is None:
+            raise RuntimeError(f"{self.name} has no MTP head")
+        g = self.head(hidden, self.embed(next_ids), cache=cache)
+        return g, self.lm_head(g)
+
+    def make_cache(self) -> list:
+        """Trunk caches that can roll back: KV caches for attention, taped caches for Gated DeltaNet."""
+        cache = self.trunk.make_cache()
+        return [RollbackArraysCache() if not isinstance(c, KVCache) else c for c in cache]
+
+    def make_head_cache(self) -> KVCache | None:
+        return KVCache() if self.head is not None else None
+
+    # -- decoding (the engine does the work) ----------------------------------------------------
+    @property
+    def engine(self):
+        if self._engine is None:
+            from .engine import Engine
+
+            self._engine = Engine(self)
+        return self._engine
+
+    def generate(self, prompt, **params):
+        """Decode a prompt (text, token ids, or chat messages) and return a Result.
+        Parameters: see `mtpnb.engine.GenerationParams`."""
+        return self.engine.generate(prompt, **params)
+
+    def stream(self, prompt, **params):
+        """Like generate, but yields TokenEvent / StepEvent as they are decided, then Done(result)."""
+        return self.engine.stream(prompt, **params)
+
+    # -- description ---------------------------------------------------------------------------
+    @property
+    def text_config(self) -> dict:
+        return self.config.get("text_config", self.config)
+
+    def info(self) -> dict:
+        def count(module):
+            return sum(v.size for _, v in tree_flatten(module.parameters()))
+
+        def nbytes(module):
+            return sum(v.nbytes for _, v in tree_flatten(module.parameters()))
+
+        tc = self.text_config
+        layers = self._inner.layers
+        linear = sum(1 for layer in layers if getattr(layer, "is_linear", False))
+        quant = self.config.get("quantization")
+        dtype = next(
+            (v.dtype for _, v in tree_flatten(self.trunk.parameters()) if v.dtype != mx.uint32), None
+        )
+        return {
+            "name": self.name,
+            "path": str(self.path),
+            "family": tc.get("model_type", self.config.get("model_type")),
+            "parameters": count(self.trunk) + (count(self.head) if self.head else 0),
+            "head_parameters": count(self.head) if self.head else 0,
+            "layers": len(layers),
+            "linear_attention_layers": linear,
+            "hidden_size": tc.get("hidden_size"),
+            "vocab_size": tc.get("vocab_size"),
+            "has_mtp": self.has_mtp,
+            "dtype": str(dtype).replace("mlx.core.", "") if dtype else None,
+            "quantization": f"{quant['bits']}-bit, group {quant['group_size']}" if quant else None,
+            "weights_mb": round((nbytes(self.trunk) + (nbytes(self.head) if self.head else 0)) / 2**20, 1),
+            "device": str(mx.default_device()),
+            "notes": list(self.notes),
+        }
+
+    def __repr__(self) -> str:
+        i = self.info()
+        mtp = "MTP head" if self.has_mtp else "no MTP head"
+        q = f", {i['quantization']}" if i["quantization"] else ""
+        return (
+            f"<mtpnb.Model {self.name}: {i['family']}, {i['parameters'] / 1e6:.1f}M params, "
+            f"{i['layers']} layers ({i['linear_attention_layers']} linear-attention), {mtp}, "
+            f"{i['dtype']}{q}, {i['weights_mb']} MB>"
+        )

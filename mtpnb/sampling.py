@@ -1,0 +1,97 @@
+"""The target distribution, and exact speculative acceptance (Leviathan et al. 2023, Chen et al. 2023).
+
+One processing order for every path (plain decoding, drafting, verifying), mlx-lm's: the filters
+top-p, then min-p, then top-k act on the untempered log-probabilities, and the temperature divides
+what survives. `Sampling.logprobs` returns that distribution, normalized; plain decoding samples
+from it, the head drafts from it, and the verify compares against it.
+
+Acceptance of drafts d_1..d_K drawn from q_1..q_K against targets p_1..p_K+1:
+accept d_j while u_j < p_j(d_j) / q_j(d_j); at the first rejection emit a sample of
+normalize(max(0, p_j - q_j)) (p_j itself if that mass is ~0); if all are accepted emit a bonus
+sample of p_K+1. The output then follows p exactly, and P(accept d_j) = sum(min(p_j, q_j)).
+Greedy (temperature 0): accept while d_j == argmax p_j, then emit argmax p at the first mismatch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
+
+from .errors import MTPNBError
+
+RESIDUAL_EPS = 1e-7
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+
+    def __post_init__(self):
+        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
+            raise MTPNBError(f"temperature must be a number >= 0, not {self.temperature!r}")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            raise MTPNBError(f"top_p must be in (0, 1], not {self.top_p!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise MTPNBError(f"top_k must be an integer >= 0 (0 = off), not {self.top_k!r}")
+        if not isinstance(self.min_p, (int, float)) or not 0 <= self.min_p < 1:
+            raise MTPNBError(f"min_p must be in [0, 1), not {self.min_p!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def logprobs(self, logits: mx.array) -> mx.array:
+        """Normalized log-probabilities of the distribution sampled from, [..., V]."""
+        logprobs = logits.astype(mx.float32)
+        logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
+        if self.top_p < 1:
+            logprobs = apply_top_p(logprobs, self.top_p)
+        if self.min_p > 0:
+            logprobs = apply_min_p(logprobs, self.min_p)
+        if 0 < self.top_k < logits.shape[-1]:
+            logprobs = apply_top_k(logprobs, self.top_k)
+        logprobs = logprobs * (1 / self.temperature)
+        return logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
+
+
+def accept_sampled(p_logprobs: mx.array, q_logprobs: mx.array, drafts: mx.array):
+    """p_logprobs [K+1, V], q_logprobs [K, V], drafts [K] (int) -> lazy arrays
+    (n_accepted [], next_token [], p_drafts [K], q_drafts [K], p_next [])."""
+    K = drafts.shape[0]
+    p = mx.exp(p_logprobs)
+    rows = mx.arange(K)
+    p_drafts = p[rows, drafts] if K else mx.zeros((0,))
+    q_drafts = mx.exp(q_logprobs[rows, drafts]) if K else mx.zeros((0,))
+    accepted = mx.random.uniform(shape=(K,)) * q_drafts < p_drafts
+    n_accepted = mx.sum(mx.cumprod(accepted.astype(mx.int32)))
+    # Candidates for every possible stopping point: residuals 1..K, then the bonus from p_K+1.
+    if K:
+        residual = mx.maximum(p[:K] - mx.exp(q_logprobs), 0)
+        mass = residual.sum(axis=-1, keepdims=True)
+        residual = mx.where(mass > RESIDUAL_EPS, residual / mx.maximum(mass, RESIDUAL_EPS), p[:K])
+        candidates = mx.concatenate([mx.log(residual), p_logprobs[K:]], axis=0)
+    else:
+        candidates = p_logprobs
+    choices = mx.random.categorical(candidates)
+    next_token = choices[n_accepted]
+    return n_accepted, next_token, p_drafts, q_drafts, p[n_accepted, next_token]
+
+
+def accept_greedy(logits: mx.array, draft_logits: mx.array, drafts: mx.array):
+    """logits [K+1, V] of the verify, draft_logits [K, V], drafts [K] -> lazy arrays shaped like
+    accept_sampled's. p and q are the plain softmax probabilities, shown to the user."""
+    K = drafts.shape[0]
+    targets = mx.argmax(logits, axis=-1)
+    accepted = drafts == targets[:K]
+    n_accepted = mx.sum(mx.cumprod(accepted.astype(mx.int32)))
+    p = mx.softmax(logits.astype(mx.float32), axis=-1)
+    rows = mx.arange(K)
+    p_drafts = p[rows, drafts] if K else mx.zeros((0,))
+    q_drafts = mx.softmax(draft_logits.astype(mx.float32), axis=-1)[rows, drafts] if K else mx.zeros((0,))
+    next_token = targets[n_accepted]
+    return n_accepted, next_token, p_drafts, q_drafts, p[n_accepted, next_token]

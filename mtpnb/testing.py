@@ -1,0 +1,141 @@
+"""Small random checkpoints in the formats mtpnb loads, written the way their real producers write
+them: for tests, demos and the notebook that shows how loading works, with no download.
+
+    path = make_checkpoint("/tmp/tiny", family="qwen3_5", layout="hf", mtp="inline")
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from .head import MTP_NORM_SUFFIXES, MTPHead, head_args
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}"
+    "{% endif %}"
+)
+# Norms the Hugging Face Qwen3.5 layout stores as w with 1 + w applied (the trunk's).
+TRUNK_SHIFTED_NORMS = (".input_layernorm.weight", ".post_attention_layernorm.weight", "model.norm.weight",
+                       ".q_norm.weight", ".k_norm.weight")
+
+
+def write_byte_tokenizer(path: Path) -> None:
+    """A byte-level BPE tokenizer with no merges: 3 special tokens, then the 256 byte symbols."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=len(SPECIAL_TOKENS) + 256, special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tokenizer.train_from_iterator([], trainer=trainer)
+    tokenizer.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+        "chat_template": CHAT_TEMPLATE,
+        "model_max_length": 4096,
+    }, indent=2))
+
+
+def tiny_config(family: str = "qwen3_5", *, vocab_size: int = 259, hidden_size: int = 64, num_layers: int = 4,
+                tie: bool = True, mtp: bool = True) -> dict:
+    common = {
+        "vocab_size": vocab_size, "hidden_size": hidden_size, "num_hidden_layers": num_layers,
+        "intermediate_size": 2 * hidden_size, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 16, "rms_norm_eps": 1e-6, "tie_word_embeddings": tie, "max_position_embeddings": 4096,
+        "eos_token_id": 0, "torch_dtype": "float32",
+    }
+    if mtp:
+        common.update(mtp_num_hidden_layers=1, mtp_use_dedicated_embeddings=False)
+    if family == "qwen3_5":
+        return {
+            **common, "model_type": "qwen3_5_text", "architectures": ["Qwen3_5ForCausalLM"],
+            "layer_types": ["full_attention" if (i + 1) % 2 == 0 else "linear_attention" for i in range(num_layers)],
+            "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 32,
+            "linear_value_head_dim": 16, "linear_conv_kernel_dim": 4,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
+        }
+    if family in ("qwen3", "llama"):
+        arch = {"qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}[family]
+        return {**common, "model_type": family, "architectures": [arch], "rope_theta": 10000.0}
+    raise ValueError(f"unknown family {family!r}")
+
+
+def make_checkpoint(path, *, family: str = "qwen3_5", layout: str = "hf", mtp: str | None = "inline",
+                    seed: int = 0, logit_scale: float = 1.0, **config_options) -> Path:
+    """Write a random model folder.
+
+    family: qwen3_5 (hybrid Gated DeltaNet trunk), qwen3 or llama (all attention).
+    layout: "hf" (Hugging Face: conv1d [C,1,K], norms stored as w for 1 + w) or "mlx" (mtpnb.save).
+    mtp: "inline" (in model.safetensors), "sidecar" (mtp.safetensors), or None (no head).
+    logit_scale: multiplies the embeddings, to make the distributions sharper (> 1) or flatter.
+    Returns the folder.
+    """
+    from .loading import _model_classes, read_config  # the loader's own classes: same module tree
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = tiny_config(family, mtp=mtp is not None, **config_options)
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    write_byte_tokenizer(path)
+    mx.random.seed(seed)
+    trunk_class, args_class = _model_classes(read_config(path))
+    trunk = trunk_class(args_class.from_dict(read_config(path)))
+    weights = _randomized(dict(tree_flatten(trunk.parameters())), logit_scale)
+    head_weights = {}
+    if mtp is not None:
+        head = MTPHead(head_args(config))
+        head_weights = {f"mtp.{k}": v for k, v in _randomized(dict(tree_flatten(head.parameters())), 1.0).items()}
+    if layout == "hf":
+        weights = _to_hf_layout(weights, family)
+        head_weights = {k: v - 1.0 if k.endswith(MTP_NORM_SUFFIXES) else v for k, v in head_weights.items()}
+    elif layout == "mlx":
+        config["mtp_norms_shifted"] = True
+        (path / "config.json").write_text(json.dumps(config, indent=2))
+    else:
+        raise ValueError(f"unknown layout {layout!r}")
+    if mtp == "sidecar":
+        mx.save_safetensors(str(path / "mtp.safetensors"), head_weights)
+    else:
+        weights.update(head_weights)
+    mx.save_safetensors(str(path / "model.safetensors"), weights)
+    return path
+
+
+def _randomized(weights: dict, logit_scale: float) -> dict:
+    """Norm weights around 1 (not exactly 1, so a missing or doubled shift shows), embeddings scaled."""
+    out = {}
+    for k, v in weights.items():
+        if k.endswith("norm.weight") and v.ndim == 1:
+            v = 1.0 + 0.2 * mx.random.normal(v.shape)
+        elif k.endswith("embed_tokens.weight"):
+            v = v * logit_scale
+        out[k] = v
+    mx.eval(out)
+    return out
+
+
+def _to_hf_layout(weights: dict, family: str) -> dict:
+    """mlx-lm parameter names and conventions -> what transformers' save_pretrained writes."""
+    if family != "qwen3_5":
+        return weights  # qwen3 / llama: the two layouts are the same
+    out = {}
+    for k, v in weights.items():
+        k = k.removeprefix("language_model.")
+        if "conv1d.weight" in k:
+            v = v.moveaxis(2, 1)  # [C, K, 1] -> [C, 1, K]
+        elif k.endswith(TRUNK_SHIFTED_NORMS) and v.ndim == 1:
+            v = v - 1.0
+        out[k] = v
+    return out
