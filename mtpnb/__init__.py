@@ -15,9 +15,24 @@ from .model import Model
 __version__ = "0.1.0"
 
 __all__ = [
-    "load", "save", "Model", "Engine", "GenerationParams", "MTPNBError",
-    "Result", "Metrics", "TokenEvent", "StepEvent", "Done", "TOKEN_KINDS",
+    "load", "save", "connect", "Model", "Engine", "GenerationParams", "MTPNBError",
+    "Result", "Metrics", "TokenEvent", "StepEvent", "Done", "TOKEN_KINDS", "Playground",
 ]
+
+
+def connect(url, api_key=None, **options):  # lazy: mtpnb.remote (a served model, engine-like)
+    from .remote import connect as _connect
+
+    return _connect(url, api_key, **options)
+
+
+def __getattr__(name):
+    # The Jupyter layer loads on first use: `import mtpnb` stays free of ipywidgets and plotly.
+    if name == "Playground":
+        from .widgets import Playground
+
+        return Playground
+    raise AttributeError(f"module 'mtpnb' has no attribute {name!r}")
 
 
 def load_ipython_extension(ipython):

@@ -140,8 +140,8 @@ class _Generation:
         try:
             yield from self._decode()
         finally:
-            self.detokenizer.finalize()
             self.end = time.perf_counter()
+        self._flush_text()
         yield Done(self._result())
 
     def _decode(self):
@@ -258,6 +258,16 @@ class _Generation:
             self.finish_reason = "length"
             return True
         return False
+
+    def _flush_text(self) -> None:
+        """Bytes the streaming detokenizer still held (an incomplete character at the end) go to
+        the text of the last output token, so the events' pieces always add up to the text."""
+        self.detokenizer.finalize()
+        tail = self.detokenizer.last_segment
+        outputs = [e for e in self.events if e.kind != "rejected"]
+        if tail and outputs and self.finish_reason != "stop":
+            outputs[-1].text += tail
+            self.text += tail
 
     def _stop_index(self, new_chars: int) -> int | None:
         """Where the earliest stop string that ends in the new text starts, if any."""

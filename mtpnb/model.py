@@ -9,7 +9,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
-from mlx_lm.models.cache import KVCache
+from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 from .head import MTPHead
 from .rollback import RollbackArraysCache
@@ -60,7 +60,7 @@ class Model:
 
     def make_cache(self) -> list:
         """Trunk caches that can roll back: KV caches for attention, taped caches for Gated DeltaNet."""
-        cache = self.trunk.make_cache()
+        cache = make_prompt_cache(self.trunk)
         return [RollbackArraysCache() if not isinstance(c, KVCache) else c for c in cache]
 
     def make_head_cache(self) -> KVCache | None:

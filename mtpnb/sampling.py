@@ -60,38 +60,48 @@ class Sampling:
 
 
 def accept_sampled(p_logprobs: mx.array, q_logprobs: mx.array, drafts: mx.array):
-    """p_logprobs [K+1, V], q_logprobs [K, V], drafts [K] (int) -> lazy arrays
-    (n_accepted [], next_token [], p_drafts [K], q_drafts [K], p_next [])."""
-    K = drafts.shape[0]
+    """p_logprobs [..., K+1, V], q_logprobs [..., K, V], drafts [..., K] (int) -> lazy arrays
+    (n_accepted [...], next_token [...], p_drafts [..., K], q_drafts [..., K], p_next [...]).
+    Leading batch dimensions are independent trials (the tests run 1e5 of them at once)."""
+    K = drafts.shape[-1]
     p = mx.exp(p_logprobs)
-    rows = mx.arange(K)
-    p_drafts = p[rows, drafts] if K else mx.zeros((0,))
-    q_drafts = mx.exp(q_logprobs[rows, drafts]) if K else mx.zeros((0,))
-    accepted = mx.random.uniform(shape=(K,)) * q_drafts < p_drafts
-    n_accepted = mx.sum(mx.cumprod(accepted.astype(mx.int32)))
+    p_drafts = _at(p[..., :K, :], drafts)
+    q_drafts = mx.exp(_at(q_logprobs, drafts))
+    accepted = mx.random.uniform(shape=drafts.shape) * q_drafts < p_drafts
+    n_accepted = _leading_true(accepted)
     # Candidates for every possible stopping point: residuals 1..K, then the bonus from p_K+1.
-    if K:
-        residual = mx.maximum(p[:K] - mx.exp(q_logprobs), 0)
-        mass = residual.sum(axis=-1, keepdims=True)
-        residual = mx.where(mass > RESIDUAL_EPS, residual / mx.maximum(mass, RESIDUAL_EPS), p[:K])
-        candidates = mx.concatenate([mx.log(residual), p_logprobs[K:]], axis=0)
-    else:
-        candidates = p_logprobs
-    choices = mx.random.categorical(candidates)
-    next_token = choices[n_accepted]
-    return n_accepted, next_token, p_drafts, q_drafts, p[n_accepted, next_token]
+    residual = mx.maximum(p[..., :K, :] - mx.exp(q_logprobs), 0)
+    mass = residual.sum(axis=-1, keepdims=True)
+    residual = mx.where(mass > RESIDUAL_EPS, residual / mx.maximum(mass, RESIDUAL_EPS), p[..., :K, :])
+    candidates = mx.concatenate([mx.log(residual), p_logprobs[..., K:, :]], axis=-2)
+    next_token = _at(mx.random.categorical(candidates), n_accepted)
+    return n_accepted, next_token, p_drafts, q_drafts, _at(_at_row(p, n_accepted), next_token)
 
 
 def accept_greedy(logits: mx.array, draft_logits: mx.array, drafts: mx.array):
-    """logits [K+1, V] of the verify, draft_logits [K, V], drafts [K] -> lazy arrays shaped like
-    accept_sampled's. p and q are the plain softmax probabilities, shown to the user."""
-    K = drafts.shape[0]
+    """logits [..., K+1, V] of the verify, draft_logits [..., K, V], drafts [..., K] -> lazy arrays
+    shaped like accept_sampled's. p and q are the plain softmax probabilities, shown to the user."""
+    K = drafts.shape[-1]
     targets = mx.argmax(logits, axis=-1)
-    accepted = drafts == targets[:K]
-    n_accepted = mx.sum(mx.cumprod(accepted.astype(mx.int32)))
+    n_accepted = _leading_true(drafts == targets[..., :K])
+    next_token = _at(targets, n_accepted)
     p = mx.softmax(logits.astype(mx.float32), axis=-1)
-    rows = mx.arange(K)
-    p_drafts = p[rows, drafts] if K else mx.zeros((0,))
-    q_drafts = mx.softmax(draft_logits.astype(mx.float32), axis=-1)[rows, drafts] if K else mx.zeros((0,))
-    next_token = targets[n_accepted]
-    return n_accepted, next_token, p_drafts, q_drafts, p[n_accepted, next_token]
+    q_drafts = _at(mx.softmax(draft_logits.astype(mx.float32), axis=-1), drafts)
+    return n_accepted, next_token, _at(p[..., :K, :], drafts), q_drafts, _at(_at_row(p, n_accepted), next_token)
+
+
+def _leading_true(flags: mx.array) -> mx.array:
+    """How many of the first flags along the last axis are all True."""
+    return mx.sum(mx.cumprod(flags.astype(mx.int32), axis=-1), axis=-1)
+
+
+def _at(values: mx.array, index: mx.array) -> mx.array:
+    """values[..., index] for an index with one dimension fewer (or the same, for a row of indices)."""
+    if index.ndim == values.ndim - 1:
+        return mx.take_along_axis(values, index[..., None], axis=-1)[..., 0]
+    return mx.take_along_axis(values, index, axis=-1)
+
+
+def _at_row(values: mx.array, row: mx.array) -> mx.array:
+    """values[..., row, :] -> [..., V]."""
+    return mx.take_along_axis(values, row[..., None, None], axis=-2)[..., 0, :]

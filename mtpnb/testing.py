@@ -73,12 +73,16 @@ def tiny_config(family: str = "qwen3_5", *, vocab_size: int = 259, hidden_size: 
 
 
 def make_checkpoint(path, *, family: str = "qwen3_5", layout: str = "hf", mtp: str | None = "inline",
-                    seed: int = 0, logit_scale: float = 1.0, **config_options) -> Path:
+                    head: str = "random", seed: int = 0, logit_scale: float = 1.0, **config_options) -> Path:
     """Write a random model folder.
 
     family: qwen3_5 (hybrid Gated DeltaNet trunk), qwen3 or llama (all attention).
     layout: "hf" (Hugging Face: conv1d [C,1,K], norms stored as w for 1 + w) or "mlx" (mtpnb.save).
     mtp: "inline" (in model.safetensors), "sidecar" (mtp.safetensors), or None (no head).
+    head: "random" (a poor draft head), or "echo": fc passes the hidden state through and the
+        layer adds nothing, so g is proportional to the trunk's own last hidden state and the head
+        re-predicts the token the trunk just chose. Greedy drafts are then right exactly while the
+        output repeats itself: on a random trunk's repetitive text every acceptance count occurs.
     logit_scale: multiplies the embeddings, to make the distributions sharper (> 1) or flatter.
     Returns the folder.
     """
@@ -95,8 +99,9 @@ def make_checkpoint(path, *, family: str = "qwen3_5", layout: str = "hf", mtp: s
     weights = _randomized(dict(tree_flatten(trunk.parameters())), logit_scale)
     head_weights = {}
     if mtp is not None:
-        head = MTPHead(head_args(config))
-        head_weights = {f"mtp.{k}": v for k, v in _randomized(dict(tree_flatten(head.parameters())), 1.0).items()}
+        head_weights = dict(tree_flatten(MTPHead(head_args(config)).parameters()))
+        head_weights = _echo(head_weights) if head == "echo" else _randomized(head_weights, 1.0)
+        head_weights = {f"mtp.{k}": v for k, v in head_weights.items()}
     if layout == "hf":
         weights = _to_hf_layout(weights, family)
         head_weights = {k: v - 1.0 if k.endswith(MTP_NORM_SUFFIXES) else v for k, v in head_weights.items()}
@@ -123,6 +128,18 @@ def _randomized(weights: dict, logit_scale: float) -> dict:
             v = v * logit_scale
         out[k] = v
     mx.eval(out)
+    return out
+
+
+def _echo(weights: dict) -> dict:
+    out = dict(weights)
+    hidden = out["fc.weight"].shape[0]
+    out["fc.weight"] = mx.concatenate([mx.zeros((hidden, hidden)), mx.eye(hidden)], axis=1)
+    for k in ("layers.0.self_attn.o_proj.weight", "layers.0.mlp.down_proj.weight"):
+        out[k] = mx.zeros_like(out[k])
+    for k in out:
+        if k.endswith("norm.weight"):
+            out[k] = mx.ones_like(out[k])
     return out
 
 

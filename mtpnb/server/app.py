@@ -1,0 +1,457 @@
+"""The HTTP side of `mtpnb serve`: the standard library's ThreadingHTTPServer (one thread per
+connection, HTTP/1.1 keep-alive, SSE over chunked transfer encoding) in front of the single engine
+worker. Handler threads parse, check and answer; only the worker touches MLX.
+
+A client that goes away is noticed while its request waits (the socket polled for EOF) and while it
+streams (the poll, or a failed write); its job is then cancelled: skipped if still queued, its
+generator closed if running.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import logging
+import queue
+import select
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+
+from ..errors import MTPNBError
+from ..events import Done, StepEvent, TokenEvent
+from .protocol import SERVER_DEFAULTS, APIError, Encoder, dumps, parse_body, parse_request
+from .worker import Job, Stats, Worker
+
+log = logging.getLogger("mtpnb.server")
+
+POLL_S = 0.1  # how often a waiting handler checks that its client is still there
+
+
+def is_loopback(host: str) -> bool:
+    """True when every address `host` names is a loopback address ("" and 0.0.0.0 are not)."""
+    if not host:
+        return False
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
+
+
+def refusal(host: str) -> str:
+    return (f"refusing to listen on {host or 'all interfaces'} (not a loopback address) without an API key: "
+            "pass --api-key-file FILE (or --api-key KEY, or set MTPNB_API_KEY), or listen on 127.0.0.1")
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False
+    allow_reuse_address = True
+
+    def __init__(self, address, handler, app, max_connections: int):
+        self.app = app
+        self._slots = threading.BoundedSemaphore(max_connections)
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, handler)
+
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):  # too many connections: answer 503 and hang up
+            try:
+                body = APIError(503, "too many connections (mtpnb serve --max-connections)",
+                                code="server_busy").body()
+                data = dumps(body)
+                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                                b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data))
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "mtpnb-serve"
+    sys_version = ""
+
+    def setup(self):
+        self.timeout = self.server.app.socket_timeout
+        super().setup()
+
+    # -- routing --------------------------------------------------------------------------------------
+    def do_GET(self):
+        self._dispatch("GET")
+
+    def do_POST(self):
+        self._dispatch("POST")
+
+    def do_PUT(self):
+        self._dispatch("PUT")
+
+    def do_DELETE(self):
+        self._dispatch("DELETE")
+
+    def do_PATCH(self):
+        self._dispatch("PATCH")
+
+    def _dispatch(self, method: str) -> None:
+        app = self.server.app
+        self._body_read = False
+        path = urlsplit(self.path).path.rstrip("/") or "/"
+        if path.startswith("/v1/"):
+            path = path[3:]
+        try:
+            if path == "/health":
+                return self._only(method, "GET") or self._json(200, {"status": "ok"})
+            routes = {"/models": "GET", "/metrics": "GET", "/chat/completions": "POST", "/completions": "POST"}
+            name = path.startswith("/models/") and path[len("/models/"):]
+            if path not in routes and not name:
+                raise APIError(404, f"no such endpoint: {method} {urlsplit(self.path).path}", code="not_found")
+            self._only(method, routes.get(path, "GET"))
+            app.check_auth(self.headers.get("Authorization"))
+            if name:
+                if name != app.model_name:
+                    raise APIError(404, f"model {name!r} not found; this server serves {app.model_name!r}",
+                                   code="model_not_found")
+                return self._json(200, app.model_card())
+            if path == "/models":
+                return self._json(200, {"object": "list", "data": [app.model_card()]})
+            if path == "/metrics":
+                return self._json(200, app.metrics())
+            return self._generate("chat" if path == "/chat/completions" else "completion")
+        except APIError as e:
+            app.stats.count(f"http_{e.status}")
+            self._json(e.status, e.body(), close=not self._body_read and self.command == "POST")
+        except (BrokenPipeError, ConnectionError, TimeoutError):
+            self.close_connection = True
+        except Exception as e:  # noqa: BLE001 - a bug: answer 500, keep serving
+            log.exception("internal error on %s %s", method, path)
+            app.stats.count("http_500")
+            try:
+                self._json(500, APIError(500, f"internal server error: {type(e).__name__}").body(), close=True)
+            except OSError:
+                self.close_connection = True
+
+    def _only(self, method: str, allowed: str) -> None:
+        if method != allowed:
+            raise APIError(405, f"{self.path} accepts {allowed}, not {method}", code="method_not_allowed")
+
+    # -- requests with a body -------------------------------------------------------------------------
+    def _read_body(self) -> bytes:
+        app = self.server.app
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            raise APIError(411, "send the request body with a Content-Length (chunked bodies are not accepted)",
+                           code="length_required")
+        length = self.headers.get("Content-Length")
+        if length is None:
+            raise APIError(411, "the request needs a Content-Length header", code="length_required")
+        try:
+            n = int(length)
+            if n < 0:
+                raise ValueError
+        except ValueError:
+            raise APIError(400, "the Content-Length header is not a valid length", code="invalid_request") from None
+        if n > app.max_body_bytes:
+            raise APIError(413, f"the request body is {n} bytes, above this server's limit of {app.max_body_bytes} "
+                                "(mtpnb serve --max-body-bytes)", code="request_too_large")
+        body = self.rfile.read(n)
+        if len(body) < n:
+            raise ConnectionError("client closed while sending the body")
+        self._body_read = True
+        return body
+
+    def handle_expect_100(self):
+        """Refuse an oversized body before the client sends it."""
+        try:
+            n = int(self.headers.get("Content-Length", "0"))
+        except ValueError:
+            n = 0
+        if n > self.server.app.max_body_bytes:
+            self._body_read = False
+            self.command = "POST"
+            e = APIError(413, f"the request body is {n} bytes, above this server's limit of "
+                              f"{self.server.app.max_body_bytes} (mtpnb serve --max-body-bytes)",
+                         code="request_too_large")
+            self._json(413, e.body(), close=True)
+            return False
+        return super().handle_expect_100()
+
+    def _generate(self, endpoint: str) -> None:
+        app = self.server.app
+        data = parse_body(self._read_body())
+        req = parse_request(endpoint, data, model_name=app.model_name, defaults=app.defaults,
+                            max_tokens_limit=app.max_tokens_limit)
+        job = Job(req)
+        app.worker.submit(job)
+        app.stats.count("requests")
+        encoder = Encoder(req, app.fingerprint)
+        try:
+            kind, value = self._next(job)
+            if kind == "error":
+                raise value
+            if kind != "start":  # "end": cancelled before it started
+                return
+            if req.stream:
+                self._stream(job, encoder)
+            else:
+                result = self._collect(job)
+                if result is not None:
+                    self._json(200, encoder.response(result))
+        except (BrokenPipeError, ConnectionError, TimeoutError, OSError):
+            job.cancel()
+            self.close_connection = True
+
+    def _next(self, job: Job):
+        """The worker's next message for this job; cancel the job if the client hangs up meanwhile."""
+        while True:
+            try:
+                return job.out.get(timeout=POLL_S)
+            except queue.Empty:
+                if self._client_gone():
+                    job.cancel()
+                    raise ConnectionError("client gone")
+
+    def _collect(self, job: Job):
+        while True:
+            kind, value = self._next(job)
+            if kind == "error":
+                raise value
+            if kind == "end":
+                return None
+            if isinstance(value, Done):
+                return value.result
+
+    def _stream(self, job: Job, encoder: Encoder) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("X-Accel-Buffering", "no")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        first = encoder.first()
+        if first:
+            self._sse(first)
+        tokens: list[TokenEvent] = []
+        while True:
+            kind, value = self._next(job)
+            if kind == "error":  # after the headers: an error event in OpenAI's shape, then the end
+                self._sse(value.body())
+                break
+            if kind == "end":
+                if tokens:
+                    self._sse(encoder.step(tokens, None))
+                break
+            if isinstance(value, TokenEvent):
+                tokens.append(value)
+            elif isinstance(value, StepEvent):
+                if self._client_gone():
+                    raise ConnectionError("client gone")
+                self._sse(encoder.step(tokens, value))
+                tokens = []
+            elif isinstance(value, Done):
+                if tokens:
+                    self._sse(encoder.step(tokens, None))
+                    tokens = []
+                for chunk in encoder.last(value.result):
+                    self._sse(chunk)
+        self._sse("[DONE]")
+        self.wfile.write(b"0\r\n\r\n")
+
+    def _sse(self, obj) -> None:
+        data = b"data: " + (obj.encode() if isinstance(obj, str) else dumps(obj)) + b"\n\n"
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+
+    def _client_gone(self) -> bool:
+        """The peer closed its side (EOF pending) or the socket failed."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            if not readable:
+                return False
+            return self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+
+    # -- responses ------------------------------------------------------------------------------------
+    def _json(self, status: int, body: dict, close: bool = False) -> None:
+        data = dumps(body)
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        if status == 401:
+            self.send_header("WWW-Authenticate", 'Bearer realm="mtpnb"')
+        if close:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        self.wfile.write(data)
+
+    def send_error(self, code, message=None, explain=None):
+        """Protocol-level errors (bad request line, oversized headers...) in the JSON error format."""
+        try:
+            self._json(code, APIError(code, message or self.responses.get(code, ("error",))[0],
+                                      code="bad_request").body(), close=True)
+        except OSError:
+            self.close_connection = True
+
+    def log_message(self, format, *args):  # the request line and status only: never a header
+        log.info("%s %s", self.address_string(), format % args)
+
+
+class Server:
+    """An OpenAI-compatible server for one model.
+
+        server = Server(model_or_path, port=0).start()   # serves on a thread; server.url
+        ...
+        server.close()
+
+    `model` is a loaded mtpnb.Model (then nothing else should generate with it while it serves), or
+    what mtpnb.load takes (a folder, a hub id, None for the default model), loaded on the worker thread.
+    """
+
+    def __init__(self, model=None, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+                 model_name: str | None = None, depth: int | None = None, reasoning: bool | None = None,
+                 temperature: float | None = None, max_tokens_limit: int = 4096,
+                 max_prompt_tokens: int | None = None, max_body_bytes: int = 1 << 20, max_queue: int = 64,
+                 max_connections: int = 128, socket_timeout: float = 60.0, load_options: dict | None = None):
+        if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
+            raise MTPNBError("the API key is empty")
+        if not api_key and not is_loopback(host):
+            raise MTPNBError(refusal(host))
+        for name, value in (("max_tokens_limit", max_tokens_limit), ("max_body_bytes", max_body_bytes),
+                            ("max_queue", max_queue), ("max_connections", max_connections)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise MTPNBError(f"{name} must be an integer >= 1, not {value!r}")
+        self.host, self.port = host, port
+        self._key = api_key.strip().encode() if api_key else None
+        self._model_name = model_name
+        self.defaults = dict(SERVER_DEFAULTS)
+        self.defaults.update({k: v for k, v in (("depth", depth), ("reasoning", reasoning),
+                                                ("temperature", temperature)) if v is not None})
+        from ..engine import GenerationParams
+
+        GenerationParams(**{k: v for k, v in self.defaults.items() if v is not None})  # bad defaults: fail now
+        self.max_tokens_limit = max_tokens_limit
+        self.max_body_bytes = max_body_bytes
+        self.socket_timeout = socket_timeout
+        self.stats = Stats()
+        self.worker = Worker(model, max_queue=max_queue, max_prompt_tokens=max_prompt_tokens,
+                             load_options=load_options, stats=self.stats)
+        self._max_prompt_tokens = max_prompt_tokens
+        self._max_connections = max_connections
+        self._httpd: _HTTPServer | None = None
+        self._info: dict | None = None
+        self._thread: threading.Thread | None = None
+        from .. import __version__
+
+        self.fingerprint = f"mtpnb-{__version__}"
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+    def bind(self) -> "Server":
+        """Listen (fails fast if the port is taken), then load the model; does not serve yet."""
+        if self._httpd is None:
+            try:
+                self._httpd = _HTTPServer((self.host, self.port), Handler, self, self._max_connections)
+            except OSError as e:
+                raise MTPNBError(f"cannot listen on {self.host}:{self.port}: {e.strerror or e}") from None
+            self.port = self._httpd.server_address[1]
+            try:
+                self.worker.start()
+            except BaseException:
+                self._httpd.server_close()
+                raise
+            if self._max_prompt_tokens is None:
+                limit = self.model.text_config.get("max_position_embeddings") if hasattr(self.model, "text_config") else None
+                self.worker.max_prompt_tokens = limit
+        return self
+
+    def start(self) -> "Server":
+        """Bind and serve on a background thread."""
+        self.bind()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2},
+                                            name="mtpnb-serve-http", daemon=True)
+            self._thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        """Bind and serve on this thread until close() (from another thread) or KeyboardInterrupt."""
+        self.bind()
+        try:
+            self._httpd.serve_forever(poll_interval=0.2)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._httpd is not None:
+            if self._thread is not None:
+                self._httpd.shutdown()
+                self._thread.join(5)
+            self._httpd.server_close()
+        self.worker.close()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- state ----------------------------------------------------------------------------------------
+    @property
+    def model(self):
+        return self.worker.model
+
+    @property
+    def model_name(self) -> str:
+        return self._model_name or self.model.name
+
+    @property
+    def url(self) -> str:
+        host = self.host if self.host not in ("", "0.0.0.0", "::") else "127.0.0.1"
+        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
+
+    def check_auth(self, header: str | None) -> None:
+        if self._key is None:
+            return
+        if not header:
+            raise APIError(401, "this server needs an API key: send 'Authorization: Bearer KEY'",
+                           code="missing_api_key")
+        scheme, _, token = header.strip().partition(" ")
+        ok = hmac.compare_digest(token.strip().encode(), self._key)  # constant time
+        if scheme.lower() != "bearer" or not ok:
+            raise APIError(401, "invalid API key", code="invalid_api_key")
+
+    def model_card(self) -> dict:
+        if self._info is None:
+            info = self.model.info()
+            info.pop("path", None)  # the server's file system is none of the client's business
+            self._info = info
+        info = dict(self._info)
+        info["name"] = self.model_name
+        info["server"] = {"depth": self.defaults["depth"], "reasoning": self.defaults["reasoning"],
+                          "temperature": self.defaults["temperature"], "max_tokens_limit": self.max_tokens_limit,
+                          "max_prompt_tokens": self.worker.max_prompt_tokens, "version": self.fingerprint}
+        return {"id": self.model_name, "object": "model", "created": int(self.stats.started), "owned_by": "mtpnb",
+                "info": info}
+
+    def metrics(self) -> dict:
+        snap = self.stats.snapshot()
+        snap.update(model=self.model_name, queued=self.worker.queue.qsize(),
+                    busy=self.worker.current is not None)
+        return snap

@@ -1,0 +1,379 @@
+"""The wire format of `mtpnb serve`: OpenAI requests -> engine parameters, engine events -> OpenAI
+responses and stream chunks with the `mtp` extension fields. No sockets and no MLX here.
+
+Extension fields (ordinary OpenAI clients ignore unknown fields):
+
+Request (both endpoints)
+    mtp_depth     int 0..8   drafts per verify (default: the server's --depth)
+    reasoning     bool       chat templates with a thinking switch (also read from
+                             chat_template_kwargs.enable_thinking; default: the server's --reasoning)
+    mtp_events    bool       token events in a non-streamed response (default false; streams always
+                             carry them)
+
+Stream chunk, one per verify step (chat: in choices[0].delta, completions: in choices[0])
+    mtp           [{"token", "text", "kind", "step", "position", "p", "q"}, ...]
+                  every token the step decided, in order: accepted drafts, rejected drafts
+                  (shown, not output), then the correction / bonus token ("plain" at depth 0);
+                  exactly mtpnb.TokenEvent.to_dict()
+    mtp_step      {"step", "drafted", "accepted", "emitted", "draft_s", "verify_s", "elapsed_s",
+                  "generated"}: mtpnb.StepEvent.to_dict()
+Last chunk (the one with finish_reason; or the usage chunk when stream_options.include_usage)
+    mtp           mtpnb.Metrics.to_dict() at the top level of the chunk, next to `usage`
+Non-streamed response
+    mtp           mtpnb.Metrics.to_dict() at the top level, next to `usage`
+    choices[0].mtp, choices[0].mtp_steps   with "mtp_events": true
+
+The streamed text (`delta.content` / `text`) holds back a suffix that could begin a stop string,
+so the concatenated text always equals the final text (the stop string excluded).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import MTPNBError
+
+# Defaults a request falls back to (the server's flags override them).
+SERVER_DEFAULTS = {"depth": 3, "reasoning": None, "temperature": 0.0}
+
+ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
+               405: "invalid_request_error", 411: "invalid_request_error", 413: "invalid_request_error",
+               500: "server_error", 503: "server_error"}
+
+
+class APIError(Exception):
+    """An error response in OpenAI's format: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, *, code: str | None = None, param: str | None = None,
+                 type: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.param = param
+        self.type = type or ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def dumps(obj: Any) -> bytes:
+    """Strict JSON (no NaN / Infinity: those become null)."""
+    try:
+        return json.dumps(obj, allow_nan=False, ensure_ascii=False, separators=(",", ":")).encode()
+    except ValueError:
+        return json.dumps(_finite(obj), ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _finite(obj):
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+@dataclass
+class Request:
+    endpoint: str  # "chat" | "completion"
+    prompt: Any  # chat messages, text, or token ids
+    chat: bool  # apply the chat template
+    params: dict  # model.stream parameters (chat excluded)
+    stream: bool = False
+    include_usage: bool = False
+    mtp_events: bool = False
+    model: str = ""
+    id: str = ""
+    created: int = 0
+    stop: tuple = ()
+    extra: dict = field(default_factory=dict)
+
+
+def parse_body(body: bytes) -> dict:
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        where = f" (line {e.lineno}, column {e.colno})" if isinstance(e, json.JSONDecodeError) else ""
+        raise APIError(400, f"the request body is not valid JSON{where}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    return data
+
+
+def parse_request(endpoint: str, data: dict, *, model_name: str, defaults: dict, max_tokens_limit: int) -> Request:
+    """Validate an OpenAI request and turn it into engine parameters; raise APIError (400 / 404)."""
+    model = data.get("model")
+    if model is not None and not isinstance(model, str):
+        raise APIError(400, "model must be a string", param="model")
+    if model not in (None, model_name):
+        raise APIError(404, f"model {model!r} not found; this server serves {model_name!r}", code="model_not_found",
+                       param="model")
+    _unsupported(endpoint, data)
+
+    if endpoint == "chat":
+        prompt, chat = _messages(data.get("messages")), True
+    else:
+        prompt, chat = _prompt(data.get("prompt")), False
+
+    params: dict[str, Any] = {}
+    for name in ("temperature", "top_p", "min_p"):
+        value = _number(data, name)
+        if value is not None:
+            params[name] = value
+    for name, key in (("top_k", "top_k"), ("seed", "seed"), ("depth", "mtp_depth")):
+        value = _integer(data, key)
+        if value is not None:
+            params[name] = value
+    max_tokens = _integer(data, "max_completion_tokens")
+    key = "max_completion_tokens"
+    if max_tokens is None:
+        max_tokens, key = _integer(data, "max_tokens"), "max_tokens"
+    if max_tokens is None:
+        max_tokens = max_tokens_limit
+    elif max_tokens > max_tokens_limit:
+        raise APIError(400, f"{key} {max_tokens} is above this server's limit of {max_tokens_limit} "
+                            "(mtpnb serve --max-tokens-limit)", param=key, code="max_tokens_too_large")
+    params["max_tokens"] = max_tokens
+    stop = data.get("stop")
+    if stop is not None:
+        if isinstance(stop, str):
+            stop = [stop]
+        if not isinstance(stop, list):
+            raise APIError(400, "stop must be a string or a list of strings", param="stop")
+        params["stop"] = tuple(stop)
+    reasoning = _bool(data, "reasoning")
+    kwargs = data.get("chat_template_kwargs")
+    if reasoning is None and isinstance(kwargs, dict) and "enable_thinking" in kwargs:
+        reasoning = _bool(kwargs, "enable_thinking", "chat_template_kwargs.enable_thinking")
+    if reasoning is not None:
+        params["reasoning"] = reasoning
+    for name, value in defaults.items():
+        if value is not None:
+            params.setdefault(name, value)
+
+    from ..engine import GenerationParams  # the engine's own checks and one-line messages
+
+    try:
+        checked = GenerationParams(**params, chat=chat)
+    except MTPNBError as e:
+        raise APIError(400, str(e), code="invalid_parameter") from None
+
+    stream = bool(_bool(data, "stream"))
+    options = data.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise APIError(400, "stream_options must be an object", param="stream_options")
+    include_usage = bool(stream and options and _bool(options, "include_usage", "stream_options.include_usage"))
+    mtp_events = _bool(data, "mtp_events")
+    prefix = "chatcmpl-" if endpoint == "chat" else "cmpl-"
+    return Request(
+        endpoint=endpoint, prompt=prompt, chat=chat, params=params, stream=stream, include_usage=include_usage,
+        mtp_events=stream if mtp_events is None else mtp_events, model=model_name,
+        id=prefix + uuid.uuid4().hex[:24], created=int(time.time()), stop=checked.stop,
+    )
+
+
+def _unsupported(endpoint: str, data: dict) -> None:
+    """Refuse what would silently change the meaning of a request; ignore harmless extras."""
+    n = data.get("n")
+    if n is not None and n != 1:
+        raise APIError(400, "n must be 1: mtpnb serve returns one choice per request", param="n")
+    if data.get("logprobs") not in (None, False, 0) or data.get("top_logprobs") not in (None, 0):
+        raise APIError(400, "logprobs are not supported by mtpnb serve (the mtp extension carries p and q)",
+                       param="logprobs")
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = data.get(name)
+        if value not in (None, 0, 0.0):
+            raise APIError(400, f"{name} is not supported by mtpnb serve", param=name)
+    if data.get("repetition_penalty") not in (None, 1, 1.0):
+        raise APIError(400, "repetition_penalty is not supported by mtpnb serve", param="repetition_penalty")
+    if data.get("logit_bias"):
+        raise APIError(400, "logit_bias is not supported by mtpnb serve", param="logit_bias")
+    if data.get("tools") or data.get("functions"):
+        raise APIError(400, "tools / function calling are not supported by mtpnb serve", param="tools")
+    fmt = data.get("response_format")
+    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+        raise APIError(400, "response_format other than text is not supported by mtpnb serve",
+                       param="response_format")
+    if endpoint == "completion":
+        if data.get("echo"):
+            raise APIError(400, "echo is not supported by mtpnb serve", param="echo")
+        if data.get("suffix"):
+            raise APIError(400, "suffix is not supported by mtpnb serve", param="suffix")
+        if data.get("best_of") not in (None, 1):
+            raise APIError(400, "best_of must be 1", param="best_of")
+
+
+def _messages(messages) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise APIError(400, "messages must be a non-empty list of {role, content} objects", param="messages")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise APIError(400, f"messages[{i}] must be an object with a string role", param="messages")
+        content = m.get("content")
+        if content is None:
+            content = ""
+        elif isinstance(content, list):  # content parts: text only
+            texts = []
+            for part in content:
+                if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                    raise APIError(400, f"messages[{i}]: only text content parts are supported", param="messages")
+                texts.append(part["text"])
+            content = "".join(texts)
+        elif not isinstance(content, str):
+            raise APIError(400, f"messages[{i}].content must be a string or a list of text parts",
+                           param="messages")
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+def _prompt(prompt):
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        if not prompt:
+            raise APIError(400, "the prompt is empty: give at least one token", param="prompt")
+        return prompt
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return prompt
+    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+        raise APIError(400, "batched prompts are not supported: send one prompt per request", param="prompt")
+    raise APIError(400, "prompt must be a non-empty string or a list of token ids", param="prompt")
+
+
+def _number(data: dict, name: str):
+    value = data.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise APIError(400, f"{name} must be a number, not {value!r}", param=name)
+    return value
+
+
+def _integer(data: dict, name: str):
+    value = data.get(name)
+    if value is None:
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise APIError(400, f"{name} must be an integer, not {value!r}", param=name)
+    return value
+
+
+def _bool(data: dict, name: str, label: str | None = None):
+    value = data.get(name)
+    if value is None or isinstance(value, bool):
+        return value
+    raise APIError(400, f"{label or name} must be true or false, not {value!r}", param=label or name)
+
+
+class StopHoldback:
+    """The streamed text: hold back a suffix that could start a stop string, so a stop string that
+    arrives over several tokens is never streamed (the engine cuts it from the final text)."""
+
+    def __init__(self, stop: tuple[str, ...]):
+        self.stop = stop
+        self.text = ""  # everything the engine has output
+        self.sent = 0
+
+    def feed(self, piece: str) -> str:
+        self.text += piece
+        end = len(self.text) - self._held()
+        for s in self.stop:  # a whole stop string: never stream it (nor what follows)
+            i = self.text.find(s, self.sent)
+            if i >= 0:
+                end = min(end, i)
+        out = self.text[self.sent:end] if end > self.sent else ""
+        self.sent = max(self.sent, end)
+        return out
+
+    def finish(self, final_text: str) -> str:
+        out = final_text[self.sent:] if final_text.startswith(self.text[: self.sent]) else ""
+        self.sent = len(final_text)
+        return out
+
+    def _held(self) -> int:
+        best = 0
+        for s in self.stop:
+            for k in range(min(len(s) - 1, len(self.text)), best, -1):
+                if self.text.endswith(s[:k]):
+                    best = k
+                    break
+        return best
+
+
+FINISH = {"stop": "stop", "length": "length"}
+
+
+def usage(metrics) -> dict:
+    return {"prompt_tokens": metrics.prompt_tokens, "completion_tokens": metrics.generated_tokens,
+            "total_tokens": metrics.prompt_tokens + metrics.generated_tokens}
+
+
+class Encoder:
+    """Builds one request's response body or stream chunks."""
+
+    def __init__(self, req: Request, fingerprint: str):
+        self.req = req
+        self.chat = req.endpoint == "chat"
+        self.fingerprint = fingerprint
+        self.text = StopHoldback(req.stop)
+
+    def _chunk(self, choice: dict, **top) -> dict:
+        return {"id": self.req.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
+                "created": self.req.created, "model": self.req.model, "system_fingerprint": self.fingerprint,
+                "choices": [choice] if choice is not None else [], **top}
+
+    def first(self) -> dict | None:
+        if not self.chat:
+            return None
+        return self._chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                            "finish_reason": None})
+
+    def step(self, tokens: list, step) -> dict:
+        """A chunk for one verify step: its output text and (extension) its token events."""
+        content = self.text.feed("".join(t.text for t in tokens if t.kind != "rejected"))
+        ext = {"mtp": [t.to_dict() for t in tokens]}
+        if step is not None:
+            ext["mtp_step"] = step.to_dict()
+        if self.chat:
+            choice = {"index": 0, "delta": {"content": content, **ext}, "logprobs": None, "finish_reason": None}
+        else:
+            choice = {"index": 0, "text": content, "logprobs": None, "finish_reason": None, **ext}
+        return self._chunk(choice)
+
+    def last(self, result) -> list[dict]:
+        """The closing chunks: the rest of the text with finish_reason (+ usage and metrics)."""
+        m = result.metrics
+        rest = self.text.finish(result.text)
+        finish = FINISH.get(m.finish_reason, "stop")
+        if self.chat:
+            choice = {"index": 0, "delta": {"content": rest} if rest else {}, "logprobs": None, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": rest, "logprobs": None, "finish_reason": finish}
+        if self.req.include_usage:
+            return [self._chunk(choice), self._chunk(None, usage=usage(m), mtp=m.to_dict())]
+        return [self._chunk(choice, usage=usage(m), mtp=m.to_dict())]
+
+    def response(self, result) -> dict:
+        m = result.metrics
+        finish = FINISH.get(m.finish_reason, "stop")
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": result.text}, "logprobs": None,
+                      "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": result.text, "logprobs": None, "finish_reason": finish}
+        if self.req.mtp_events:
+            choice["mtp"] = [e.to_dict() for e in result.events]
+            choice["mtp_steps"] = [s.to_dict() for s in result.steps]
+        return {"id": self.req.id, "object": "chat.completion" if self.chat else "text_completion",
+                "created": self.req.created, "model": self.req.model, "system_fingerprint": self.fingerprint,
+                "choices": [choice], "usage": usage(m), "mtp": m.to_dict()}

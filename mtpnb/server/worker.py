@@ -1,0 +1,205 @@
+"""The one thread that runs the MLX engine: requests wait in a FIFO queue and are generated one at a
+time, in arrival order. A handler thread talks to its job through `job.out`; setting `job.cancelled`
+(the client went away) stops the generation at its next event (the engine's generator is closed)."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import threading
+import time
+
+from ..errors import MTPNBError
+from ..events import Done
+from .protocol import APIError
+
+log = logging.getLogger("mtpnb.server")
+
+
+class Job:
+    def __init__(self, request):
+        self.request = request
+        self.out: queue.SimpleQueue = queue.SimpleQueue()  # ("start", n) ("event", ev) ("error", APIError) ("end", None)
+        self.cancelled = threading.Event()
+        self.enqueued = time.monotonic()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+class Stats:
+    """Counters and the metrics of recent generations, for /metrics."""
+
+    def __init__(self, keep: int = 100):
+        self.lock = threading.Lock()
+        self.started = time.time()
+        self.recent: collections.deque = collections.deque(maxlen=keep)
+        self.counts = collections.Counter()
+
+    def count(self, name: str, n: int = 1) -> None:
+        with self.lock:
+            self.counts[name] += n
+
+    def record(self, job: Job, metrics: dict | None, finish_reason: str, wait_s: float) -> None:
+        req = job.request
+        with self.lock:
+            self.counts["completed" if finish_reason not in ("cancelled", "error") else finish_reason] += 1
+            if metrics:
+                self.counts["generated_tokens"] += metrics.get("generated_tokens", 0)
+                self.counts["prompt_tokens"] += metrics.get("prompt_tokens", 0)
+            self.recent.append({"id": req.id, "endpoint": req.endpoint, "created": req.created,
+                                "stream": req.stream, "queue_wait_s": round(wait_s, 4),
+                                "finish_reason": finish_reason, "metrics": metrics})
+
+    def snapshot(self) -> dict:
+        with self.lock:
+            return {"uptime_s": round(time.time() - self.started, 1), "counts": dict(self.counts),
+                    "recent": list(self.recent)}
+
+
+class Worker:
+    def __init__(self, source, *, max_queue: int, max_prompt_tokens: int | None, load_options: dict | None,
+                 stats: Stats):
+        self.source = source
+        self.load_options = load_options or {}
+        self.model = None
+        self.max_prompt_tokens = max_prompt_tokens
+        self.queue: queue.Queue = queue.Queue(maxsize=max_queue)
+        self.stats = stats
+        self.current: Job | None = None
+        self.loaded = threading.Event()
+        self.load_error: BaseException | None = None
+        self.closing = False
+        self.thread = threading.Thread(target=self._run, name="mtpnb-serve-worker", daemon=True)
+
+    # -- the handler side ---------------------------------------------------------------------------
+    def submit(self, job: Job) -> None:
+        if self.closing:
+            raise APIError(503, "the server is shutting down", code="shutting_down")
+        try:
+            self.queue.put_nowait(job)
+        except queue.Full:
+            raise APIError(503, f"the server is busy: {self.queue.maxsize} requests are waiting "
+                                "(mtpnb serve --max-queue); retry later", code="server_busy") from None
+
+    @property
+    def pending(self) -> int:
+        return self.queue.qsize() + (self.current is not None)
+
+    def start(self) -> None:
+        self.thread.start()
+        self.loaded.wait()
+        if self.load_error is not None:
+            raise self.load_error
+
+    def close(self, timeout: float = 5.0) -> None:
+        self.closing = True
+        if self.current is not None:
+            self.current.cancel()
+        while True:  # refuse what is still waiting
+            try:
+                job = self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job.cancel()
+                job.out.put(("error", APIError(503, "the server is shutting down", code="shutting_down")))
+        try:
+            self.queue.put(None, timeout=timeout)
+        except queue.Full:
+            pass
+        if self.thread.is_alive() and threading.current_thread() is not self.thread:
+            self.thread.join(timeout)
+
+    # -- the worker thread ----------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            import mlx.core as mx
+
+            mx.default_stream(mx.default_device())  # this thread's stream (MLX streams are per thread)
+            model = self.source
+            if not hasattr(model, "stream"):  # a folder / hub id / None: load it on this thread
+                from ..loading import load
+
+                model = load(model, **self.load_options)
+            self.model = model
+        except BaseException as e:  # noqa: BLE001 - handed to start()
+            self.load_error = e
+            self.loaded.set()
+            return
+        self.loaded.set()
+        while True:
+            job = self.queue.get()
+            if job is None or self.closing:
+                if job is not None:
+                    job.out.put(("error", APIError(503, "the server is shutting down", code="shutting_down")))
+                return
+            self.current = job
+            try:
+                self._serve(job)
+            except BaseException:  # never let one request take the worker down
+                log.exception("request %s failed", job.request.id)
+            finally:
+                self.current = None
+
+    def _serve(self, job: Job) -> None:
+        req = job.request
+        wait_s = time.monotonic() - job.enqueued
+        if job.cancelled.is_set():
+            self.stats.record(job, None, "cancelled", wait_s)
+            job.out.put(("end", None))
+            return
+        model = self.model
+        try:
+            ids = model.engine.encode(req.prompt, chat=req.chat, reasoning=req.params.get("reasoning"))
+            if self.max_prompt_tokens and len(ids) > self.max_prompt_tokens:
+                raise APIError(400, f"the prompt has {len(ids)} tokens, above this server's limit of "
+                                    f"{self.max_prompt_tokens} (mtpnb serve --max-prompt-tokens)",
+                               code="context_length_exceeded")
+            params = {k: v for k, v in req.params.items() if k != "reasoning"}
+            events = model.stream(ids, **params)
+        except MTPNBError as e:
+            self._fail(job, APIError(400, str(e), code="invalid_parameter"), wait_s)
+            return
+        except APIError as e:
+            self._fail(job, e, wait_s)
+            return
+        except Exception as e:  # noqa: BLE001
+            log.exception("request %s: the engine failed to start", req.id)
+            self._fail(job, APIError(500, f"the generation failed to start: {_one_line(e)}"), wait_s)
+            return
+        job.out.put(("start", len(ids)))
+        result = None
+        try:
+            for event in events:
+                if job.cancelled.is_set():
+                    break
+                job.out.put(("event", event))
+                if isinstance(event, Done):
+                    result = event.result
+        except Exception as e:  # noqa: BLE001
+            log.exception("request %s: the generation failed", req.id)
+            self._fail(job, APIError(500, f"the generation failed: {_one_line(e)}"), wait_s)
+            return
+        finally:
+            events.close()  # cancels a generation left unfinished
+        if result is None:
+            self.stats.record(job, None, "cancelled", wait_s)
+            log.info("%s cancelled (client gone)", req.id)
+        else:
+            m = result.metrics
+            self.stats.record(job, m.to_dict(), m.finish_reason, wait_s)
+            log.info("%s %s: %d+%d tokens, %s, %.2fs (queued %.2fs)%s", req.id, req.endpoint, m.prompt_tokens,
+                     m.generated_tokens, m.finish_reason, m.total_s, wait_s,
+                     f", acceptance {m.acceptance_rate:.0%}" if m.depth and m.drafted_tokens else "")
+        job.out.put(("end", None))
+
+    def _fail(self, job: Job, error: APIError, wait_s: float) -> None:
+        self.stats.record(job, None, "error", wait_s)
+        job.out.put(("error", error))
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 300 else text[:297] + "..."

@@ -1,0 +1,398 @@
+"""Train the default model: a Qwen3.5 hybrid trunk and its MTP head, on the stdlib corpus.
+
+    python -m mtpnb.train --data artifacts/corpus --out OUT [--time-budget-s 420]   # the real run
+    python -m mtpnb.train --smoke --out OUT                                         # CI, CPU, < 1 min
+
+Two phases, each a plain loop (sample a batch, forward, loss, backward, clip, AdamW step):
+1. joint: L = L_main + lambda * sum_k alpha_k * L_k, trunk and head together (cross-entropy on the
+   real tokens; head step k is teacher-forced on x[t+k] and predicts x[t+k+1]);
+2. head: the trunk (embeddings and lm_head included) frozen, the head fitted by KL to the trunk's own
+   next-token distribution at the position it drafts for.
+With --time-budget-s the step counts come from the budget: after CALIBRATION_STEPS steps the loop times
+itself and fixes its last step, so the learning-rate schedule stays a function of the step.
+Writes OUT in the Hugging Face layout (export.py), training.json and the model card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import transformers
+
+from .card import write_card
+from .corpus import prepare
+from .evaluate import heldout_metrics, windows
+from .export import export
+from .model import MTPModel, build_config, count_parameters
+
+CARD_CONFIG_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "full_attention_interval",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "linear_num_key_heads",
+    "linear_num_value_heads",
+    "linear_key_head_dim",
+    "intermediate_size",
+    "layer_types",
+)
+CALIBRATION_STEPS = 20  # steps timed (after the first 5) to turn a time budget into a step count
+SMOKE = {  # a toy corpus and a tiny model: the whole run takes seconds on a CPU
+    "max_train_bytes": 300_000,
+    "max_heldout_bytes": 40_000,
+    "vocab_size": 512,
+    "hidden_size": 64,
+    "num_layers": 4,
+    "num_heads": 2,
+    "num_kv_heads": 1,
+    "head_dim": 32,
+    "linear_key_heads": 2,
+    "linear_value_heads": 2,
+    "linear_head_dim": 32,
+    "intermediate_size": 128,
+    "seq_len": 64,
+    "batch_size": 4,
+    "steps": 6,
+    "head_steps": 4,
+    "warmup_steps": 2,
+    "eval_batches": 2,
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m mtpnb.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, required=True, help="folder to write the trained model to")
+    p.add_argument("--data", type=Path, help="corpus folder of `python -m mtpnb.train.corpus` (built if absent)")
+    p.add_argument("--smoke", action="store_true", help="a few steps of a tiny model on a toy corpus (CI)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=1234)
+    g = p.add_argument_group("model")
+    g.add_argument("--vocab-size", type=int, default=8192, help="tokenizer size when the corpus is built")
+    g.add_argument("--hidden-size", type=int, default=384)
+    g.add_argument("--num-layers", type=int, default=8)
+    g.add_argument("--num-heads", type=int, default=6)
+    g.add_argument("--num-kv-heads", type=int, default=2)
+    g.add_argument("--head-dim", type=int, default=64)
+    g.add_argument("--linear-key-heads", type=int, default=4)
+    g.add_argument("--linear-value-heads", type=int, default=8)
+    g.add_argument("--linear-head-dim", type=int, default=64)
+    g.add_argument("--intermediate-size", type=int, default=896)
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--seq-len", type=int, default=1024)
+    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--depth", type=int, default=3, help="MTP steps trained (the head applied recursively)")
+    g.add_argument("--mtp-lambda", type=float, default=0.5)
+    g.add_argument("--mtp-decay", type=float, default=0.6, help="alpha_k proportional to decay^(k-1)")
+    g.add_argument("--lr", type=float, default=2e-3)
+    g.add_argument("--head-lr", type=float, default=1e-3)
+    g.add_argument("--min-lr-ratio", type=float, default=0.1)
+    g.add_argument("--warmup-steps", type=int, default=50)
+    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--grad-clip", type=float, default=1.0)
+    g.add_argument("--steps", type=int, default=1000, help="joint steps (without --time-budget-s)")
+    g.add_argument("--head-steps", type=int, default=200, help="head-only steps (without --time-budget-s)")
+    g.add_argument("--time-budget-s", type=float, help="training seconds for both phases; sets the step counts")
+    g.add_argument("--head-fraction", type=float, default=0.2, help="share of the budget for the head phase")
+    g = p.add_argument_group("logging and export")
+    g.add_argument("--log-every", type=int, default=25)
+    g.add_argument("--eval-every", type=int, default=200, help="held-out evaluation every N steps (0: at phase ends)")
+    g.add_argument("--eval-batches", type=int, default=16, help="held-out batches per evaluation (0: all)")
+    g.add_argument("--max-shard-mib", type=float, help="split the weights into files below this size")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = p.parse_args(argv)
+    args.command_line = shlex.join(_without_paths(argv))
+    if args.smoke:
+        for key, value in SMOKE.items():
+            setattr(args, key, value)
+        args.time_budget_s = None
+    return args
+
+
+def _without_paths(argv: list[str]) -> list[str]:
+    """The command line minus --out/--data and their values (for the model card)."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--out", "--data"):
+            skip = True
+        elif not arg.startswith(("--out=", "--data=")):
+            kept.append(arg)
+    return kept
+
+
+@dataclass
+class Batches:
+    """Random windows of `width` tokens from a token array held on the device."""
+
+    tokens: torch.Tensor
+    width: int
+    batch_size: int
+    generator: torch.Generator
+
+    @classmethod
+    def create(cls, tokens: np.ndarray, width: int, batch_size: int, device: str, seed: int) -> "Batches":
+        generator = torch.Generator(device=device).manual_seed(seed)
+        return cls(torch.from_numpy(tokens.astype(np.int64)).to(device), width, batch_size, generator)
+
+    def next(self) -> torch.Tensor:
+        starts = torch.randint(
+            0, len(self.tokens) - self.width + 1, (self.batch_size, 1), generator=self.generator, device=self.tokens.device
+        )
+        return self.tokens[starts + torch.arange(self.width, device=self.tokens.device)]
+
+
+def lr_at(step: int, peak: float, warmup: int, last: int, min_ratio: float) -> float:
+    """Linear warm-up to `peak`, then cosine decay to min_ratio * peak at step `last`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, last - warmup))
+    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def adamw(params: list[torch.nn.Parameter], weight_decay: float, device: str) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices and embeddings only (not norms, biases, A_log, dt_bias)."""
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, betas=(0.9, 0.95), fused=device == "cuda")
+
+
+def joint_loss(model: MTPModel, batch: torch.Tensor, seq_len: int, alpha: list[float], mtp_lambda: float):
+    """L_main + lambda * sum_k alpha_k L_k over a batch of seq_len + depth + 1 tokens per row."""
+    vocab = model.config.vocab_size
+    hidden, logits = model.trunk_forward(batch[:, :seq_len])
+    loss_main = F.cross_entropy(logits.float().view(-1, vocab), batch[:, 1 : seq_len + 1].reshape(-1))
+    loss_mtp = [
+        F.cross_entropy(step.float().view(-1, vocab), batch[:, k + 1 : k + 1 + seq_len].reshape(-1))
+        for k, step in enumerate(model.mtp_steps(hidden, batch, len(alpha)), start=1)
+    ]
+    loss = loss_main + mtp_lambda * sum(a * l for a, l in zip(alpha, loss_mtp))
+    return loss, loss_main, loss_mtp
+
+
+def head_loss(model: MTPModel, batch: torch.Tensor, seq_len: int, alpha: list[float]):
+    """sum_k alpha_k KL(trunk's distribution at position t+k || head step k at row t), trunk frozen."""
+    depth = len(alpha)
+    with torch.no_grad():
+        hidden, logits = model.trunk_forward(batch[:, : seq_len + depth])
+        target = F.log_softmax(logits.float(), dim=-1)
+    hidden = hidden[:, :seq_len]
+    loss_mtp = [
+        F.kl_div(F.log_softmax(step.float(), dim=-1), target[:, k : k + seq_len], log_target=True, reduction="none")
+        .sum(-1)
+        .mean()
+        for k, step in enumerate(model.mtp_steps(hidden, batch, depth), start=1)
+    ]
+    return sum(a * l for a, l in zip(alpha, loss_mtp)), None, loss_mtp
+
+
+@dataclass
+class Phase:
+    name: str
+    trains: str  # what the phase updates, for the model card
+    loss_kind: str  # what loss_mtp measures: "cross-entropy" or "KL"
+    loss: Callable  # batch -> (loss, loss_main or None, [loss_k])
+    params: list[torch.nn.Parameter]
+    lr: float
+    steps: int
+    budget_s: float | None  # when set, `steps` is replaced by what fits in it
+    seed: int
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_phase(
+    phase: Phase, model: MTPModel, data: np.ndarray, heldout_rows: torch.Tensor, args, autocast, history: list
+) -> dict:
+    """One training loop; returns the phase's record (steps, tokens, timing, final train and held-out
+    metrics). Time spent on held-out evaluations is left out of tokens_per_s."""
+    batches = Batches.create(data, args.seq_len + args.depth + 1, args.batch_size, args.device, phase.seed)
+    optimizer = adamw(phase.params, args.weight_decay, args.device)
+    steps = phase.steps if phase.budget_s is None else None  # None until calibrated
+    last = max(phase.steps, args.warmup_steps + 1) if steps is not None else None
+    recent = []
+    eval_s = 0.0
+    model.train()
+    sync(args.device)
+    start = time.perf_counter()
+    step = 0
+    while steps is None or step < steps:
+        lr = lr_at(step, phase.lr, args.warmup_steps, last or 10**9, args.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with autocast:
+            loss, loss_main, loss_mtp = phase.loss(batches.next())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(phase.params, args.grad_clip)
+        optimizer.step()
+        step += 1
+        recent.append((None if loss_main is None else loss_main.detach(), [l.detach() for l in loss_mtp]))
+        if step == 5:
+            sync(args.device)
+            calibration_start = time.perf_counter()
+        if steps is None and step == CALIBRATION_STEPS:
+            sync(args.device)
+            now = time.perf_counter()
+            per_step = (now - calibration_start) / (CALIBRATION_STEPS - 5)
+            steps = step + max(0, int((phase.budget_s - (now - start)) / per_step))
+            last = max(steps, args.warmup_steps + 1)
+            print(f"[{phase.name}] {per_step * 1e3:.0f} ms/step: {steps} steps fit in {phase.budget_s:.0f} s", flush=True)
+        if step % args.log_every == 0 or step == steps:
+            means = {
+                "loss_main": None if loss_main is None else float(np.mean([m.item() for m, _ in recent])),
+                "loss_mtp": [float(np.mean([ls[k].item() for _, ls in recent])) for k in range(args.depth)],
+            }
+            recent.clear()
+            elapsed = time.perf_counter() - start
+            history.append({"phase": phase.name, "step": step, "elapsed_s": round(elapsed, 2), "lr": lr, **means})
+            main = "frozen" if means["loss_main"] is None else f"{means['loss_main']:.3f}"
+            print(
+                f"[{phase.name}] step {step}/{steps} lr {lr:.2e} main {main} mtp "
+                f"{' '.join(f'{v:.3f}' for v in means['loss_mtp'])} | "
+                f"{step * batches.batch_size * args.seq_len / (elapsed - eval_s) / 1e3:.0f}k tok/s",
+                flush=True,
+            )
+        if args.eval_every and step % args.eval_every == 0 and step != steps:
+            eval_start = time.perf_counter()
+            heldout = heldout_metrics(model.eval(), heldout_rows, args.depth, args.batch_size, autocast)
+            model.train()
+            eval_s += time.perf_counter() - eval_start
+            history.append({"phase": phase.name, "step": step, "heldout": heldout})
+            print(f"[{phase.name}] step {step} held-out: {json.dumps(heldout)}", flush=True)
+    sync(args.device)
+    wall = time.perf_counter() - start - eval_s
+    tokens = step * args.batch_size * args.seq_len
+    final = next(h for h in reversed(history) if "loss_mtp" in h)
+    heldout = heldout_metrics(model.eval(), heldout_rows, args.depth, args.batch_size, autocast)
+    print(f"[{phase.name}] held-out: {json.dumps(heldout)}", flush=True)
+    return {
+        "name": phase.name,
+        "trains": phase.trains,
+        "loss_kind": phase.loss_kind,
+        "steps": step,
+        "tokens": tokens,
+        "wall_s": wall,
+        "tokens_per_s": tokens / wall,
+        "lr": phase.lr,
+        "final_train": {"loss_main": final["loss_main"], "loss_mtp": final["loss_mtp"]},
+        "heldout": heldout,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    torch.set_float32_matmul_precision("high")
+    if args.data is None:
+        args.data = Path(tempfile.mkdtemp(prefix="mtpnb-corpus-"))
+    if not (args.data / "train.npy").exists():
+        limits = {k: getattr(args, k, None) for k in ("max_train_bytes", "max_heldout_bytes")}
+        prepare(args.data, args.vocab_size, **limits)
+    manifest = json.loads((args.data / "manifest.json").read_text())
+    train_tokens, heldout_tokens = np.load(args.data / "train.npy"), np.load(args.data / "heldout.npy")
+
+    config = build_config(
+        vocab_size=manifest["tokenizer"]["vocab_size"],
+        hidden_size=args.hidden_size,
+        num_hidden_layers=args.num_layers,
+        num_attention_heads=args.num_heads,
+        num_key_value_heads=args.num_kv_heads,
+        head_dim=args.head_dim,
+        intermediate_size=args.intermediate_size,
+        linear_num_key_heads=args.linear_key_heads,
+        linear_num_value_heads=args.linear_value_heads,
+        linear_head_dim=args.linear_head_dim,
+    )
+    model = MTPModel(config).to(args.device)
+    parameters = count_parameters(model)
+    print(f"parameters: {parameters}", flush=True)
+    use_bf16 = args.device == "cuda"
+    autocast = torch.autocast(args.device, dtype=torch.bfloat16, enabled=use_bf16)
+    alpha = [args.mtp_decay**k for k in range(args.depth)]
+    alpha = [a / sum(alpha) for a in alpha]
+    heldout_rows = windows(heldout_tokens, args.seq_len, args.depth)
+    if args.eval_batches:
+        heldout_rows = heldout_rows[: args.eval_batches * args.batch_size]
+
+    budget = args.time_budget_s
+    phases = [
+        Phase(
+            name="joint",
+            trains="trunk + head",
+            loss_kind="cross-entropy",
+            loss=lambda batch: joint_loss(model, batch, args.seq_len, alpha, args.mtp_lambda),
+            params=list(model.parameters()),
+            lr=args.lr,
+            steps=args.steps,
+            budget_s=None if budget is None else budget * (1 - args.head_fraction),
+            seed=args.seed + 1,
+        ),
+        Phase(
+            name="head",
+            trains="head",
+            loss_kind="KL",
+            loss=lambda batch: head_loss(model, batch, args.seq_len, alpha),
+            params=list(model.mtp.parameters()),
+            lr=args.head_lr,
+            steps=args.head_steps,
+            budget_s=None if budget is None else budget * args.head_fraction,
+            seed=args.seed + 2,
+        ),
+    ]
+    history: list[dict] = []
+    records = []
+    for phase in phases:
+        if phase.name == "head":
+            model.trunk.requires_grad_(False)
+        records.append(run_phase(phase, model, train_tokens, heldout_rows, args, autocast, history))
+
+    export_dtype = torch.bfloat16
+    max_shard = None if args.max_shard_mib is None else int(args.max_shard_mib * 2**20)
+    export(model, args.out, args.data, export_dtype, max_shard)
+    training = {
+        "hyperparameters": {
+            **{k: v for k, v in vars(args).items() if not isinstance(v, Path)},
+            "mtp_alpha": alpha,
+            "autocast": use_bf16,
+            "export_dtype": str(export_dtype).removeprefix("torch."),
+        },
+        "model": {
+            "parameters": parameters,
+            "config": {k: getattr(config, k) for k in CARD_CONFIG_KEYS},
+        },
+        "corpus": {"python": manifest["python"], "heldout_modules": manifest["heldout_modules"], **manifest["totals"]},
+        "hardware": {
+            "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "CPU",
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+        },
+        "wall_s": sum(r["wall_s"] for r in records),
+        "phases": records,
+        "history": history,
+    }
+    (args.out / "training.json").write_text(json.dumps(training, indent=1) + "\n")
+    write_card(args.out)
+    print(f"wrote {args.out}", flush=True)

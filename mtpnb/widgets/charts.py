@@ -1,0 +1,137 @@
+"""LiveCharts: what a running generation is doing, in three plotly charts that update a few times a second.
+
+- decode tok/s over time: over the last second of verify steps (solid) and since the first token (dashed);
+- acceptance per draft position: P(draft j accepted | draft j was tested);
+- tokens per verify step: how many verify steps emitted 1, 2, ... D+1 tokens.
+
+Every property assignment of a FigureWidget is a message, so redraws happen inside
+`fig.batch_update()`, at most every `refresh_s`, and the time series keeps a bounded window of points.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+import ipywidgets as widgets
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from ..events import Result, StepEvent, TokenEvent
+
+RATE_WINDOW_S = 1.0  # the solid line's tok/s is measured over the verify steps of the last second
+MAX_POINTS = 240  # points kept on the time axis (a minute at 4 redraws a second)
+GREY = "#808080"  # reads on light and dark notebook themes alike (plotly cannot use CSS variables)
+TITLES = ("decode tok/s", "acceptance per draft position", "tokens per verify step")
+
+
+class LiveCharts(widgets.VBox):
+    """Live charts of one generation; a sink for runner.Generation (see runner.py).
+
+        charts = LiveCharts()
+        Generation(model, prompt, params, [token_stream, charts]).start()
+    """
+
+    def __init__(self, *, refresh_s: float = 0.25, height: int = 250, **kwargs):
+        self.refresh_s = refresh_s
+        self.figure = go.FigureWidget(make_subplots(rows=1, cols=3, subplot_titles=TITLES, horizontal_spacing=0.08))
+        self.figure.add_scatter(row=1, col=1, mode="lines", line={"color": "#0072B2", "width": 2}, name="last second")
+        self.figure.add_scatter(row=1, col=1, mode="lines", line={"color": "#0072B2", "dash": "dash", "width": 1},
+                                name="average")
+        self.figure.add_bar(row=1, col=2, marker_color="#009E73", name="acceptance", texttemplate="%{y:.0%}",
+                            textposition="outside", cliponaxis=False)
+        self.figure.add_bar(row=1, col=3, marker_color="#E69F00", name="verify steps", texttemplate="%{y}",
+                            textposition="outside", cliponaxis=False)
+        self.figure.update_layout(
+            height=height, margin={"l": 40, "r": 10, "t": 40, "b": 35}, showlegend=False,
+            paper_bgcolor="rgba(0,0,0,0)", plot_bgcolor="rgba(0,0,0,0)", font={"color": GREY, "size": 11},
+        )
+        self.figure.update_xaxes(gridcolor="rgba(128,128,128,.2)", zeroline=False)
+        self.figure.update_yaxes(gridcolor="rgba(128,128,128,.2)", zeroline=False, rangemode="tozero")
+        self.figure.update_xaxes(title_text="seconds", row=1, col=1)
+        self.figure.update_xaxes(title_text="draft position", dtick=1, row=1, col=2)
+        self.figure.update_yaxes(range=[0, 1.15], tickformat=".0%", row=1, col=2)
+        self.figure.update_xaxes(title_text="tokens emitted", dtick=1, row=1, col=3)
+        super().__init__([self.figure], **kwargs)
+        self.start()
+
+    # -- the sink protocol (see runner.py) ----------------------------------------------------------
+    def start(self, prompt: str = "", depth: int = 0) -> None:
+        self.depth = depth
+        self._steps: deque[tuple[float, int]] = deque(maxlen=256)  # (elapsed s, generated) per step
+        self._ttft = 0.0
+        self._reached = [0] * depth  # verify steps that tested draft position j
+        self._accepted = [0] * depth
+        self._emitted = [0] * (depth + 1)  # verify steps that emitted j + 1 tokens
+        self._drafted_total = self._accepted_total = 0
+        self._times: deque[float] = deque(maxlen=MAX_POINTS)
+        self._rate: deque[float] = deque(maxlen=MAX_POINTS)
+        self._average: deque[float] = deque(maxlen=MAX_POINTS)
+        self._last_draw = 0.0
+        self._drawn_step = None
+        self._acceptance: list[float] | None = None  # the engine's exact figures, once finished
+        self._draw()
+
+    def event(self, event: TokenEvent | StepEvent) -> None:
+        if not isinstance(event, StepEvent):
+            return
+        if event.step == 0:
+            self._ttft = event.elapsed_s
+        else:
+            for j in range(min(event.accepted + 1, event.drafted)):
+                self._reached[j] += 1
+                self._accepted[j] += j < event.accepted
+            self._emitted[min(event.emitted, len(self._emitted)) - 1] += 1
+            self._drafted_total += event.drafted
+            self._accepted_total += event.accepted
+        self._steps.append((event.elapsed_s, event.generated))
+
+    def flush(self) -> None:
+        now = time.perf_counter()
+        if now - self._last_draw >= self.refresh_s:
+            self._sample()
+            self._draw()
+            self._last_draw = now
+
+    def finish(self, result: Result | None, status: str = "done", error: str = "") -> None:
+        self._sample()
+        if result is not None and result.metrics.finish_reason != "cancelled":
+            self._acceptance = list(result.metrics.acceptance_by_position)
+        self._draw()
+
+    # -- drawing ------------------------------------------------------------------------------------
+    def _sample(self) -> None:
+        """Add a point to the tok/s series if a verify step ended since the last one."""
+        steps = list(self._steps)  # one C-level copy: the worker thread appends meanwhile
+        if len(steps) < 2 or steps[-1] == self._drawn_step:
+            return
+        self._drawn_step = steps[-1]
+        t, generated = steps[-1]
+        recent = [s for s in steps if s[0] >= t - RATE_WINDOW_S][:-1] or steps[-2:-1]
+        t0, g0 = recent[0]
+        self._times.append(round(t, 3))
+        self._rate.append(round((generated - g0) / (t - t0), 2) if t > t0 else 0.0)
+        self._average.append(round((generated - 1) / (t - self._ttft), 2) if t > self._ttft else 0.0)
+
+    def _draw(self) -> None:
+        positions = list(range(1, self.depth + 1))
+        acceptance = self._acceptance or [a / r if r else 0.0 for a, r in zip(self._accepted, self._reached)]
+        drafted = self._drafted_total
+        mean_acceptance = self._accepted_total / drafted if drafted else None  # Metrics.acceptance_rate
+        verify_steps = sum(self._emitted)
+        mean_emitted = sum((j + 1) * n for j, n in enumerate(self._emitted)) / verify_steps if verify_steps else None
+        rate, accept, per_verify = self.figure.layout.annotations
+        fig = self.figure
+        with fig.batch_update():
+            fig.data[0].x, fig.data[0].y = list(self._times), list(self._rate)
+            fig.data[1].x, fig.data[1].y = list(self._times), list(self._average)
+            fig.data[2].x, fig.data[2].y = positions, acceptance
+            fig.data[3].x, fig.data[3].y = list(range(1, self.depth + 2)), list(self._emitted)
+            fig.layout.xaxis2.range = [0.5, max(self.depth, 1) + 0.5]
+            fig.layout.xaxis3.range = [0.5, self.depth + 1.5]
+            rate.text = TITLES[0] + (f": {self._rate[-1]:.1f} now, {self._average[-1]:.1f} average" if self._rate else "")
+            if self.depth == 0:
+                accept.text = TITLES[1] + ": none at depth 0"
+            else:
+                accept.text = TITLES[1] + (f" (mean {mean_acceptance:.0%})" if mean_acceptance is not None else "")
+            per_verify.text = TITLES[2] + (f" (mean {mean_emitted:.2f})" if mean_emitted is not None else "")

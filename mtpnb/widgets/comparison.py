@@ -1,0 +1,174 @@
+"""Comparison: the same prompt at depth 0 (plain decoding) and at depth D, side by side, with the speedup.
+
+The two generations run one after the other on the same model (at the same time they would share
+the cores and slow each other down), both on a background thread.
+
+    comparison = Comparison(model)
+    comparison.run("def fibonacci(n):", depth=3, max_tokens=64)
+    comparison.wait(); comparison.speedup   # {"decode": 1.8, "end_to_end": 1.6, ...}
+"""
+
+from __future__ import annotations
+
+import html
+import threading
+from collections.abc import Callable
+
+import ipywidgets as widgets
+
+from ..errors import MTPNBError
+from ..events import Result
+from .runner import Generation, describe_error
+from .token_stream import TokenStream
+
+
+def speedup(base: Result, mtp: Result) -> dict:
+    """How the depth-D run compares with the depth-0 run of the same prompt.
+
+    decode / end_to_end: tok/s ratios (> 1: MTP is faster); acceptance: the depth-D run's acceptance
+    rate; same_output: whether both produced the same tokens (expected at temperature 0)."""
+    b, m = base.metrics, mtp.metrics
+
+    def ratio(x: float, y: float) -> float | None:
+        return x / y if y > 0 else None
+
+    return {
+        "depth": m.depth,
+        "decode": ratio(m.decode_tok_s, b.decode_tok_s),
+        "end_to_end": ratio(m.end_to_end_tok_s, b.end_to_end_tok_s),
+        "decode_tok_s": (b.decode_tok_s, m.decode_tok_s),
+        "end_to_end_tok_s": (b.end_to_end_tok_s, m.end_to_end_tok_s),
+        "acceptance": m.acceptance_rate,
+        "tokens_per_verify": m.mean_tokens_per_verify,
+        "same_output": base.tokens == mtp.tokens,
+    }
+
+
+def describe_speedup(s: dict) -> str:
+    """One line: 'depth 3 vs depth 0: decode 1.84x (52.1 vs 28.3 tok/s) | end-to-end 1.71x | ...'."""
+    def times(r):
+        return "n/a" if r is None else f"{r:.2f}x"
+
+    b, m = s["decode_tok_s"]
+    return (
+        f"depth {s['depth']} vs depth 0: decode {times(s['decode'])} ({m:.1f} vs {b:.1f} tok/s)"
+        f" | end-to-end {times(s['end_to_end'])} | acceptance {s['acceptance']:.0%},"
+        f" {s['tokens_per_verify']:.2f} tokens/verify"
+        f" | {'same output' if s['same_output'] else 'outputs differ'}"
+    )
+
+
+class Comparison(widgets.VBox):
+    """Two TokenStreams side by side (depth 0 | depth D) under a line with the speedup."""
+
+    def __init__(self, model, **kwargs):
+        self.model = model
+        pane = widgets.Layout(flex="1 1 0%", min_width="0")
+        self.base = TokenStream(label="depth 0 (plain decoding)", layout=pane)
+        self.mtp = TokenStream(label="depth D", layout=pane)
+        self.verdict = widgets.HTML()
+        self.results: tuple[Result, Result] | None = None
+        self._generations: list[Generation] = []
+        self._stopped = False
+        self._finished = threading.Event()
+        self._finished.set()
+        self._callbacks: list[Callable[[Comparison], None]] = []
+        self._callbacks_lock = threading.Lock()
+        self._say("Runs the same prompt at depth 0 and at depth D, one after the other.")
+        super().__init__([self.verdict, widgets.HBox([self.base, self.mtp], layout=widgets.Layout(gap="8px"))],
+                         **kwargs)
+
+    @property
+    def speedup(self) -> dict | None:
+        """`speedup(base, mtp)` of the last finished comparison, None before."""
+        return speedup(*self.results) if self.results else None
+
+    def run(self, prompt, *, depth: int = 3, **params) -> "Comparison":
+        """Start both generations (depth 0, then `depth`); returns at once. Parameters as for
+        model.stream; MTPNBError here for bad ones, or a model without an MTP head."""
+        if not self._finished.is_set():
+            raise MTPNBError("a comparison is already running: stop it first")
+        if not self.model.has_mtp:
+            raise MTPNBError(f"{self.model.name} has no MTP head: there is no depth to compare with depth 0")
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+            raise MTPNBError(f"a comparison needs a depth >= 1, not {depth!r}")
+        base = Generation(self.model, prompt, {**params, "depth": 0}, [self.base])
+        mtp = Generation(self.model, prompt, {**params, "depth": depth}, [self.mtp])
+        self._generations, self._stopped, self.results = [base, mtp], False, None
+        self._finished.clear()
+        self.mtp.reset()
+        self.mtp.label = f"depth {depth} (MTP)"
+        self._say(f"Generating at depth 0, then at depth {depth}…")
+        base.add_done_callback(self._after_base)
+        mtp.add_done_callback(lambda _: self._end())
+        try:
+            base.start()
+        except BaseException:
+            self._finished.set()
+            raise
+        return self
+
+    def stop(self) -> None:
+        """Stop the generation in progress and skip the one not yet started."""
+        self._stopped = True
+        for generation in self._generations:
+            generation.stop()
+
+    def wait(self, timeout: float | None = None) -> tuple[Result, Result] | None:
+        """Block until both runs have finished; return (depth-0 result, depth-D result), or None if
+        either was stopped or failed. A KeyboardInterrupt stops the comparison and still waits."""
+        try:
+            self._finished.wait(timeout)
+        except KeyboardInterrupt:
+            self.stop()
+            self._finished.wait()
+        return self.results
+
+    @property
+    def done(self) -> bool:
+        return self._finished.is_set()
+
+    def add_done_callback(self, fn: Callable[["Comparison"], None]) -> None:
+        """Call fn(comparison) when the comparison ends (at once if none is running)."""
+        with self._callbacks_lock:
+            if not self.done:
+                self._callbacks.append(fn)
+                return
+        fn(self)
+
+    def show_error(self, message: str) -> None:
+        self._say(message.splitlines()[0], error=True)
+
+    # -- the worker thread ----------------------------------------------------------------------
+    def _after_base(self, base: Generation) -> None:
+        if base.status != "done" or self._stopped:
+            self._end()
+            return
+        try:
+            self._say(f"Generating at depth {self._generations[1].depth}…")
+            self._generations[1].start()
+        except Exception as exc:
+            self.mtp.show_error(describe_error(exc))
+            self._end(failed=True)
+
+    def _end(self, failed: bool = False) -> None:
+        base, mtp = self._generations
+        if base.status == "done" and mtp.status == "done":
+            self.results = (base.result, mtp.result)
+            self._say(describe_speedup(self.speedup), strong=True)
+        elif failed or "error" in (base.status, mtp.status):
+            self._say("The comparison failed: see the error below.", error=True)
+        else:
+            self._say("Stopped: no speedup to report.")
+        with self._callbacks_lock:
+            self._finished.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            fn(self)
+
+    def _say(self, text: str, *, strong: bool = False, error: bool = False) -> None:
+        style = "padding:4px 2px;font-size:var(--jp-ui-font-size1,13px);color:var(--jp-ui-font-color1,#222)"
+        if error:
+            style += ";border-left:4px solid #D55E00;padding-left:8px"
+        body = f"<strong>{html.escape(text)}</strong>" if strong else html.escape(text)
+        self.verdict.value = f'<div class="mtp-verdict" style="{style}">{body}</div>'

@@ -1,0 +1,174 @@
+"""The decode loop: greedy equality with plain decoding, exact rollback, events, stopping, errors."""
+
+import collections
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import mtpnb
+from mtpnb import MTPNBError
+from mtpnb.engine import _rollback
+
+PROMPTS = ([5, 7, 9], [100, 3, 44, 3], [250, 251], [17])
+
+
+@pytest.fixture(scope="module")
+def echo_models(checkpoints):
+    """Hybrid and all-attention trunks with an echo head: every acceptance count 0..D occurs."""
+    models = {}
+    for family in ("qwen3_5", "qwen3", "llama"):
+        m = mtpnb.load(checkpoints(family=family, head="echo", logit_scale=0.5))
+        m.tokenizer.eos_token_ids = set()
+        models[family] = m
+    return models
+
+
+@pytest.mark.parametrize("family", ["qwen3_5", "qwen3", "llama"])
+def test_greedy_mtp_equals_plain_greedy(echo_models, family):
+    model = echo_models[family]
+    seen = collections.Counter()
+    for prompt in PROMPTS:
+        plain = model.generate(prompt, depth=0, max_tokens=120)
+        assert len(plain.tokens) == 120
+        for depth in (1, 2, 3, 4):
+            spec = model.generate(prompt, depth=depth, max_tokens=120)
+            assert spec.tokens == plain.tokens, (prompt, depth)
+            if depth == 3:
+                seen.update(s.accepted for s in spec.steps[1:])
+    if family == "qwen3_5":  # the test must have run every rollback case on the hybrid trunk
+        assert set(seen) == {0, 1, 2, 3}, seen
+
+
+def test_greedy_with_a_random_head(hybrid_model):
+    model = hybrid_model
+    plain = model.generate("def f(x):", depth=0, max_tokens=100)
+    for depth in (1, 5, 8):
+        assert model.generate("def f(x):", depth=depth, max_tokens=100).tokens == plain.tokens
+
+
+@pytest.mark.parametrize("family", ["qwen3_5", "qwen3"])
+def test_rollback_gives_the_logits_of_a_fresh_prefill(echo_models, checkpoints, family):
+    """After keeping m of D+1 verified tokens (every m), trunk and head caches give the next logits
+    of a fresh prefill of the committed tokens (float32, atol 1e-5)."""
+    model = mtpnb.load(checkpoints(family=family))  # random head: its cache must roll back too
+    prompt = [11, 42, 7, 99, 3, 150]
+    D = 4
+    verify = [21, 33, 8, 77, 120]  # the last committed token and D drafts
+    follow = 64
+    for keep in range(1, D + 2):
+        cache, head_cache = model.make_cache(), model.make_head_cache()
+        hidden, _ = model.forward(mx.array([prompt])[None, 0], cache=cache)
+        model.mtp_forward(hidden, mx.array([prompt[1:] + [verify[0]]]), cache=head_cache)
+        # D - 1 speculative head steps, as drafting does, then the verify
+        g = hidden[:, -1:]
+        for d in verify[1:D]:
+            g, _ = model.mtp_forward(g[:, -1:], mx.array([[d]]), cache=head_cache)
+        hidden_v, _ = model.forward(mx.array([verify]), cache=cache)
+        _rollback(cache, keep=keep, discard=len(verify) - keep)
+        head_cache.trim(D - 1)
+        _, logits = model.forward(mx.array([[follow]]), cache=cache)
+        committed = prompt + verify[:keep]
+        fresh_hidden, fresh_logits = model.forward(mx.array([committed + [follow]]))
+        np.testing.assert_allclose(np.array(logits[0, -1]), np.array(fresh_logits[0, -1]), atol=1e-5)
+        # head: the kept positions enter its cache, then one more step must match a fresh head pass
+        _, head_logits = model.mtp_forward(hidden_v[:, :keep], mx.array([verify[1:keep] + [follow]]), cache=head_cache)
+        full = committed + [follow]
+        _, fresh_head = model.mtp_forward(fresh_hidden[:, :-1], mx.array([full[1:]]))
+        np.testing.assert_allclose(np.array(head_logits[0, -1]), np.array(fresh_head[0, -1]), atol=1e-5)
+
+
+def test_events_add_up_to_the_result(hybrid_model):
+    res = hybrid_model.generate("import os\n", depth=3, max_tokens=60, temperature=0.9, seed=7)
+    out = [e for e in res.events if e.kind != "rejected"]
+    assert [e.token for e in out] == res.tokens
+    assert "".join(e.text for e in out) == res.text
+    assert res.text == hybrid_model.tokenizer.decode(res.tokens)
+    m = res.metrics
+    assert m.generated_tokens == len(res.tokens)
+    assert m.accepted_drafts == sum(e.kind == "accepted" for e in res.events)
+    assert m.rejected_drafts == sum(e.kind == "rejected" for e in res.events)
+    assert m.drafted_tokens == m.accepted_drafts + m.rejected_drafts == 3 * m.verify_calls
+    # one correction or bonus per verify, except when the output ended inside the last step's accepted drafts
+    assert m.verify_calls - 1 <= m.correction_tokens + m.bonus_tokens <= m.verify_calls
+    assert len(m.acceptance_by_position) == 3
+    for e in res.events:
+        if e.kind in ("accepted", "rejected"):
+            assert 0 < e.q <= 1 and 0 <= e.p <= 1 and 1 <= e.position <= 3
+    assert set(mtpnb.Metrics().to_dict()) == set(m.to_dict())
+    assert mtpnb.Result.from_dict(res.to_dict()).to_dict() == res.to_dict()
+
+
+def test_metrics_names_are_the_documented_ones(hybrid_model):
+    names = set(hybrid_model.generate("x", depth=2, max_tokens=5).metrics.to_dict())
+    for required in ("ttft_s", "prefill_tok_s", "decode_tok_s", "end_to_end_tok_s", "decode_tok_s_first32",
+                     "verify_calls", "drafted_tokens", "accepted_drafts", "rejected_drafts", "correction_tokens",
+                     "bonus_tokens", "acceptance_by_position", "mean_tokens_per_verify", "active_memory_mb",
+                     "peak_memory_mb"):
+        assert required in names
+
+
+def test_sampling_is_reproducible_with_a_seed(hybrid_model):
+    a = hybrid_model.generate("abc", depth=3, max_tokens=30, temperature=1.0, top_k=20, seed=3)
+    b = hybrid_model.generate("abc", depth=3, max_tokens=30, temperature=1.0, top_k=20, seed=3)
+    assert a.tokens == b.tokens and [e.kind for e in a.events] == [e.kind for e in b.events]
+
+
+def test_cancel_then_reuse(hybrid_model):
+    full = hybrid_model.generate("hello", depth=2, max_tokens=40)
+    stream = hybrid_model.stream("hello", depth=2, max_tokens=40)
+    seen = [next(stream) for _ in range(5)]
+    stream.close()
+    assert seen
+    assert hybrid_model.generate("hello", depth=2, max_tokens=40).tokens == full.tokens
+
+
+def test_max_tokens_stop_strings_and_eos(echo_models):
+    model = echo_models["qwen3_5"]
+    res = model.generate([5, 7, 9], depth=4, max_tokens=7)
+    assert len(res.tokens) == 7 and res.metrics.finish_reason == "length"
+    full = model.generate([5, 7, 9], depth=0, max_tokens=40)
+    stop = full.text[10:12]
+    cut = model.generate([5, 7, 9], depth=3, max_tokens=40, stop=[stop])
+    assert cut.metrics.finish_reason == "stop"
+    assert cut.text == full.text[: full.text.index(stop)]
+    eos = full.tokens[5]
+    model.tokenizer.eos_token_ids = {eos}
+    try:
+        ended = model.generate([5, 7, 9], depth=3, max_tokens=40)
+    finally:
+        model.tokenizer.eos_token_ids = set()
+    assert ended.tokens == full.tokens[: full.tokens.index(eos)] and ended.metrics.finish_reason == "stop"
+
+
+def test_chat_prompt_uses_the_template(hybrid_model):
+    on = hybrid_model.tokenizer.decode(hybrid_model.engine.encode([{"role": "user", "content": "hi"}], reasoning=True))
+    assert on.startswith("<|im_start|>user\nhi<|im_end|>") and on.endswith("<|im_start|>assistant\n")
+    off = hybrid_model.tokenizer.decode(hybrid_model.engine.encode("hi", chat=True, reasoning=False))
+    assert off == on + "<think>\n\n</think>\n\n"
+
+
+@pytest.mark.parametrize("params, message", [
+    (dict(depth=-1), "depth"), (dict(depth=9), "depth"), (dict(depth=1.5), "depth"),
+    (dict(max_tokens=0), "max_tokens"), (dict(top_p=0.0), "top_p"), (dict(temperature=-0.1), "temperature"),
+    (dict(top_k=-1), "top_k"), (dict(seed=-3), "seed"), (dict(stop=[""]), "stop"), (dict(depht=2), "unknown parameter"),
+])
+def test_bad_parameters_give_one_line_errors(hybrid_model, params, message):
+    with pytest.raises(MTPNBError, match=message) as e:
+        hybrid_model.generate("x", **params)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("prompt", ["", [], [1, -2], [10**6], [{"role": "user"}], 3.5])
+def test_bad_prompts_give_one_line_errors(hybrid_model, prompt):
+    with pytest.raises(MTPNBError) as e:
+        hybrid_model.generate(prompt, max_tokens=3)
+    assert "\n" not in str(e.value)
+
+
+def test_depth_falls_back_to_plain_without_a_head(checkpoints):
+    from conftest import load_quietly
+
+    model = load_quietly(checkpoints(family="qwen3_5", mtp=None))
+    res = model.generate("abc", depth=3, max_tokens=10)
+    assert res.metrics.depth == 0 and {e.kind for e in res.events} == {"plain"}

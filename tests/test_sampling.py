@@ -1,0 +1,120 @@
+"""Exactness of the acceptance rule on synthetic distributions (K = 3 drafts, vocabulary of 8).
+
+Each case runs 100k independent verify steps at once (the batch dimension of accept_sampled) with
+drafts really drawn from q, and checks with chi-square tests that the first emitted token follows
+p_1, that the second one (when the first draft was kept) follows p_2, and that the acceptance rate
+of the first draft is sum(min(p_1, q_1)). Seeds are fixed: the outcome is deterministic.
+"""
+
+import math
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from scipy.stats import binomtest, chisquare
+
+from mtpnb.errors import MTPNBError
+from mtpnb.sampling import Sampling, accept_greedy, accept_sampled
+
+V, K, N = 8, 3, 100_000
+
+
+def _dist(*values):
+    a = np.array(values, dtype=np.float64)
+    return a / a.sum()
+
+
+rng = np.random.default_rng(0)
+P = np.stack([_dist(*rng.random(V) ** 2) for _ in range(K + 1)])
+CASES = {
+    "p equals q": (P, P[:K].copy()),
+    "disjoint supports": (
+        np.stack([_dist(1, 2, 3, 4, 0, 0, 0, 0)] * (K + 1)),
+        np.stack([_dist(0, 0, 0, 0, 4, 3, 2, 1)] * K),
+    ),
+    "one-hot q": (P, np.stack([np.eye(V)[j + 2] for j in range(K)])),
+    "q zero where p positive": (P, np.stack([_dist(0, 0, 1, 1, 2, 0, 3, 1)] * K)),
+    "random p and q": (P, np.stack([_dist(*rng.random(V)) for _ in range(K)])),
+}
+
+
+def _log(a):
+    with np.errstate(divide="ignore"):
+        return mx.array(np.log(a).astype(np.float32))
+
+
+def _chi2_pvalue(samples: np.ndarray, probs: np.ndarray) -> float:
+    counts = np.bincount(samples, minlength=V).astype(np.float64)
+    support = probs > 0
+    assert counts[~support].sum() == 0, "a token with probability 0 was emitted"
+    expected = probs[support] * counts.sum()
+    return chisquare(counts[support], expected).pvalue
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_speculative_output_follows_p(case):
+    p, q = CASES[case]
+    mx.random.seed(1234)
+    q_lp = mx.broadcast_to(_log(q), (N, K, V))
+    drafts = mx.random.categorical(q_lp)  # drafts really drawn from q
+    n_acc, token, p_d, q_d, p_tok = accept_sampled(mx.broadcast_to(_log(p), (N, K + 1, V)), q_lp, drafts)
+    mx.eval(n_acc, token, drafts)
+    n_acc, token, drafts = np.array(n_acc), np.array(token), np.array(drafts)
+
+    first = np.where(n_acc >= 1, drafts[:, 0], token)
+    assert _chi2_pvalue(first, p[0]) > 1e-3
+    kept = n_acc >= 1
+    if kept.sum() > 1000:
+        second = np.where(n_acc[kept] >= 2, drafts[kept, 1], token[kept])
+        assert _chi2_pvalue(second, p[1]) > 1e-3
+    all_kept = n_acc == K
+    if all_kept.sum() > 1000:  # the bonus token comes from p_K+1
+        assert _chi2_pvalue(token[all_kept], p[K]) > 1e-3
+
+    expected_rate = np.minimum(p[0], q[0]).sum()
+    result = binomtest(int(kept.sum()), N, expected_rate)
+    assert result.pvalue > 1e-3, (kept.mean(), expected_rate)
+
+
+def test_p_and_q_of_drafts_are_reported():
+    p, q = CASES["random p and q"]
+    mx.random.seed(0)
+    drafts = mx.array([3, 1, 7])
+    _, _, p_d, q_d, _ = accept_sampled(_log(p), _log(q), drafts)
+    np.testing.assert_allclose(np.array(p_d), p[[0, 1, 2], [3, 1, 7]], rtol=1e-5)
+    np.testing.assert_allclose(np.array(q_d), q[[0, 1, 2], [3, 1, 7]], rtol=1e-5)
+
+
+def test_greedy_accepts_the_matching_prefix():
+    logits = mx.array(np.log(np.stack([np.eye(V)[t] * 0.9 + 0.1 / V for t in (2, 5, 1, 6)])).astype(np.float32))
+    draft_logits = logits[:K]
+    for drafts, expected_n, expected_token in [([2, 5, 1], 3, 6), ([2, 5, 0], 2, 1), ([7, 5, 1], 0, 2)]:
+        n, tok, *_ = accept_greedy(logits, draft_logits, mx.array(drafts))
+        assert (n.item(), tok.item()) == (expected_n, expected_token)
+
+
+def test_no_drafts_samples_from_p():
+    mx.random.seed(3)
+    p = _dist(*range(1, V + 1))
+    lp = mx.broadcast_to(_log(p[None]), (N, 1, V))
+    n, token, *_ = accept_sampled(lp, lp[:, :0], mx.zeros((N, 0), dtype=mx.int32))
+    assert np.all(np.array(n) == 0)
+    assert _chi2_pvalue(np.array(token), p) > 1e-3
+
+
+def test_processed_distribution_filters_then_tempers():
+    logits = mx.array([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0, -5.0, -8.0]])
+    lp = np.array(Sampling(temperature=0.7, top_k=3).logprobs(logits))[0]
+    base = np.array(logits[0]) / 0.7
+    expected = np.exp(base[:3] - np.logaddexp.reduce(base[:3]))
+    np.testing.assert_allclose(np.exp(lp[:3]), expected, rtol=1e-5)
+    assert np.all(np.isneginf(lp[3:]))
+    top_p = np.exp(np.array(Sampling(temperature=1.0, top_p=0.5).logprobs(logits))[0])
+    assert top_p[0] == pytest.approx(1.0)  # the top token alone holds >= 50% of the mass
+    assert math.isclose(float(np.exp(np.array(Sampling(temperature=1.0, min_p=0.3).logprobs(logits))[0]).sum()), 1.0, rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-2), dict(top_k=2.5), dict(min_p=1.0)])
+def test_bad_sampling_parameters_are_refused(bad):
+    with pytest.raises(MTPNBError):
+        Sampling(**bad)
