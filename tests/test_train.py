@@ -1,0 +1,178 @@
+"""The training side of the default model: corpus, tokenizer, smoke training, export vs MLX."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mtpnb.train.corpus import HELDOUT_MODULES, STDLIB, select
+from mtpnb.train.tokenizer import SPECIAL_TOKENS, save_tokenizer, train_tokenizer
+
+
+def _write(root: Path, rel: str, text: str = "x = 1\n") -> None:
+    path = root / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_corpus_selection_is_deterministic_and_excludes_heldout(tmp_path):
+    for rel in (
+        "abc.py",
+        "textwrap.py",
+        "json/decoder.py",
+        "email/parser.py",
+        "test/test_other.py",
+        "test/test_textwrap.py",
+        "test/test_json/test_decode.py",
+        "site-packages/pkg/mod.py",
+        "encodings/cp1252.py",
+        "__pycache__/abc.py",
+    ):
+        _write(tmp_path, rel)
+    _write(tmp_path, "broken.py", "def f(:\n")
+    first, second = select(tmp_path), select(tmp_path)
+    assert first == second
+    assert [f.path for f in first.train] == ["abc.py", "email/parser.py", "test/test_other.py"]
+    assert [f.path for f in first.heldout] == [
+        "json/decoder.py",
+        "test/test_json/test_decode.py",
+        "test/test_textwrap.py",
+        "textwrap.py",
+    ]
+    assert first.unparsable == ["broken.py"]
+    assert first.train[0].bytes == 6 and len(first.train[0].sha256) == 64
+
+
+def test_heldout_modules_exist_in_this_stdlib():
+    for name in HELDOUT_MODULES:
+        assert (STDLIB / f"{name}.py").exists() or (STDLIB / name / "__init__.py").exists(), name
+
+
+def test_tokenizer_round_trips_python_source(tmp_path):
+    texts = [(STDLIB / name).read_text() for name in ("abc.py", "bisect.py", "queue.py")]
+    tokenizer = train_tokenizer(texts, vocab_size=400)
+    assert [tokenizer.token_to_id(t) for t in SPECIAL_TOKENS] == [0, 1, 2]
+    unseen = (STDLIB / "textwrap.py").read_text() + "\n# ünïcode, tabs\t and emoji 🐍\n"
+    assert tokenizer.decode(tokenizer.encode(unseen).ids) == unseen
+    assert tokenizer.encode("<|im_start|>user").ids[0] == 1
+
+    save_tokenizer(tokenizer, tmp_path, model_max_length=4096)
+    from transformers import AutoTokenizer
+
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert loaded.eos_token == "<|endoftext|>" and loaded.eos_token_id == 0
+    assert loaded.decode(loaded.encode(unseen)) == unseen
+    messages = [{"role": "user", "content": "hi"}]
+    prompt = loaded.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert prompt == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    no_think = loaded.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=False)
+    assert no_think == prompt + "<think>\n\n</think>\n\n"
+
+
+@pytest.fixture(scope="module")
+def smoke_model(tmp_path_factory):
+    pytest.importorskip("torch", reason="needs the train extra (torch + transformers)")
+    from mtpnb.train.train import main
+
+    out = tmp_path_factory.mktemp("smoke") / "model"
+    main(["--smoke", "--out", str(out), "--data", str(out.parent / "corpus")])
+    return out
+
+
+@pytest.mark.torch
+@pytest.mark.slow
+def test_smoke_training_writes_a_loadable_folder(smoke_model):
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    import mtpnb
+    from mtpnb.train.export import load_model
+
+    names = {p.name for p in smoke_model.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "README.md"} <= names
+    assert {"manifest.json", "training.json"} <= names
+    config = json.loads((smoke_model / "config.json").read_text())
+    assert config["model_type"] == "qwen3_5_text" and config["architectures"] == ["Qwen3_5ForCausalLM"]
+    assert config["mtp_num_hidden_layers"] == 1 and config["mtp_use_dedicated_embeddings"] is False
+    with safe_open(smoke_model / "model.safetensors", "pt") as f:
+        keys = list(f.keys())
+    mtp = sorted(k for k in keys if k.startswith("mtp."))
+    assert len(mtp) == 15 and "mtp.fc.weight" in mtp and "lm_head.weight" not in keys
+
+    training = json.loads((smoke_model / "training.json").read_text())
+    assert [p["name"] for p in training["phases"]] == ["joint", "head"]
+    assert all(np.isfinite(p["heldout"]["loss_main"]) for p in training["phases"])
+    assert "## Evaluation on the held-out modules" in (smoke_model / "README.md").read_text()
+
+    ids = torch.tensor([[5, 17, 42, 7, 99, 3]])
+    ours = load_model(smoke_model)
+    with torch.no_grad():
+        hf_logits = AutoModelForCausalLM.from_pretrained(smoke_model, dtype=torch.float32)(ids).logits
+        assert torch.allclose(ours.trunk_forward(ids)[1], hf_logits, atol=1e-5)
+    assert mtpnb.load(smoke_model).has_mtp
+
+
+@pytest.mark.torch
+def test_head_attends_causally():
+    torch = pytest.importorskip("torch", reason="needs the train extra (torch + transformers)")
+    from mtpnb.train.model import MTPModel, build_config
+
+    torch.manual_seed(0)
+    model = MTPModel(build_config(128, hidden_size=64, num_hidden_layers=4, head_dim=32, num_attention_heads=2)).eval()
+    hidden, ids = torch.randn(1, 12, 64), torch.randint(0, 128, (1, 12))
+    later_changed_hidden, later_changed_ids = hidden.clone(), ids.clone()
+    later_changed_hidden[:, 8:] += 1.0
+    later_changed_ids[:, 8:] = (ids[:, 8:] + 1) % 128
+    with torch.no_grad():
+        g, _ = model.mtp_forward(hidden, ids)
+        g_changed, _ = model.mtp_forward(later_changed_hidden, later_changed_ids)
+    assert torch.allclose(g[:, :8], g_changed[:, :8], atol=1e-6)
+    assert not torch.allclose(g[:, 8:], g_changed[:, 8:])
+
+
+@pytest.mark.torch
+def test_export_matches_mlx_trunk_and_head(smoke_model, tmp_path):
+    """The float32 export of a small random checkpoint (norm weights away from 0, so the 1 + w
+    convention shows), loaded by mtpnb on MLX: trunk and head steps 1 and 2 within 1e-4 of torch,
+    on held-out text."""
+    import mlx.core as mx
+    import torch
+
+    import mtpnb
+    from mtpnb.train.export import export
+    from mtpnb.train.model import MTPModel, build_config
+    from mtpnb.train.tokenizer import load_tokenizer
+
+    torch.manual_seed(0)
+    config = build_config(
+        512, hidden_size=64, num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+        intermediate_size=128, linear_num_key_heads=2, linear_num_value_heads=2, linear_head_dim=32,
+    )  # fmt: skip
+    model = MTPModel(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.add_(0.3 * torch.randn_like(p))
+    export(model, tmp_path, smoke_model, dtype=torch.float32)
+    loaded = mtpnb.load(tmp_path, dtype="float32")
+
+    text = (STDLIB / "textwrap.py").read_text()
+    ids = torch.tensor([load_tokenizer(smoke_model).encode(text).ids[:66]])
+    seq = ids[:, :64]
+    with torch.no_grad():
+        hidden, logits = model.trunk_forward(seq)
+        g1, logits1 = model.mtp_forward(hidden, ids[:, 1:65])
+        g2, logits2 = model.mtp_forward(g1, ids[:, 2:66])
+    mx_hidden, mx_logits = loaded.forward(mx.array(seq.numpy()))
+    mx_g1, mx_logits1 = loaded.mtp_forward(mx_hidden, mx.array(ids[:, 1:65].numpy()))
+    mx_g2, mx_logits2 = loaded.mtp_forward(mx_g1, mx.array(ids[:, 2:66].numpy()))
+    pairs = {
+        "trunk hidden": (hidden, mx_hidden),
+        "trunk logits": (logits, mx_logits),
+        "head step 1": (logits1, mx_logits1),
+        "head step 2": (logits2, mx_logits2),
+    }
+    for name, (ours, theirs) in pairs.items():
+        assert np.abs(np.array(theirs) - ours.numpy()).max() < 1e-4, name
