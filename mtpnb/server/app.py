@@ -9,6 +9,7 @@ generator closed if running.
 
 from __future__ import annotations
 
+import atexit
 import hmac
 import ipaddress
 import logging
@@ -371,6 +372,7 @@ class Server:
             except OSError as e:
                 raise MTPNBError(f"cannot listen on {self.host}:{self.port}: {e.strerror or e}") from None
             self.port = self._httpd.server_address[1]
+            atexit.register(self.close)  # the worker must end before the interpreter does
             try:
                 self.worker.start()
             except BaseException:
@@ -399,10 +401,13 @@ class Server:
             self.close()
 
     def close(self) -> None:
+        """Stop serving: cancel what runs, refuse what waits, end the worker. Idempotent."""
+        atexit.unregister(self.close)
         if self._httpd is not None:
             if self._thread is not None:
                 self._httpd.shutdown()
                 self._thread.join(5)
+                self._thread = None
             self._httpd.server_close()
         self.worker.close()
 

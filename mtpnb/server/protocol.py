@@ -65,9 +65,10 @@ class APIError(Exception):
 def dumps(obj: Any) -> bytes:
     """Strict JSON (no NaN / Infinity: those become null)."""
     try:
-        return json.dumps(obj, allow_nan=False, ensure_ascii=False, separators=(",", ":")).encode()
+        text = json.dumps(obj, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
     except ValueError:
-        return json.dumps(_finite(obj), ensure_ascii=False, separators=(",", ":")).encode()
+        text = json.dumps(_finite(obj), ensure_ascii=False, separators=(",", ":"))
+    return text.encode("utf-8", "replace")
 
 
 def _finite(obj):
@@ -147,6 +148,7 @@ def parse_request(endpoint: str, data: dict, *, model_name: str, defaults: dict,
             stop = [stop]
         if not isinstance(stop, list):
             raise APIError(400, "stop must be a string or a list of strings", param="stop")
+        stop = [_utf8(s, "stop") if isinstance(s, str) else s for s in stop]
         params["stop"] = tuple(stop)
     reasoning = _bool(data, "reasoning")
     kwargs = data.get("chat_template_kwargs")
@@ -218,9 +220,7 @@ def _messages(messages) -> list[dict]:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise APIError(400, f"messages[{i}] must be an object with a string role", param="messages")
         content = m.get("content")
-        if content is None:
-            content = ""
-        elif isinstance(content, list):  # content parts: text only
+        if isinstance(content, list):  # content parts: text only
             texts = []
             for part in content:
                 if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
@@ -230,7 +230,7 @@ def _messages(messages) -> list[dict]:
         elif not isinstance(content, str):
             raise APIError(400, f"messages[{i}].content must be a string or a list of text parts",
                            param="messages")
-        out.append({"role": m["role"], "content": content})
+        out.append({"role": m["role"], "content": _utf8(content, f"messages[{i}].content")})
     return out
 
 
@@ -240,12 +240,20 @@ def _prompt(prompt):
     if isinstance(prompt, str):
         if not prompt:
             raise APIError(400, "the prompt is empty: give at least one token", param="prompt")
-        return prompt
+        return _utf8(prompt, "prompt")
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         return prompt
     if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
         raise APIError(400, "batched prompts are not supported: send one prompt per request", param="prompt")
     raise APIError(400, "prompt must be a non-empty string or a list of token ids", param="prompt")
+
+
+def _utf8(text: str, where: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise APIError(400, f"{where} is not valid Unicode (a lone surrogate escape)", param=where) from None
+    return text
 
 
 def _number(data: dict, name: str):

@@ -114,10 +114,18 @@ class Worker:
 
     # -- the worker thread ----------------------------------------------------------------------------
     def _run(self) -> None:
-        try:
-            import mlx.core as mx
+        import mlx.core as mx
 
-            mx.default_stream(mx.default_device())  # this thread's stream (MLX streams are per thread)
+        try:
+            self._loop(mx)
+        finally:
+            # MLX streams are per thread and must be destroyed by their thread before the process
+            # exits (otherwise: "terminate called without an active exception", exit code 134).
+            mx.clear_streams()
+
+    def _loop(self, mx) -> None:
+        try:
+            mx.default_stream(mx.default_device())  # this thread's stream
             model = self.source
             if not hasattr(model, "stream"):  # a folder / hub id / None: load it on this thread
                 from ..loading import load
