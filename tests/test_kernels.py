@@ -1,0 +1,277 @@
+"""mtpnb.kernels: the verify-shaped quantized mat-vec loader and its switch.
+
+On the CPU (CI) only the loader's fallback paths run: the CPU backend uses mx.quantized_matmul, the
+switch changes nothing in the outputs, a kernel that fails its self-check falls back and says so
+once. The CUDA correctness test runs only where MLX's default device is a CUDA GPU; the Metal one
+only on a Mac, and it has never been run.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+
+from mtpnb import kernels
+
+CUDA = kernels.backend() == "cuda"
+METAL = kernels.backend() == "metal"
+
+
+@pytest.fixture(autouse=True)
+def fresh_state():
+    kernels.reset()
+    yield
+    kernels.reset()
+
+
+def tiny_quantized_model(dtype=mx.bfloat16, bits=4, group_size=64):
+    from mlx_lm.models import qwen3
+
+    args = qwen3.ModelArgs(
+        model_type="qwen3", hidden_size=128, num_hidden_layers=2, intermediate_size=256,
+        num_attention_heads=2, rms_norm_eps=1e-6, vocab_size=320, num_key_value_heads=1,
+        max_position_embeddings=512, head_dim=64, tie_word_embeddings=False, rope_theta=10000.0,
+    )
+    mx.random.seed(7)
+    model = qwen3.Model(args)
+    model.set_dtype(dtype)
+    nn.quantize(model, group_size=group_size, bits=bits)
+    mx.eval(model.parameters())
+    return model
+
+
+def quantized(n, k, bits, group_size, dtype, seed=0):
+    key = mx.random.key(seed)
+    w = (mx.random.normal((n, k), key=key) * 0.05).astype(dtype)
+    return mx.quantize(w, group_size=group_size, bits=bits)
+
+
+def rel_err(a, b):
+    a = a.astype(mx.float32)
+    b = b.astype(mx.float32)
+    return (mx.linalg.norm((a - b).flatten()) / mx.linalg.norm(b.flatten())).item()
+
+
+# ------------------------------------------------------------------------------------------------
+# CPU: the loader's fallback paths
+
+
+@pytest.mark.skipif(kernels.backend() != "cpu", reason="checks the CPU path")
+def test_cpu_backend_uses_the_stock_op():
+    assert kernels.backend() == "cpu"
+    wq, s, b = quantized(64, 128, 4, 64, mx.bfloat16)
+    x = mx.random.normal((3, 128)).astype(mx.bfloat16)
+    got = kernels.qmv(x, wq, s, b, 4, 64)
+    ref = mx.quantized_matmul(x, wq, s, b, transpose=True, group_size=64, bits=4)
+    assert mx.array_equal(got, ref).item()
+    assert kernels.kernel_status()["checks"] == {}  # no kernel was loaded or checked on the CPU
+
+
+@pytest.mark.skipif(kernels.backend() != "cpu", reason="checks the CPU path")
+@pytest.mark.parametrize("bits", [4, 8])
+def test_switch_on_and_off_gives_identical_outputs_on_cpu(bits):
+    model = tiny_quantized_model(bits=bits)
+    n_stock = sum(type(m) is nn.QuantizedLinear for m in model.modules())
+    assert n_stock > 0
+    tokens = {t: mx.array([[(7 * i + 3) % 320 for i in range(t)]]) for t in (1, 2, 5, 8, 9, 16)}
+    ref = {t: model(x) for t, x in tokens.items()}
+    mx.eval(ref)
+
+    assert kernels.enable_verify_kernels(model) == n_stock
+    assert kernels.verify_kernels_enabled(model)
+    assert all(type(m) is not nn.QuantizedLinear for m in model.modules())
+    for t, x in tokens.items():
+        assert mx.array_equal(model(x), ref[t]).item(), t
+
+    assert kernels.disable_verify_kernels(model) == n_stock
+    assert not kernels.verify_kernels_enabled(model)
+    with kernels.verify_kernels(model):
+        assert kernels.verify_kernels_enabled(model)
+        assert mx.array_equal(model(tokens[5]), ref[5]).item()
+    assert not kernels.verify_kernels_enabled(model)
+    assert mx.array_equal(model(tokens[5]), ref[5]).item()
+
+
+class FakeKernel:
+    """A 'kernel' for tests: the fp32 dequantized product (right) or garbage (wrong)."""
+
+    def __init__(self, wrong=False):
+        self.wrong = wrong
+        self.calls = []
+
+    def supports(self, m, n, k, bits, group_size):
+        return True
+
+    def __call__(self, x, w, scales, biases, bits, group_size, config=None):
+        self.calls.append(x.shape[0])
+        wd = mx.dequantize(w, scales, biases, group_size=group_size, bits=bits).astype(mx.float32)
+        y = x.astype(mx.float32) @ wd.T
+        if self.wrong:
+            y = y * -0.5 + 1.0
+        return y.astype(x.dtype)
+
+
+@pytest.fixture
+def fake_backend(monkeypatch):
+    made = {}
+
+    def install(wrong):
+        made["kernel"] = FakeKernel(wrong)
+        monkeypatch.setitem(kernels._FACTORIES, "fake", lambda: made["kernel"])
+        monkeypatch.setattr(kernels, "backend", lambda: "fake")
+        return made["kernel"]
+
+    return install
+
+
+def test_failed_self_check_falls_back_and_says_so_once(fake_backend):
+    fake = fake_backend(wrong=True)
+    model = tiny_quantized_model()
+    x = mx.array([[1, 2, 3, 4]])
+    ref = model(x)
+    with pytest.warns(RuntimeWarning, match="failed its self-check"):
+        kernels.enable_verify_kernels(model)
+    status = kernels.kernel_status()["checks"][("fake", 4, 64, mx.bfloat16)]
+    assert status["ok"] is False
+    n_check_calls = len(fake.calls)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second message would raise here
+        out = model(x)
+        assert kernels.self_check(4, 64, mx.bfloat16, name="fake") is False
+    assert mx.array_equal(out, ref).item()
+    assert len(fake.calls) == n_check_calls  # the failed kernel is never used for real work
+
+
+def test_kernel_that_fails_to_load_falls_back(monkeypatch):
+    def broken():
+        raise FileNotFoundError("no kernels/ here")
+
+    monkeypatch.setitem(kernels._FACTORIES, "fake", broken)
+    monkeypatch.setattr(kernels, "backend", lambda: "fake")
+    wq, s, b = quantized(64, 128, 4, 64, mx.bfloat16)
+    x = mx.random.normal((2, 128)).astype(mx.bfloat16)
+    with pytest.warns(RuntimeWarning, match="could not be loaded"):
+        got = kernels.qmv(x, wq, s, b, 4, 64)
+    ref = mx.quantized_matmul(x, wq, s, b, transpose=True, group_size=64, bits=4)
+    assert mx.array_equal(got, ref).item()
+
+
+def test_switch_routes_1_to_8_rows_to_a_passing_kernel(fake_backend):
+    fake = fake_backend(wrong=False)
+    model = tiny_quantized_model()
+    n_lin = kernels.enable_verify_kernels(model)
+    assert kernels.kernel_status()["checks"][("fake", 4, 64, mx.bfloat16)]["ok"] is True
+    fake.calls.clear()
+    x4 = mx.array([[5, 6, 7, 8]])
+    out = model(x4)
+    assert fake.calls == [4] * n_lin
+    fake.calls.clear()
+    model(mx.array([list(range(9))]))  # 9 rows: the stock op
+    assert fake.calls == []
+    kernels.disable_verify_kernels(model)
+    ref = model(x4)
+    assert rel_err(out, ref) < 0.1  # the CPU's bf16 stock op is itself ~3e-2 off the fp32 product
+
+
+def test_ineligible_layers_stay_on_the_stock_op(fake_backend):
+    fake = fake_backend(wrong=False)
+    wq, s, b = quantized(64, 128, 4, 64, mx.float32)
+    x = mx.random.normal((2, 128))  # float32 activations: not a kernel dtype
+    got = kernels.qmv(x, wq, s, b, 4, 64)
+    assert fake.calls == []
+    ref = mx.quantized_matmul(x, wq, s, b, transpose=True, group_size=64, bits=4)
+    assert mx.array_equal(got, ref).item()
+
+
+def test_cuda_config_choice():
+    c = kernels.choose_cuda_config(4, 5120, 17408, 4, 64)
+    assert c is not None and 17408 // 64 % c.u == 0
+    assert kernels.choose_cuda_config(9, 5120, 5120, 4, 64) is None
+    assert kernels.choose_cuda_config(1, 5128, 5120, 4, 64) is None  # N not a multiple of 16
+    for n, k in [(5120, 5120), (1024, 5120), (17408, 5120), (5120, 17408), (256, 512)]:
+        for bits in (4, 8):
+            for gs in (32, 64):
+                c = kernels.choose_cuda_config(1, n, k, bits, gs)
+                assert c is not None and (k // gs) % c.u == 0 and 1 <= c.ksplit <= 16
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA: the kernel itself (runs only where MLX's default device is a CUDA GPU)
+
+CUDA_SHAPES = [(256, 512), (1024, 5120), (4096, 2048), (768, 3072), (5120, 1536)]
+CUDA_CONFIGS = [None, kernels.CudaConfig(1, 1, 1), kernels.CudaConfig(2, 4, 2), kernels.CudaConfig(1, 8, 4)]
+
+
+@pytest.mark.skipif(not CUDA, reason="needs MLX's CUDA backend (default device a CUDA GPU)")
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("group_size", [32, 64])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_cuda_kernel_matches_stock(bits, group_size, dtype):
+    kern = kernels._get_kernel("cuda")
+    assert kern is not None
+    worst = {}
+    for i, (n, k) in enumerate(CUDA_SHAPES):
+        wq, s, b = quantized(n, k, bits, group_size, dtype, seed=100 + i)
+        wd = mx.dequantize(wq, s, b, group_size=group_size, bits=bits).astype(mx.float32)
+        for m in range(1, 9):
+            x = mx.random.normal((m, k), key=mx.random.key(1000 * i + m)).astype(dtype)
+            stock = mx.quantized_matmul(x, wq, s, b, transpose=True, group_size=group_size, bits=bits)
+            exact = x.astype(mx.float32) @ wd.T
+            for cfg in CUDA_CONFIGS:
+                if cfg is not None and (n % (16 * cfg.tiles) or (k // group_size) % cfg.u):
+                    continue
+                got = kern(x, wq, s, b, bits, group_size, config=cfg)
+                assert got.shape == (m, n) and got.dtype == dtype
+                e_stock = rel_err(got, stock)
+                e_exact = rel_err(got, exact)
+                stock_exact = rel_err(stock, exact)
+                key = (n, k, m, cfg)
+                worst[key] = (e_stock, e_exact, stock_exact)
+                assert e_stock < 1e-2, (key, e_stock)
+                assert e_exact <= max(2 * stock_exact, 5e-3), (key, e_exact, stock_exact)
+    es = max(v[0] for v in worst.values())
+    ee = max(v[1] for v in worst.values())
+    se = max(v[2] for v in worst.values())
+    line = (f"CUDA qmv bits={bits} gs={group_size} {dtype}: {len(worst)} cases (M=1..8, "
+            f"{len(CUDA_SHAPES)} shapes, {len(CUDA_CONFIGS)} launch configs); max rel err vs "
+            f"quantized_matmul {es:.2e}, vs fp32 reference {ee:.2e} (stock vs fp32: {se:.2e})")
+    print(line)
+    log = os.environ.get("MTPNB_KERNEL_TEST_LOG")
+    if log:
+        with open(log, "a") as f:
+            f.write(line + "\n")
+
+
+@pytest.mark.skipif(not CUDA, reason="needs MLX's CUDA backend (default device a CUDA GPU)")
+def test_cuda_switch_on_a_model():
+    model = tiny_quantized_model()
+    x = mx.array([[3, 1, 4, 1, 5]])
+    ref = model(x)
+    kernels.enable_verify_kernels(model)
+    assert kernels.kernel_status()["checks"][("cuda", 4, 64, mx.bfloat16)]["ok"] is True
+    out = model(x)
+    assert rel_err(out, ref) < 5e-2
+    fwd = mx.compile(lambda t: model(t))
+    assert rel_err(fwd(x), out) < 1e-3
+
+
+# ------------------------------------------------------------------------------------------------
+# Metal: written, never run
+
+
+@pytest.mark.skipif(not METAL, reason="Metal kernel is untested: needs a Mac with MLX's Metal backend")
+@pytest.mark.parametrize("group_size", [32, 64])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_metal_kernel_matches_stock(bits, group_size):
+    kern = kernels._get_kernel("metal")
+    assert kern is not None
+    for i, (n, k) in enumerate([(256, 512), (1024, 2048), (520, 1024)]):
+        wq, s, b = quantized(n, k, bits, group_size, mx.bfloat16, seed=i)
+        for m in range(1, 9):
+            x = mx.random.normal((m, k)).astype(mx.bfloat16)
+            stock = mx.quantized_matmul(x, wq, s, b, transpose=True, group_size=group_size, bits=bits)
+            assert rel_err(kern(x, wq, s, b, bits, group_size), stock) < 1e-2
