@@ -14,7 +14,9 @@ Formats:
 
 from __future__ import annotations
 
+import contextlib
 import glob
+import io
 import json
 import os
 import re
@@ -84,7 +86,8 @@ def load(
     if quantize:
         if "quantization" in config:
             raise MTPNBError(f"{name} is already quantized ({config['quantization']['bits']}-bit); load it without quantize=")
-        trunk, config = quantize_model(trunk, config, group_size=group_size, bits=quantize)
+        with contextlib.redirect_stdout(io.StringIO()):  # mlx-lm prints its bits-per-weight
+            trunk, config = quantize_model(trunk, config, group_size=group_size, bits=quantize)
         if head is not None:
             nn.quantize(head, group_size=group_size, bits=quantize, class_predicate=_quantizable(group_size))
         notes.append(f"quantized at load to {quantize}-bit, group {group_size}")
