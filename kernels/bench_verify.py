@@ -146,8 +146,9 @@ def print_stack(res: dict) -> None:
 # Per-linear sweep of CUDA launch configs (tuning data for choose_cuda_config)
 
 SWEEP_SHAPES = [(5120, 5120), (1024, 5120), (17408, 5120), (5120, 17408)]
-SWEEP_CONFIGS = [(1, 1, 4), (1, 2, 4), (1, 4, 4), (1, 8, 4), (1, 4, 2), (1, 8, 2), (1, 16, 1),
-                 (2, 1, 2), (2, 2, 2), (2, 4, 2), (2, 2, 4), (2, 4, 4)]
+SWEEP_CONFIGS = [(1, 1, 4), (1, 2, 4), (1, 4, 4), (1, 8, 4), (1, 8, 2), (1, 16, 1),
+                 (2, 1, 2), (2, 2, 2), (2, 4, 2), (2, 2, 4)]
+SWEEP_MS = (1, 4)
 
 
 def sweep(bits, gs, iters) -> list:
@@ -159,8 +160,8 @@ def sweep(bits, gs, iters) -> list:
         copies = max(2, math.ceil(400e6 / per))
         lin += [quantized_linear(k, n, bits, gs) for _ in range(copies - 1)]
         mx.eval([(l.weight, l.scales, l.biases) for l in lin])
-        auto = {m: kernels.choose_cuda_config(m, n, k, bits, gs) for m in (1, 4, 8)}
-        for m in (1, 4, 8):
+        auto = {m: kernels.choose_cuda_config(m, n, k, bits, gs) for m in SWEEP_MS}
+        for m in SWEEP_MS:
             x = mx.random.normal((m, k)).astype(mx.bfloat16)
             f = mx.compile(lambda x: [mx.quantized_matmul(x, l.weight, l.scales, l.biases, transpose=True,
                                                           group_size=gs, bits=bits) for l in lin])
@@ -189,7 +190,7 @@ def sweep(bits, gs, iters) -> list:
         stock = {r["m"]: r for r in rows if r["n"] == n and r["k"] == k and r["bits"] == bits
                  and r["config"] == "stock"}
         autos = {r["m"]: r for r in rows if r["n"] == n and r["k"] == k and r["bits"] == bits and r.get("auto")}
-        for m in (1, 4, 8):
+        for m in SWEEP_MS:
             a = autos.get(m)
             print(f"  {n}x{k} {bits}-bit M={m}: stock {stock[m]['us']:.1f} us ({stock[m]['TBps']:.2f} TB/s), "
                   f"auto {a['config'] if a else '-'} {a['us'] if a else float('nan'):.1f} us, "
