@@ -14,6 +14,7 @@ Greedy (temperature 0): accept while d_j == argmax p_j, then emit argmax p at th
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -49,14 +50,37 @@ class Sampling:
         """Normalized log-probabilities of the distribution sampled from, [..., V]."""
         logprobs = logits.astype(mx.float32)
         logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
-        if self.top_p < 1:
-            logprobs = apply_top_p(logprobs, self.top_p)
-        if self.min_p > 0:
-            logprobs = apply_min_p(logprobs, self.min_p)
-        if 0 < self.top_k < logits.shape[-1]:
-            logprobs = apply_top_k(logprobs, self.top_k)
+        if 0 < self.top_k < logits.shape[-1] and (self.top_p < 1 or self.min_p > 0):
+            logprobs = self._filter_top_k_first(logprobs)
+        else:
+            if self.top_p < 1:
+                logprobs = apply_top_p(logprobs, self.top_p)
+            if self.min_p > 0:
+                logprobs = apply_min_p(logprobs, self.min_p)
+            if 0 < self.top_k < logits.shape[-1]:
+                logprobs = apply_top_k(logprobs, self.top_k)
         logprobs = logprobs * (1 / self.temperature)
         return logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
+
+
+    def _filter_top_k_first(self, logprobs: mx.array) -> mx.array:
+        """top-p, min-p and top-k, exactly as mlx-lm's chain applies them, without sorting the
+        whole vocabulary: each filter keeps a prefix of the tokens ranked by probability (top-p
+        judged on the full distribution's mass), so their combination is the shortest prefix, and
+        it lies within the k best tokens."""
+        k = self.top_k
+        index = mx.argpartition(-logprobs, kth=k - 1, axis=-1)[..., :k]
+        best = mx.take_along_axis(logprobs, index, axis=-1)
+        order = mx.argsort(-best, axis=-1)
+        index, best = mx.take_along_axis(index, order, axis=-1), mx.take_along_axis(best, order, axis=-1)
+        keep = mx.ones(best.shape, dtype=mx.bool_)
+        if self.top_p < 1:
+            mass_before = mx.cumsum(mx.exp(best), axis=-1, inclusive=False)
+            keep = keep & (mass_before < self.top_p)
+        if self.min_p > 0:
+            keep = keep & (best >= best[..., :1] + math.log(self.min_p))
+        filtered = mx.full(logprobs.shape, -mx.inf, dtype=logprobs.dtype)
+        return mx.put_along_axis(filtered, index, mx.where(keep, best, -mx.inf), axis=-1)
 
 
 def accept_sampled(p_logprobs: mx.array, q_logprobs: mx.array, drafts: mx.array):

@@ -114,6 +114,35 @@ def test_processed_distribution_filters_then_tempers():
     assert math.isclose(float(np.exp(np.array(Sampling(temperature=1.0, min_p=0.3).logprobs(logits))[0]).sum()), 1.0, rel_tol=1e-5)
 
 
+@pytest.mark.parametrize("settings", [dict(top_p=0.9, top_k=20), dict(min_p=0.05, top_k=50),
+                                      dict(top_p=0.5, min_p=0.1, top_k=5), dict(top_p=0.99, top_k=3000)])
+def test_top_k_first_filtering_equals_mlx_lm_chain(settings):
+    """The fast path (filters judged within the k best tokens) keeps exactly what mlx-lm's
+    top_p -> min_p -> top_k chain keeps, on peaked and flat distributions."""
+    from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
+
+    mx.random.seed(5)
+    for scale in (0.5, 3.0, 8.0):
+        logits = mx.random.normal((4, 8192)) * scale
+        lp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        chain = lp
+        if settings.get("top_p", 1) < 1:
+            chain = apply_top_p(chain, settings["top_p"])
+        if settings.get("min_p", 0) > 0:
+            chain = apply_min_p(chain, settings["min_p"])
+        chain = apply_top_k(chain, settings["top_k"])
+        expected = np.array(chain / 0.7 - mx.logsumexp(chain / 0.7, axis=-1, keepdims=True))
+        got = np.array(Sampling(temperature=0.7, **settings).logprobs(logits))
+        differ = np.isneginf(got) != np.isneginf(expected)
+        if differ.any():  # only float rounding at the top-p boundary may disagree
+            probs = np.exp(np.array(lp, dtype=np.float64))
+            for row, col in zip(*np.nonzero(differ)):
+                mass_before = probs[row][probs[row] > probs[row, col]].sum()
+                assert abs(mass_before - settings["top_p"]) < 1e-5
+        both = ~np.isneginf(got) & ~np.isneginf(expected)
+        np.testing.assert_allclose(got[both], expected[both], atol=1e-4)
+
+
 @pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-2), dict(top_k=2.5), dict(min_p=1.0)])
 def test_bad_sampling_parameters_are_refused(bad):
     with pytest.raises(MTPNBError):
