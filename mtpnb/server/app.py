@@ -89,8 +89,8 @@ class _HTTPServer(ThreadingHTTPServer):
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    server_version = "mtpnb-serve"
-    sys_version = ""
+    def version_string(self):
+        return "mtpnb-serve"
 
     def setup(self):
         self.timeout = self.server.app.socket_timeout
@@ -305,6 +305,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def send_error(self, code, message=None, explain=None):
         """Protocol-level errors (bad request line, oversized headers...) in the JSON error format."""
+        if getattr(self, "request_version", "HTTP/0.9") not in ("HTTP/1.0", "HTTP/1.1"):
+            self.request_version = "HTTP/1.1"  # answer garbage with a status line too
         try:
             self._json(code, APIError(code, message or self.responses.get(code, ("error",))[0],
                                       code="bad_request").body(), close=True)

@@ -19,6 +19,9 @@ Stream chunk, one per verify step (chat: in choices[0].delta, completions: in ch
                   "generated"}: mtpnb.StepEvent.to_dict()
 Last chunk (the one with finish_reason; or the usage chunk when stream_options.include_usage)
     mtp           mtpnb.Metrics.to_dict() at the top level of the chunk, next to `usage`
+    mtp_last_text (in the finish_reason chunk's delta / choice, only when it changed) the final text of
+                  the last output token: the engine appends to it the bytes its detokenizer held at
+                  the end (an incomplete character), after that token's event was streamed
 Non-streamed response
     mtp           mtpnb.Metrics.to_dict() at the top level, next to `usage`
     choices[0].mtp, choices[0].mtp_steps   with "mtp_events": true
@@ -334,6 +337,7 @@ class Encoder:
         self.chat = req.endpoint == "chat"
         self.fingerprint = fingerprint
         self.text = StopHoldback(req.stop)
+        self.last_output = None  # (the last output TokenEvent streamed, its text when streamed)
 
     def _chunk(self, choice: dict, **top) -> dict:
         return {"id": self.req.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
@@ -348,8 +352,11 @@ class Encoder:
 
     def step(self, tokens: list, step) -> dict:
         """A chunk for one verify step: its output text and (extension) its token events."""
-        content = self.text.feed("".join(t.text for t in tokens if t.kind != "rejected"))
         ext = {"mtp": [t.to_dict() for t in tokens]}
+        outputs = [(t, d["text"]) for t, d in zip(tokens, ext["mtp"]) if t.kind != "rejected"]
+        if outputs:
+            self.last_output = outputs[-1]
+        content = self.text.feed("".join(text for _, text in outputs))
         if step is not None:
             ext["mtp_step"] = step.to_dict()
         if self.chat:
@@ -363,10 +370,14 @@ class Encoder:
         m = result.metrics
         rest = self.text.finish(result.text)
         finish = FINISH.get(m.finish_reason, "stop")
+        ext = {}
+        if self.last_output is not None and self.last_output[0].text != self.last_output[1]:
+            ext["mtp_last_text"] = self.last_output[0].text
         if self.chat:
-            choice = {"index": 0, "delta": {"content": rest} if rest else {}, "logprobs": None, "finish_reason": finish}
+            delta = {"content": rest} if rest else {}
+            choice = {"index": 0, "delta": {**delta, **ext}, "logprobs": None, "finish_reason": finish}
         else:
-            choice = {"index": 0, "text": rest, "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "text": rest, "logprobs": None, "finish_reason": finish, **ext}
         if self.req.include_usage:
             return [self._chunk(choice), self._chunk(None, usage=usage(m), mtp=m.to_dict())]
         return [self._chunk(choice, usage=usage(m), mtp=m.to_dict())]
