@@ -58,6 +58,7 @@ class RemoteModel:
         card = self._get("/v1/models")["data"][0]
         self.name: str = card["id"]
         self._info: dict = dict(card.get("info") or {}, name=self.name, url=self.url)
+        self._info["device"] = f"{self._info.get('device', '?')} on {self.url}"  # where it runs, for displays
 
     # -- the engine-like surface ----------------------------------------------------------------------
     @property

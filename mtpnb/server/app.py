@@ -16,6 +16,7 @@ import logging
 import queue
 import select
 import socket
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
@@ -79,6 +80,13 @@ class _HTTPServer(ThreadingHTTPServer):
         except BaseException:
             self._slots.release()
             raise
+
+    def handle_error(self, request, client_address):
+        """A client that resets or times out is routine; anything else is logged, not printed."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, TimeoutError)):
+            return
+        log.error("error on a connection from %s", client_address[0], exc_info=True)
 
     def process_request_thread(self, request, client_address):
         try:

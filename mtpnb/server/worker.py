@@ -48,13 +48,16 @@ class Stats:
             if metrics:
                 self.counts["generated_tokens"] += metrics.get("generated_tokens", 0)
                 self.counts["prompt_tokens"] += metrics.get("prompt_tokens", 0)
+                self.counts["generation_s"] += metrics.get("total_s", 0.0)
             self.recent.append({"id": req.id, "endpoint": req.endpoint, "created": req.created,
                                 "stream": req.stream, "queue_wait_s": round(wait_s, 4),
                                 "finish_reason": finish_reason, "metrics": metrics})
 
     def snapshot(self) -> dict:
         with self.lock:
-            return {"uptime_s": round(time.time() - self.started, 1), "counts": dict(self.counts),
+            counts = dict(self.counts)
+            counts["generation_s"] = round(counts.get("generation_s", 0.0), 3)  # summed wall time of generations
+            return {"uptime_s": round(time.time() - self.started, 1), "counts": counts,
                     "recent": list(self.recent)}
 
 
