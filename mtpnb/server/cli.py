@@ -91,6 +91,9 @@ def run_serve(args) -> int:
         return _fail(str(e), 2)
     if not key and not is_loopback(args.host):
         return _fail(refusal(args.host), 2)
+    if not is_loopback(args.host):
+        print("mtpnb serve: note: plain HTTP: the key and the text cross the network unencrypted; put a TLS "
+              "proxy in front, or reach it through an SSH tunnel", file=sys.stderr, flush=True)
     if getattr(args, "api_key", None) is not None:
         print("mtpnb serve: note: a key given with --api-key shows in the process list; "
               f"--api-key-file or ${KEY_ENV} keep it private", file=sys.stderr, flush=True)
