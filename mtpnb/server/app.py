@@ -389,7 +389,8 @@ class Server:
                 self._httpd.server_close()
                 raise
             if self._max_prompt_tokens is None:
-                limit = self.model.text_config.get("max_position_embeddings") if hasattr(self.model, "text_config") else None
+                config = getattr(self.model, "text_config", None) or {}
+                limit = config.get("max_position_embeddings")
                 self.worker.max_prompt_tokens = limit
         return self
 

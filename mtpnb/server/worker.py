@@ -20,7 +20,8 @@ log = logging.getLogger("mtpnb.server")
 class Job:
     def __init__(self, request):
         self.request = request
-        self.out: queue.SimpleQueue = queue.SimpleQueue()  # ("start", n) ("event", ev) ("error", APIError) ("end", None)
+        # ("start", prompt tokens) ("event", TokenEvent | StepEvent | Done) ("error", APIError) ("end", None)
+        self.out: queue.SimpleQueue = queue.SimpleQueue()
         self.cancelled = threading.Event()
         self.enqueued = time.monotonic()
 
