@@ -10,6 +10,7 @@ Every property assignment of a FigureWidget is a message, so redraws happen insi
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections import deque
 
@@ -25,6 +26,21 @@ GREY = "#808080"  # reads on light and dark notebook themes alike (plotly cannot
 TITLES = ("decode tok/s", "acceptance per draft position", "tokens per verify step")
 
 
+def rate_point(steps: list[tuple[float, int]], ttft: float, end: int | None = None) -> tuple[float, float, float]:
+    """(time, tok/s over the last RATE_WINDOW_S, tok/s since the first token) at steps[end - 1];
+    `steps`: (elapsed s, tokens generated) per verify step, oldest first, at least two."""
+    end = len(steps) if end is None else end
+    t, generated = steps[end - 1]
+    t0, g0 = steps[min(bisect.bisect_left(steps, (t - RATE_WINDOW_S,), 0, end - 1), end - 2)]
+    rate = (generated - g0) / (t - t0) if t > t0 else 0.0
+    average = (generated - 1) / (t - ttft) if t > ttft else 0.0
+    return round(t, 3), round(rate, 2), round(average, 2)
+
+
+def _title(name: str, detail: str = "") -> str:
+    return f"{name}<br><sup>{detail or '&nbsp;'}</sup>"
+
+
 class LiveCharts(widgets.VBox):
     """Live charts of one generation; a sink for runner.Generation (see runner.py).
 
@@ -34,7 +50,8 @@ class LiveCharts(widgets.VBox):
 
     def __init__(self, *, refresh_s: float = 0.25, height: int = 250, **kwargs):
         self.refresh_s = refresh_s
-        self.figure = go.FigureWidget(make_subplots(rows=1, cols=3, subplot_titles=TITLES, horizontal_spacing=0.08))
+        titles = [_title(name) for name in TITLES]
+        self.figure = go.FigureWidget(make_subplots(rows=1, cols=3, subplot_titles=titles, horizontal_spacing=0.09))
         self.figure.add_scatter(row=1, col=1, mode="lines", line={"color": "#0072B2", "width": 2}, name="last second")
         self.figure.add_scatter(row=1, col=1, mode="lines", line={"color": "#0072B2", "dash": "dash", "width": 1},
                                 name="average")
@@ -43,7 +60,7 @@ class LiveCharts(widgets.VBox):
         self.figure.add_bar(row=1, col=3, marker_color="#E69F00", name="verify steps", texttemplate="%{y}",
                             textposition="outside", cliponaxis=False)
         self.figure.update_layout(
-            height=height, margin={"l": 40, "r": 10, "t": 40, "b": 35}, showlegend=False,
+            height=height, margin={"l": 40, "r": 10, "t": 60, "b": 40}, showlegend=False,
             paper_bgcolor="rgba(0,0,0,0)", plot_bgcolor="rgba(0,0,0,0)", font={"color": GREY, "size": 11},
         )
         self.figure.update_xaxes(gridcolor="rgba(128,128,128,.2)", zeroline=False)
@@ -94,9 +111,18 @@ class LiveCharts(widgets.VBox):
             self._last_draw = now
 
     def finish(self, result: Result | None, status: str = "done", error: str = "") -> None:
-        self._sample()
-        if result is not None and result.metrics.finish_reason != "cancelled":
-            self._acceptance = list(result.metrics.acceptance_by_position)
+        if result is not None and len(result.steps) > 1:  # redraw the whole run, not just what was sampled
+            steps = [(s.elapsed_s, s.generated) for s in result.steps]
+            stride = max(1, (len(steps) - 1) // MAX_POINTS + 1)
+            ends = list(range(len(steps), 1, -stride))[::-1]  # the last step always among them
+            times, rates, averages = zip(*(rate_point(steps, self._ttft, end) for end in ends))
+            self._times = deque(times, maxlen=MAX_POINTS)
+            self._rate = deque(rates, maxlen=MAX_POINTS)
+            self._average = deque(averages, maxlen=MAX_POINTS)
+            if result.metrics.finish_reason != "cancelled":
+                self._acceptance = list(result.metrics.acceptance_by_position)
+        else:
+            self._sample()
         self._draw()
 
     # -- drawing ------------------------------------------------------------------------------------
@@ -106,12 +132,10 @@ class LiveCharts(widgets.VBox):
         if len(steps) < 2 or steps[-1] == self._drawn_step:
             return
         self._drawn_step = steps[-1]
-        t, generated = steps[-1]
-        recent = [s for s in steps if s[0] >= t - RATE_WINDOW_S][:-1] or steps[-2:-1]
-        t0, g0 = recent[0]
-        self._times.append(round(t, 3))
-        self._rate.append(round((generated - g0) / (t - t0), 2) if t > t0 else 0.0)
-        self._average.append(round((generated - 1) / (t - self._ttft), 2) if t > self._ttft else 0.0)
+        t, rate, average = rate_point(steps, self._ttft)
+        self._times.append(t)
+        self._rate.append(rate)
+        self._average.append(average)
 
     def _draw(self) -> None:
         positions = list(range(1, self.depth + 1))
@@ -129,9 +153,10 @@ class LiveCharts(widgets.VBox):
             fig.data[3].x, fig.data[3].y = list(range(1, self.depth + 2)), list(self._emitted)
             fig.layout.xaxis2.range = [0.5, max(self.depth, 1) + 0.5]
             fig.layout.xaxis3.range = [0.5, self.depth + 1.5]
-            rate.text = TITLES[0] + (f": {self._rate[-1]:.1f} now, {self._average[-1]:.1f} average" if self._rate else "")
+            rate.text = _title(TITLES[0], f"{self._rate[-1]:.1f} last second · {self._average[-1]:.1f} average"
+                               if self._rate else "")
             if self.depth == 0:
-                accept.text = TITLES[1] + ": none at depth 0"
+                accept.text = _title(TITLES[1], "no drafts at depth 0")
             else:
-                accept.text = TITLES[1] + (f" (mean {mean_acceptance:.0%})" if mean_acceptance is not None else "")
-            per_verify.text = TITLES[2] + (f" (mean {mean_emitted:.2f})" if mean_emitted is not None else "")
+                accept.text = _title(TITLES[1], f"overall {mean_acceptance:.0%}" if mean_acceptance is not None else "")
+            per_verify.text = _title(TITLES[2], f"mean {mean_emitted:.2f}" if mean_emitted is not None else "")

@@ -18,7 +18,7 @@ import ipywidgets as widgets
 
 from ..errors import MTPNBError
 from ..events import Result
-from .runner import Generation, describe_error
+from .runner import Generation, describe_error, wait_interruptibly
 from .token_stream import TokenStream
 
 
@@ -63,7 +63,7 @@ class Comparison(widgets.VBox):
 
     def __init__(self, model, **kwargs):
         self.model = model
-        pane = widgets.Layout(flex="1 1 0%", min_width="0")
+        pane = widgets.Layout(flex="1 1 0%", min_width="0", margin="0 3px")
         self.base = TokenStream(label="depth 0 (plain decoding)", layout=pane)
         self.mtp = TokenStream(label="depth D", layout=pane)
         self.verdict = widgets.HTML()
@@ -75,7 +75,7 @@ class Comparison(widgets.VBox):
         self._callbacks: list[Callable[[Comparison], None]] = []
         self._callbacks_lock = threading.Lock()
         self._say("Runs the same prompt at depth 0 and at depth D, one after the other.")
-        super().__init__([self.verdict, widgets.HBox([self.base, self.mtp], layout=widgets.Layout(gap="8px"))],
+        super().__init__([self.verdict, widgets.HBox([self.base, self.mtp])],
                          **kwargs)
 
     @property
@@ -118,7 +118,7 @@ class Comparison(widgets.VBox):
         """Block until both runs have finished; return (depth-0 result, depth-D result), or None if
         either was stopped or failed. A KeyboardInterrupt stops the comparison and still waits."""
         try:
-            self._finished.wait(timeout)
+            wait_interruptibly(self._finished, timeout)
         except KeyboardInterrupt:
             self.stop()
             self._finished.wait()

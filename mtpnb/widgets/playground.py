@@ -43,7 +43,7 @@ class Playground(widgets.VBox):
         self.comparison = Comparison(model)
         self.tabs = widgets.Tab(
             [widgets.VBox([self.stream, self.charts]), self.comparison],
-            titles=("Stream", "Compare with depth 0"),
+            titles=("Stream", "Compare"),
         )
         self.generation: Generation | None = None
         self.controls.on_generate(self._guarded(lambda: self.generate(), self.stream.show_error))
@@ -107,13 +107,19 @@ class Playground(widgets.VBox):
 
 
 def _describe_model(model) -> str:
+    """One line from model.info(): a local Model's, or the fewer keys of a served one."""
     info = model.info()
-    parts = [f"<strong>{html.escape(info['name'])}</strong>", html.escape(str(info["family"])),
-             f"{info['parameters'] / 1e6:.1f}M parameters",
-             "MTP head" if info["has_mtp"] else "no MTP head: plain decoding only",
-             html.escape(str(info["dtype"])) + (f", {html.escape(info['quantization'])}" if info["quantization"] else ""),
-             html.escape(info["device"])]
-    notes = "".join(f"<div style='opacity:.75'>{html.escape(n)}</div>" for n in info["notes"])
+    parts = [f"<strong>{html.escape(model.name)}</strong>"]
+    if info.get("family"):
+        parts.append(html.escape(str(info["family"])))
+    if info.get("parameters"):
+        parts.append(f"{info['parameters'] / 1e6:.1f}M parameters")
+    parts.append("MTP head" if model.has_mtp else "no MTP head: plain decoding only")
+    if info.get("dtype"):
+        parts.append(html.escape(str(info["dtype"]) + (f", {info['quantization']}" if info.get("quantization") else "")))
+    if info.get("url") or info.get("device"):
+        parts.append(html.escape(str(info.get("url") or info["device"])))
+    notes = "".join(f"<div style='opacity:.75'>{html.escape(n)}</div>" for n in info.get("notes", []))
     style = "font-size:var(--jp-ui-font-size1,13px);color:var(--jp-ui-font-color1,#222);margin-bottom:4px"
     return f'<div style="{style}">{" · ".join(parts)}{notes}</div>'
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import traceback
 from collections.abc import Callable, Iterable
 
@@ -98,7 +99,7 @@ class Generation:
         """Block until the generation has finished (or `timeout` seconds); return its Result.
         A KeyboardInterrupt (the kernel's interrupt button) stops the generation and still waits."""
         try:
-            self._finished.wait(timeout)
+            wait_interruptibly(self._finished, timeout)
         except KeyboardInterrupt:
             self.stop()
             self._finished.wait()
@@ -174,6 +175,16 @@ class Generation:
                 self._tick_error = exc
                 self._stop.set()
                 return
+
+
+def wait_interruptibly(event: threading.Event, timeout: float | None) -> None:
+    """event.wait(timeout) in short slices, so that a KeyboardInterrupt always gets through."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while not event.is_set():
+        left = 0.1 if deadline is None else min(0.1, deadline - time.monotonic())
+        if left <= 0:
+            return
+        event.wait(left)
 
 
 def describe_error(exc: BaseException) -> str:

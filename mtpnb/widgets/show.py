@@ -58,10 +58,12 @@ def show_generation(model, prompt, *, charts: bool = False, label: str = "", **p
     from IPython.display import display
 
     view, generation = stream_to_widget(model, prompt, charts=charts, label=label, **params)
-    handle = display(view, display_id=True)
+    handle = display(view.stream, display_id=True)
+    if view.charts is not None:
+        display(view.charts)
     result = generation.wait()
-    if handle is not None:
-        handle.update(view)  # the saved notebook's static HTML / text now hold the final text
+    if handle is not None:  # re-send the token view's output: its static HTML / text now hold the result
+        handle.update(view.stream)
     return result
 
 
