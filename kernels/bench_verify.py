@@ -132,6 +132,8 @@ def bench_stack(bits, gs, layers, hidden, mlp, kv, iters, modes=("stock", "kerne
 
 def print_stack(res: dict) -> None:
     nb = res["weight_bytes"]
+    if res.get("floor"):
+        print("\nOverhead floor: the same graph with tiny matrices", end="")
     print(f"\n{res['layers']} layers x (hidden {res['hidden']}, MLP {res['mlp']}), {res['bits']}-bit, "
           f"group {res['group_size']}, {nb / 1e9:.1f} GB of weights; ms per forward (ratio vs M=1)")
     print("| mode | " + " | ".join(f"M={m}" for m in MS) + " | t(4)/t(1) | weights at M=1 |")
@@ -211,10 +213,16 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--sweep", action="store_true", help="also time launch configs per linear shape")
     ap.add_argument("--no-stack", action="store_true")
+    ap.add_argument("--floor", action="store_true",
+                    help="also time the same graph with tiny matrices (hidden 256, MLP 512): the per-op "
+                         "overhead that no kernel can remove")
     ap.add_argument("--out", default="bench_verify.json")
     args = ap.parse_args()
 
-    info = {"mlx": mx.__version__, "device": str(mx.default_device()), "backend": kernels.backend()}
+    import os
+
+    info = {"mlx": mx.__version__, "device": str(mx.default_device()), "backend": kernels.backend(),
+            "env": {k: v for k, v in os.environ.items() if k.startswith(("MLX_", "MTPNB_"))}}
     print(info, flush=True)
     out = {"info": info, "stacks": [], "sweep": []}
     if kernels.backend() != "cpu":
@@ -231,6 +239,10 @@ def main() -> None:
             res = bench_stack(bits, args.group_size, args.layers, args.hidden, args.mlp, args.kv, args.iters)
             out["stacks"].append(res)
             Path(args.out).write_text(json.dumps(out, indent=1, default=str))
+        if args.floor:
+            res = bench_stack(args.bits[0], args.group_size, args.layers, 256, 512, 128, args.iters)
+            res["floor"] = True
+            out["stacks"].append(res)
         for res in out["stacks"]:
             print_stack(res)
     Path(args.out).write_text(json.dumps(out, indent=1, default=str))

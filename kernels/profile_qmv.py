@@ -1,9 +1,7 @@
-"""One down-projection-shaped linear (17408 -> 5120, 4-bit, group 64) for ncu: the verify kernel
-at M=1 and M=4, then MLX's stock qmv at M=1 and M=4, each launched once, eagerly.
+"""Kernel-level view of the verify kernel for ncu: the MLP's two big shapes (4-bit, group 64),
+each launched once eagerly: ring and v1 variants at M=1 and M=4, and MLX's stock qmv.
 
-    ncu --clock-control none --kernel-name regex:qmv --launch-count 4 \
-        --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
-        --section LaunchStats --section WarpStateStats --section SchedulerStats \
+    ncu --clock-control none --kernel-name regex:qmv --section SpeedOfLight --section Occupancy \
         python3 kernels/profile_qmv.py
 """
 
@@ -15,17 +13,19 @@ import mlx.core as mx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_verify import kernels, quantized_linear  # noqa: E402
 
-n, k, bits, gs = int(sys.argv[1]) if len(sys.argv) > 1 else 5120, 17408, 4, 64
-lin = quantized_linear(k, n, bits, gs)
-mx.eval(lin.parameters())
+bits, gs = 4, 64
 kern = kernels._get_kernel("cuda")
-xs = {m: mx.random.normal((m, k)).astype(mx.bfloat16) for m in (1, 4)}
-mx.eval(xs)
-for m in (1, 4):
-    print("kernel M", m, kernels.choose_cuda_config(m, n, k, bits, gs), flush=True)
-    mx.eval(kern(xs[m], lin.weight, lin.scales, lin.biases, bits, gs))
-for m in (1, 4):
-    mx.eval(mx.quantized_matmul(xs[m], lin.weight, lin.scales, lin.biases, transpose=True,
-                                group_size=gs, bits=bits))
-mx.synchronize()
+for n, k in [(5120, 17408), (17408, 5120)]:
+    lin = quantized_linear(k, n, bits, gs)
+    xs = {m: mx.random.normal((m, k)).astype(mx.bfloat16) for m in (1, 4)}
+    mx.eval(lin.parameters(), xs)
+    for variant, m in [("ring", 1), ("ring", 4), ("v1", 1), ("v1", 4)]:
+        cfg = kernels.choose_cuda_config(m, n, k, bits, gs, variant)
+        print(f"{n}x{k} {variant} M={m} {cfg}", flush=True)
+        mx.eval(kern(xs[m], lin.weight, lin.scales, lin.biases, bits, gs, variant=variant))
+    for m in (1, 4):
+        print(f"{n}x{k} stock M={m}", flush=True)
+        mx.eval(mx.quantized_matmul(xs[m], lin.weight, lin.scales, lin.biases, transpose=True,
+                                    group_size=gs, bits=bits))
+    mx.synchronize()
 print("done")

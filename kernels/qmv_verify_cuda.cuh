@@ -125,6 +125,30 @@ struct WVec<4> {
   }
 };
 
+// cp.async (LDGSTS): global -> shared without registers; each lane later reads
+// only the bytes it copied itself, so waiting on its own groups is enough.
+template <int BYTES>
+__device__ __forceinline__ void cp_async(uint32_t saddr, const void* g) {
+  if constexpr (BYTES == 16) {
+    asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16;\n" ::"r"(saddr), "l"(g));
+  } else {
+    asm volatile("cp.async.ca.shared.global.L2::128B [%0], [%1], %2;\n" ::"r"(saddr), "l"(g),
+                 "n"(BYTES));
+  }
+}
+// 16 bytes, or zeros when src_bytes == 0 (lanes whose token row does not exist).
+__device__ __forceinline__ void cp_async16_zfill(uint32_t saddr, const void* g, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;\n" ::"r"(saddr), "l"(g),
+               "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
 // U consecutive 16-bit values (scales or biases of U consecutive groups),
 // kept packed two to a register.
 template <int U>
@@ -156,6 +180,146 @@ struct Batch {
   uint32_t s[TILES][2][SVec<U>::NR];
   uint32_t b[TILES][2][SVec<U>::NR];
 };
+
+// acc[t][2h+e] is (row blockIdx.x * 16 * TILES + 16t + 8h + g, token 2c + e): add the
+// KSPLIT warps' partial sums (shared memory) and write y[token, row] for token < M.
+template <typename T, int TILES, int KSPLIT>
+__device__ __forceinline__ void store_rows(
+    const float (&acc)[TILES][4], T* __restrict__ y, const int M, const int N,
+    const int warp, const int g, const int c) {
+  using Tr = Traits<T>;
+  constexpr int ROWS = 16 * TILES;
+  // acc[t][2h+e] is (row row0 + 16t + 8h + g, token 2c + e).
+  const int row0 = blockIdx.x * ROWS;
+  if constexpr (KSPLIT == 1) {
+#pragma unroll
+    for (int t = 0; t < TILES; ++t) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int r = row0 + 16 * t + 8 * h + g;
+          const int tok = 2 * c + e;
+          if (tok < M) {
+            y[long(tok) * N + r] = Tr::from_float(acc[t][2 * h + e]);
+          }
+        }
+      }
+    }
+  } else {
+    __shared__ float red[KSPLIT][ROWS * 8];
+#pragma unroll
+    for (int t = 0; t < TILES; ++t) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          red[warp][(16 * t + 8 * h + g) * 8 + 2 * c + e] = acc[t][2 * h + e];
+        }
+      }
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < ROWS * 8; i += 32 * KSPLIT) {
+      const int tok = i / ROWS;
+      const int rl = i % ROWS;
+      float v = 0.0f;
+#pragma unroll
+      for (int k = 0; k < KSPLIT; ++k) v += red[k][rl * 8 + tok];
+      if (tok < M) {
+        y[long(tok) * N + row0 + rl] = Tr::from_float(v);
+      }
+    }
+  }
+}
+
+// One batch of U groups: B holds this lane's packed words, scales and biases,
+// get_x(u, v) the v-th 8 x values of group u for token g. Accumulates into acc.
+template <typename T, int BITS, int GS, int TILES, int U, class XGet>
+__device__ __forceinline__ void compute_batch(
+    const Batch<TILES, U, GS * BITS / 128>& B, XGet get_x, float (&acc)[TILES][4]) {
+  using Tr = Traits<T>;
+  constexpr int WPT = GS * BITS / 128;
+  constexpr int XV = GS / 32;
+  constexpr float OFF = (BITS == 4) ? Tr::OFF4 : Tr::OFF8;
+  const uint32_t MASK = 0x000F000Fu;
+  const uint32_t MLO = Tr::MAGIC_LO;
+  const uint32_t MHI = Tr::MAGIC_HI;
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    uint4 xv[XV];
+#pragma unroll
+    for (int v = 0; v < XV; ++v) xv[v] = get_x(u, v);
+    float X[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    float D[TILES][4];
+#pragma unroll
+    for (int t = 0; t < TILES; ++t) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) D[t][e] = 0.0f;
+    }
+#pragma unroll
+    for (int wi = 0; wi < WPT; ++wi) {
+      if constexpr (BITS == 4) {
+        const uint4 xr = xv[wi];
+        // x0..x7 of this word's 8 k's, paired as the weights are.
+        const uint32_t b00 = __byte_perm(xr.x, xr.z, 0x5410);  // (x0, x4)
+        const uint32_t b01 = __byte_perm(xr.x, xr.z, 0x7632);  // (x1, x5)
+        const uint32_t b10 = __byte_perm(xr.y, xr.w, 0x5410);  // (x2, x6)
+        const uint32_t b11 = __byte_perm(xr.y, xr.w, 0x7632);  // (x3, x7)
+        Tr::mma(X, Tr::ONES, Tr::ONES, Tr::ONES, Tr::ONES, b00, b01);
+        Tr::mma(X, Tr::ONES, Tr::ONES, Tr::ONES, Tr::ONES, b10, b11);
+#pragma unroll
+        for (int t = 0; t < TILES; ++t) {
+          const uint32_t q0 = B.w[t][0][u][wi];  // row g
+          const uint32_t q1 = B.w[t][1][u][wi];  // row g + 8
+          const uint32_t p00 = and_or(q0, MASK, MLO);          // (w0, w4)
+          const uint32_t p10 = and_or(q0 >> 4, MASK, MLO);     // (w1, w5)
+          const uint32_t p20 = and_or(q0 >> 8, MASK, MLO);     // (w2, w6)
+          const uint32_t p30 = and_or(q0 >> 12, MASK, MLO);    // (w3, w7)
+          const uint32_t p01 = and_or(q1, MASK, MLO);
+          const uint32_t p11 = and_or(q1 >> 4, MASK, MLO);
+          const uint32_t p21 = and_or(q1 >> 8, MASK, MLO);
+          const uint32_t p31 = and_or(q1 >> 12, MASK, MLO);
+          Tr::mma(D[t], p00, p01, p10, p11, b00, b01);
+          Tr::mma(D[t], p20, p21, p30, p31, b10, b11);
+        }
+      } else {
+        const uint4 xr = xv[wi >> 1];
+        const uint32_t r0 = (wi & 1) ? xr.z : xr.x;  // (x0, x1)
+        const uint32_t r1 = (wi & 1) ? xr.w : xr.y;  // (x2, x3)
+        const uint32_t b0 = __byte_perm(r0, r1, 0x5410);  // (x0, x2)
+        const uint32_t b1 = __byte_perm(r0, r1, 0x7632);  // (x1, x3)
+        Tr::mma(X, Tr::ONES, Tr::ONES, Tr::ONES, Tr::ONES, b0, b1);
+#pragma unroll
+        for (int t = 0; t < TILES; ++t) {
+          const uint32_t q0 = B.w[t][0][u][wi];
+          const uint32_t q1 = B.w[t][1][u][wi];
+          const uint32_t l0 = and_or(q0, MASK, MLO);           // (lo b0, lo b2)
+          const uint32_t h0 = and_or(q0 >> 4, MASK, MHI);      // (hi b0, hi b2)
+          const uint32_t l0b = and_or(q0 >> 8, MASK, MLO);     // (lo b1, lo b3)
+          const uint32_t h0b = and_or(q0 >> 12, MASK, MHI);    // (hi b1, hi b3)
+          const uint32_t l1 = and_or(q1, MASK, MLO);
+          const uint32_t h1 = and_or(q1 >> 4, MASK, MHI);
+          const uint32_t l1b = and_or(q1 >> 8, MASK, MLO);
+          const uint32_t h1b = and_or(q1 >> 12, MASK, MHI);
+          Tr::mma(D[t], l0, l1, l0b, l1b, b0, b1);
+          Tr::mma(D[t], h0, h1, h0b, h1b, b0, b1);
+        }
+      }
+    }
+    // Per-group scale and bias, in fp32.
+#pragma unroll
+    for (int t = 0; t < TILES; ++t) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const float s = SVec<U>::template get<Tr>(B.s[t][h], u);
+        const float bb = SVec<U>::template get<Tr>(B.b[t][h], u);
+        const float bo = fmaf(-OFF, s, bb);
+        acc[t][2 * h + 0] = fmaf(s, D[t][2 * h + 0], fmaf(bo, X[0], acc[t][2 * h + 0]));
+        acc[t][2 * h + 1] = fmaf(s, D[t][2 * h + 1], fmaf(bo, X[1], acc[t][2 * h + 1]));
+      }
+    }
+  }
+}
 
 template <typename T, int BITS, int GS, int TILES, int KSPLIT, int U>
 __device__ __forceinline__ void qmv_verify_impl(
@@ -225,89 +389,14 @@ __device__ __forceinline__ void qmv_verify_impl(
     }
   };
 
-  auto compute_batch = [&](const Batch<TILES, U, WPT>& B, int bi) {
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int j = bi * U + u;
-      uint4 xv[XV];
-#pragma unroll
-      for (int v = 0; v < XV; ++v) {
-        if (has_tok) {
-          xv[v] = __ldg(reinterpret_cast<const uint4*>(xp + j * GS) + v);
-        } else {
-          xv[v] = make_uint4(0u, 0u, 0u, 0u);
-        }
-      }
-      float X[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-      float D[TILES][4];
-#pragma unroll
-      for (int t = 0; t < TILES; ++t) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) D[t][e] = 0.0f;
-      }
-#pragma unroll
-      for (int wi = 0; wi < WPT; ++wi) {
-        if constexpr (BITS == 4) {
-          const uint4 xr = xv[wi];
-          // x0..x7 of this word's 8 k's, paired as the weights are.
-          const uint32_t b00 = __byte_perm(xr.x, xr.z, 0x5410);  // (x0, x4)
-          const uint32_t b01 = __byte_perm(xr.x, xr.z, 0x7632);  // (x1, x5)
-          const uint32_t b10 = __byte_perm(xr.y, xr.w, 0x5410);  // (x2, x6)
-          const uint32_t b11 = __byte_perm(xr.y, xr.w, 0x7632);  // (x3, x7)
-          Tr::mma(X, Tr::ONES, Tr::ONES, Tr::ONES, Tr::ONES, b00, b01);
-          Tr::mma(X, Tr::ONES, Tr::ONES, Tr::ONES, Tr::ONES, b10, b11);
-#pragma unroll
-          for (int t = 0; t < TILES; ++t) {
-            const uint32_t q0 = B.w[t][0][u][wi];  // row g
-            const uint32_t q1 = B.w[t][1][u][wi];  // row g + 8
-            const uint32_t p00 = and_or(q0, MASK, MLO);          // (w0, w4)
-            const uint32_t p10 = and_or(q0 >> 4, MASK, MLO);     // (w1, w5)
-            const uint32_t p20 = and_or(q0 >> 8, MASK, MLO);     // (w2, w6)
-            const uint32_t p30 = and_or(q0 >> 12, MASK, MLO);    // (w3, w7)
-            const uint32_t p01 = and_or(q1, MASK, MLO);
-            const uint32_t p11 = and_or(q1 >> 4, MASK, MLO);
-            const uint32_t p21 = and_or(q1 >> 8, MASK, MLO);
-            const uint32_t p31 = and_or(q1 >> 12, MASK, MLO);
-            Tr::mma(D[t], p00, p01, p10, p11, b00, b01);
-            Tr::mma(D[t], p20, p21, p30, p31, b10, b11);
-          }
-        } else {
-          const uint4 xr = xv[wi >> 1];
-          const uint32_t r0 = (wi & 1) ? xr.z : xr.x;  // (x0, x1)
-          const uint32_t r1 = (wi & 1) ? xr.w : xr.y;  // (x2, x3)
-          const uint32_t b0 = __byte_perm(r0, r1, 0x5410);  // (x0, x2)
-          const uint32_t b1 = __byte_perm(r0, r1, 0x7632);  // (x1, x3)
-          Tr::mma(X, Tr::ONES, Tr::ONES, Tr::ONES, Tr::ONES, b0, b1);
-#pragma unroll
-          for (int t = 0; t < TILES; ++t) {
-            const uint32_t q0 = B.w[t][0][u][wi];
-            const uint32_t q1 = B.w[t][1][u][wi];
-            const uint32_t l0 = and_or(q0, MASK, MLO);           // (lo b0, lo b2)
-            const uint32_t h0 = and_or(q0 >> 4, MASK, MHI);      // (hi b0, hi b2)
-            const uint32_t l0b = and_or(q0 >> 8, MASK, MLO);     // (lo b1, lo b3)
-            const uint32_t h0b = and_or(q0 >> 12, MASK, MHI);    // (hi b1, hi b3)
-            const uint32_t l1 = and_or(q1, MASK, MLO);
-            const uint32_t h1 = and_or(q1 >> 4, MASK, MHI);
-            const uint32_t l1b = and_or(q1 >> 8, MASK, MLO);
-            const uint32_t h1b = and_or(q1 >> 12, MASK, MHI);
-            Tr::mma(D[t], l0, l1, l0b, l1b, b0, b1);
-            Tr::mma(D[t], h0, h1, h0b, h1b, b0, b1);
-          }
-        }
-      }
-      // Per-group scale and bias, in fp32.
-#pragma unroll
-      for (int t = 0; t < TILES; ++t) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const float s = SVec<U>::template get<Tr>(B.s[t][h], u);
-          const float bb = SVec<U>::template get<Tr>(B.b[t][h], u);
-          const float bo = fmaf(-OFF, s, bb);
-          acc[t][2 * h + 0] = fmaf(s, D[t][2 * h + 0], fmaf(bo, X[0], acc[t][2 * h + 0]));
-          acc[t][2 * h + 1] = fmaf(s, D[t][2 * h + 1], fmaf(bo, X[1], acc[t][2 * h + 1]));
-        }
-      }
-    }
+  auto compute_v1 = [&](const Batch<TILES, U, WPT>& B, int bi) {
+    compute_batch<T, BITS, GS, TILES, U>(
+        B,
+        [&](int u, int v) -> uint4 {
+          return has_tok ? __ldg(reinterpret_cast<const uint4*>(xp + (bi * U + u) * GS) + v)
+                         : make_uint4(0u, 0u, 0u, 0u);
+        },
+        acc);
   };
 
   // Two register sets: the next batch's loads are in flight while this one
@@ -318,56 +407,135 @@ __device__ __forceinline__ void qmv_verify_impl(
   while (bi < NB) {
     int nb = bi + KSPLIT;
     if (nb < NB) load_batch(b1, nb);
-    compute_batch(b0, bi);
+    compute_v1(b0, bi);
     bi = nb;
     if (bi >= NB) break;
     nb = bi + KSPLIT;
     if (nb < NB) load_batch(b0, nb);
-    compute_batch(b1, bi);
+    compute_v1(b1, bi);
     bi = nb;
   }
 
-  // acc[t][2h+e] is (row row0 + 16t + 8h + g, token 2c + e).
-  const int row0 = blockIdx.x * ROWS;
-  if constexpr (KSPLIT == 1) {
+  store_rows<T, TILES, KSPLIT>(acc, y, M, N, warp, g, c);
+}
+
+
+// The same computation with a deeper pipeline: each lane copies its packed
+// words, scales, biases and x values for a batch straight into its own slice
+// of shared memory (cp.async), S batches ahead, so up to S-1 batches per warp
+// are in flight without holding registers, and the mma loop never waits on a
+// global load of x. Dynamic shared memory: KSPLIT * S * 32 * ring_lane_bytes().
+template <int BITS, int GS, int TILES, int U>
+__host__ __device__ constexpr int ring_lane_bytes() {
+  // sizeof(Batch) + the x values, rounded up to an odd number of 16-byte
+  // units so that lanes' 16-byte reads do not share banks.
+  return ((((4 * (TILES * 2 * U * (GS * BITS / 128) + 2 * TILES * 2 * ((U + 1) / 2)) +
+             U * (GS / 32) * 16) / 16) | 1) * 16);
+}
+
+template <typename T, int BITS, int GS, int TILES, int KSPLIT, int U, int S>
+__device__ __forceinline__ void qmv_verify_ring_impl(
+    const T* __restrict__ x,
+    const uint32_t* __restrict__ w,
+    const T* __restrict__ scales,
+    const T* __restrict__ biases,
+    T* __restrict__ y,
+    const int M,
+    const int N,
+    const int K) {
+  static_assert(U == 2 || U == 4, "ring: U in {2, 4}");
+  static_assert(S >= 2 && S <= 16, "stages");
+  constexpr int ROWS = 16 * TILES;
+  constexpr int WPG = GS * BITS / 32;
+  constexpr int WPT = WPG / 4;
+  constexpr int KPT = GS / 4;
+  constexpr int XV = KPT / 8;
+  constexpr int NR = (U + 1) / 2;
+  using BatchT = Batch<TILES, U, WPT>;
+  constexpr int WBYTES = TILES * 2 * U * WPT * 4;
+  constexpr int SBYTES = TILES * 2 * NR * 4;
+  constexpr int XOFF = int(sizeof(BatchT));
+  constexpr int P = ring_lane_bytes<BITS, GS, TILES, U>();
+  static_assert(XOFF == WBYTES + 2 * SBYTES && XOFF % 16 == 0, "layout");
+  static_assert(P >= XOFF + U * XV * 16, "lane bytes");
+
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int g = lane >> 2;
+  const int c = lane & 3;
+  const int G = K / GS;
+  const int NB = G / U;
+  const int wstride = K * BITS / 32;
+  const int row = blockIdx.x * ROWS + g;
+  const uint32_t* wp = w + long(row) * wstride + c * WPT;
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scales) + long(row) * G;
+  const uint16_t* bp = reinterpret_cast<const uint16_t*>(biases) + long(row) * G;
+  const int w8 = 8 * wstride;
+  const int s8 = 8 * G;
+  const bool has_tok = g < M;
+  const T* xp = x + long(has_tok ? g : 0) * K + c * KPT;
+
+  extern __shared__ uint4 mtpnb_ring[];
+  unsigned char* lane_base =
+      reinterpret_cast<unsigned char*>(mtpnb_ring) + (warp * S * 32 + lane) * P;
+  const uint32_t lane_saddr = uint32_t(__cvta_generic_to_shared(lane_base));
+
+  auto issue = [&](int slot, int bi) {
+    const uint32_t sa = lane_saddr + slot * 32 * P;
 #pragma unroll
     for (int t = 0; t < TILES; ++t) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
+        const int th = 2 * t + h;
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int r = row0 + 16 * t + 8 * h + g;
-          const int tok = 2 * c + e;
-          if (tok < M) {
-            y[long(tok) * N + r] = Tr::from_float(acc[t][2 * h + e]);
-          }
+        for (int u = 0; u < U; ++u) {
+          cp_async<WPT * 4>(sa + (th * U + u) * WPT * 4, wp + th * w8 + (bi * U + u) * WPG);
         }
+        cp_async<2 * U>(sa + WBYTES + th * NR * 4, sp + th * s8 + bi * U);
+        cp_async<2 * U>(sa + WBYTES + SBYTES + th * NR * 4, bp + th * s8 + bi * U);
       }
     }
-  } else {
-    __shared__ float red[KSPLIT][ROWS * 8];
 #pragma unroll
-    for (int t = 0; t < TILES; ++t) {
+    for (int u = 0; u < U; ++u) {
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          red[warp][(16 * t + 8 * h + g) * 8 + 2 * c + e] = acc[t][2 * h + e];
-        }
+      for (int v = 0; v < XV; ++v) {
+        cp_async16_zfill(sa + XOFF + (u * XV + v) * 16, xp + (bi * U + u) * GS + v * 8,
+                         has_tok ? 16 : 0);
       }
     }
-    __syncthreads();
-    for (int i = threadIdx.x; i < ROWS * 8; i += 32 * KSPLIT) {
-      const int tok = i / ROWS;
-      const int rl = i % ROWS;
-      float v = 0.0f;
+  };
+
+  float acc[TILES][4];
 #pragma unroll
-      for (int k = 0; k < KSPLIT; ++k) v += red[k][rl * 8 + tok];
-      if (tok < M) {
-        y[long(tok) * N + row0 + rl] = Tr::from_float(v);
-      }
-    }
+  for (int t = 0; t < TILES; ++t) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[t][e] = 0.0f;
   }
+
+  // This warp's batches: warp, warp + KSPLIT, ...
+  const int nmy = warp < NB ? (NB - 1 - warp) / KSPLIT + 1 : 0;
+#pragma unroll
+  for (int s = 0; s < S - 1; ++s) {
+    if (s < nmy) issue(s, warp + s * KSPLIT);
+    cp_async_commit();
+  }
+  int slot = 0;
+  int nslot = S - 1;
+  for (int i = 0; i < nmy; ++i) {
+    cp_async_wait<S - 2>();  // batch i (this lane's copies) has landed
+    const unsigned char* base = lane_base + slot * 32 * P;
+    const BatchT& B = *reinterpret_cast<const BatchT*>(base);
+    const uint4* xs = reinterpret_cast<const uint4*>(base + XOFF);
+    compute_batch<T, BITS, GS, TILES, U>(
+        B, [&](int u, int v) -> uint4 { return xs[u * XV + v]; }, acc);
+    if (i + S - 1 < nmy) issue(nslot, warp + (i + S - 1) * KSPLIT);
+    cp_async_commit();
+    slot = (slot + 1 == S) ? 0 : slot + 1;
+    nslot = (nslot + 1 == S) ? 0 : nslot + 1;
+  }
+  cp_async_wait<0>();
+
+  store_rows<T, TILES, KSPLIT>(acc, y, M, N, warp, g, c);
 }
 
 }  // namespace mtpnb_qmv

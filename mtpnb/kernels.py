@@ -92,16 +92,47 @@ def backend() -> str:
 
 @dataclass(frozen=True)
 class CudaConfig:
-    tiles: int   # 16-row mma tiles per warp
-    ksplit: int  # warps per block, splitting K
-    u: int       # groups per load batch
+    tiles: int       # 16-row mma tiles per warp
+    ksplit: int      # warps per block, splitting K
+    u: int           # groups per batch
+    stages: int = 0  # 0: the register-double-buffered kernel ("v1"); >= 2: the cp.async ring kernel
 
 
-def choose_cuda_config(m: int, n: int, k: int, bits: int, group_size: int) -> Optional[CudaConfig]:
+# H200 (the machine the defaults were tuned on): SMs, shared memory per SM and per block (bytes),
+# and what the driver keeps per block.
+SM_COUNT = 132
+SMEM_PER_SM = 228 * 1024
+SMEM_PER_BLOCK = 227 * 1024
+SMEM_RESERVED_PER_BLOCK = 1024
+
+
+def ring_lane_bytes(bits: int, group_size: int, tiles: int, u: int) -> int:
+    """Shared memory per lane and stage of the ring kernel (mirrors ring_lane_bytes() in the .cuh)."""
+    wpt = group_size * bits // 128
+    nr = (u + 1) // 2
+    raw = 4 * (tiles * 2 * u * wpt + 2 * tiles * 2 * nr) + u * (group_size // 32) * 16
+    return ((raw // 16) | 1) * 16
+
+
+def ring_smem_bytes(cfg: CudaConfig, bits: int, group_size: int) -> int:
+    return cfg.ksplit * cfg.stages * 32 * ring_lane_bytes(bits, group_size, cfg.tiles, cfg.u)
+
+
+def _ksplit(nblk: int, batches: int) -> int:
+    # Enough warps for the memory system (up to ~2048, one wave), each with >= 4 batches.
+    ksplit = 1
+    while ksplit < 16 and nblk * ksplit * 2 <= 2048 and batches >= 4 * ksplit:
+        ksplit *= 2
+    return ksplit
+
+
+def choose_cuda_config(m: int, n: int, k: int, bits: int, group_size: int,
+                       variant: str = "ring") -> Optional[CudaConfig]:
     """Launch shape for one call, or None if the shape is not one the kernel takes.
 
-    Aims for one wave of ~1000-2000 resident warps (132 SMs) with ~4 KB of weight loads in flight
-    per warp; $MTPNB_QMV_CONFIG="tiles,ksplit,u" overrides it (for tuning).
+    variant "ring": the cp.async kernel, as many stages as fit in shared memory with all blocks
+    resident in one wave; "v1": the register kernel (also what "ring" falls back to when K has an
+    odd number of groups). $MTPNB_QMV_CONFIG="tiles,ksplit,u[,stages]" overrides it (tuning).
     """
     if not (1 <= m <= MAX_ROWS) or n % 16 or k % group_size or k % 8:
         return None
@@ -109,58 +140,93 @@ def choose_cuda_config(m: int, n: int, k: int, bits: int, group_size: int) -> Op
     groups = k // group_size
     env = os.environ.get("MTPNB_QMV_CONFIG")
     if env:
-        tiles, ksplit, u = (int(v) for v in env.split(","))
-        if n % (16 * tiles) or groups % u:
+        vals = [int(v) for v in env.split(",")]
+        cfg = CudaConfig(*vals)
+        if n % (16 * cfg.tiles) or groups % cfg.u or (cfg.stages and cfg.u not in (2, 4)):
             return None
-        return CudaConfig(tiles, ksplit, u)
+        return cfg
+    if variant == "ring" and groups % 2 == 0:
+        u, tiles = 2, 1
+        nblk = n // 16
+        batches = groups // u
+        ksplit = _ksplit(nblk, batches)
+        per_sm = -(-nblk // SM_COUNT)  # blocks per SM in one wave
+        static = ksplit * 16 * tiles * 8 * 4 if ksplit > 1 else 0
+        budget = min(SMEM_PER_SM // per_sm - SMEM_RESERVED_PER_BLOCK, SMEM_PER_BLOCK) - static
+        per_stage = ksplit * 32 * ring_lane_bytes(bits, group_size, tiles, u)
+        per_warp = -(-batches // ksplit)
+        stages = min(budget // per_stage, 8, per_warp + 1)
+        if stages >= 2:
+            return CudaConfig(tiles, ksplit, u, stages)
     # Register budget: two batches of tiles*2*u*wpt words; 8 words per batch keeps ~100 registers.
     u = next(u for u in (4, 2, 1) if groups % u == 0 and u * wpt <= 8)
-    tiles = 1
     nblk = n // 16
-    batches = groups // u
-    ksplit = 1
-    while ksplit < 16 and nblk * ksplit * 2 <= 2048 and batches >= 4 * ksplit:
-        ksplit *= 2
-    return CudaConfig(tiles, ksplit, u)
+    return CudaConfig(1, _ksplit(nblk, groups // u), u)
+
+
+_CUDA_BODY_V1 = """
+  int M = 1;
+  for (int i = 0; i < x_ndim - 1; ++i) M *= x_shape[i];
+  mtpnb_qmv::qmv_verify_impl<T, BITS, GS, TILES, KSPLIT, U>(
+      x, w, scales, biases, y, M, w_shape[0], x_shape[x_ndim - 1]);
+"""
+_CUDA_BODY_RING = """
+  int M = 1;
+  for (int i = 0; i < x_ndim - 1; ++i) M *= x_shape[i];
+  mtpnb_qmv::qmv_verify_ring_impl<T, BITS, GS, TILES, KSPLIT, U, STAGES>(
+      x, w, scales, biases, y, M, w_shape[0], x_shape[x_ndim - 1]);
+"""
 
 
 class _CudaKernel:
     name = "cuda"
+    variants = ("ring", "v1")
 
     def __init__(self) -> None:
-        header = (kernels_dir() / _CUDA_HEADER).read_text()
-        source = (
-            "  mtpnb_qmv::qmv_verify_impl<T, BITS, GS, TILES, KSPLIT, U>(\n"
-            "      x, w, scales, biases, y, x_shape[0], w_shape[0], x_shape[1]);\n"
-        )
-        self._kernel = mx.fast.cuda_kernel(
-            name="mtpnb_qmv_verify",
-            input_names=["x", "w", "scales", "biases"],
-            output_names=["y"],
-            source=source,
-            header=header,
-            ensure_row_contiguous=True,
-        )
+        self._header = (kernels_dir() / _CUDA_HEADER).read_text()
+        self._v1 = self._make("mtpnb_qmv_verify", _CUDA_BODY_V1, 0)
+        self._ring: dict[int, object] = {}
+        # (bits, group_size, dtype) -> variant that passed the self-check
+        self.preferred: dict[tuple, str] = {}
+
+    def _make(self, name, body, smem):
+        return mx.fast.cuda_kernel(
+            name=name, input_names=["x", "w", "scales", "biases"], output_names=["y"],
+            source=body, header=self._header, ensure_row_contiguous=True, shared_memory=smem)
 
     def supports(self, m: int, n: int, k: int, bits: int, group_size: int) -> bool:
-        return choose_cuda_config(m, n, k, bits, group_size) is not None
+        return choose_cuda_config(m, n, k, bits, group_size, "v1") is not None
 
-    def __call__(self, x, w, scales, biases, bits, group_size, config: Optional[CudaConfig] = None):
-        m, k = x.shape
+    def __call__(self, x, w, scales, biases, bits, group_size, config: Optional[CudaConfig] = None,
+                 variant: Optional[str] = None, init_value: Optional[float] = None):
+        k = x.shape[-1]
+        m = 1
+        for d in x.shape[:-1]:
+            m *= d
         n = w.shape[0]
-        cfg = config or choose_cuda_config(m, n, k, bits, group_size)
+        variant = variant or os.environ.get("MTPNB_QMV_VARIANT") or \
+            self.preferred.get((bits, group_size, x.dtype), "ring")
+        cfg = config or choose_cuda_config(m, n, k, bits, group_size, variant)
+        template = [("T", x.dtype), ("BITS", bits), ("GS", group_size),
+                    ("TILES", cfg.tiles), ("KSPLIT", cfg.ksplit), ("U", cfg.u)]
+        if cfg.stages:
+            smem = ring_smem_bytes(cfg, bits, group_size)
+            if smem not in self._ring:
+                self._ring[smem] = self._make(f"mtpnb_qmv_ring_{smem}", _CUDA_BODY_RING, smem)
+            kern = self._ring[smem]
+            template.append(("STAGES", cfg.stages))
+        else:
+            kern = self._v1
         threads = 32 * cfg.ksplit
         blocks = n // (16 * cfg.tiles)
-        return self._kernel(
+        return kern(
             inputs=[x, w, scales, biases],
-            template=[
-                ("T", x.dtype), ("BITS", bits), ("GS", group_size),
-                ("TILES", cfg.tiles), ("KSPLIT", cfg.ksplit), ("U", cfg.u),
-            ],
+            template=template,
             grid=(blocks * threads, 1, 1),
             threadgroup=(threads, 1, 1),
-            output_shapes=[(m, n)],
+            output_shapes=[tuple(x.shape[:-1]) + (n,)],
             output_dtypes=[x.dtype],
+            init_value=init_value,  # tests poison the output with NaN: every element must be written
         )[0]
 
 
@@ -266,6 +332,43 @@ def _is_tracing_error(e: Exception) -> bool:
     return "function transformations" in str(e) or "during compile" in str(e)
 
 
+def _why(result: dict) -> str:
+    if result.get("reason"):
+        return result["reason"]
+    return f"relative error {max(result['errors'].values()):.3g} > {CHECK_TOL}"
+
+
+def _check_one(kern, bits: int, group_size: int, dtype, variant) -> dict:
+    result = {"ok": True, "errors": {}}
+    kw = {} if variant is None else {"variant": variant}
+    try:
+        seed = 1234 + 10 * bits + group_size
+        n, k = 256, 8 * group_size
+        w = (mx.random.normal((n, k), key=mx.random.key(seed)) * 0.05).astype(dtype)
+        wq, scales, biases = mx.quantize(w, group_size=group_size, bits=bits)
+        wd = mx.dequantize(wq, scales, biases, group_size=group_size, bits=bits).astype(mx.float32)
+        for m in (1, 3, 8):
+            x = mx.random.normal((m, k), key=mx.random.key(seed + m)).astype(dtype)
+            ref = mx.quantized_matmul(x, wq, scales, biases, transpose=True,
+                                      group_size=group_size, bits=bits)
+            exact = x.astype(mx.float32) @ wd.T
+            got = kern(x, wq, scales, biases, bits, group_size, **kw)
+            err = _rel_err(got, ref)
+            stock_err = _rel_err(ref, exact)
+            result["errors"][m] = err
+            result.setdefault("stock_errors", {})[m] = stock_err
+            # Off the stock op by no more than the stock op is off the fp32 product (x2), or
+            # CHECK_TOL, whichever is larger.
+            if not err <= max(CHECK_TOL, 2 * stock_err) or got.shape != ref.shape \
+                    or got.dtype != ref.dtype:
+                result["ok"] = False
+    except Exception as e:
+        if _is_tracing_error(e):  # inside mx.compile/vmap: not a verdict, try again eagerly
+            raise
+        result = {"ok": False, "reason": f"{type(e).__name__}: {e}"}
+    return result
+
+
 def self_check(bits: int, group_size: int, dtype, name: Optional[str] = None) -> bool:
     """Check the backend's kernel for (bits, group_size, dtype) against mx.quantized_matmul, once.
 
@@ -281,37 +384,25 @@ def self_check(bits: int, group_size: int, dtype, name: Optional[str] = None) ->
         if kern is None:
             _checks[key] = {"ok": False, "reason": "no kernel for this backend"}
             return False
-        result = {"ok": True, "errors": {}}
-        try:
-            seed = 1234 + 10 * bits + group_size
-            n, k = 256, 8 * group_size
-            w = (mx.random.normal((n, k), key=mx.random.key(seed)) * 0.05).astype(dtype)
-            wq, scales, biases = mx.quantize(w, group_size=group_size, bits=bits)
-            wd = mx.dequantize(wq, scales, biases, group_size=group_size, bits=bits).astype(mx.float32)
-            for m in (1, 3, 8):
-                x = mx.random.normal((m, k), key=mx.random.key(seed + m)).astype(dtype)
-                ref = mx.quantized_matmul(x, wq, scales, biases, transpose=True,
-                                          group_size=group_size, bits=bits)
-                exact = x.astype(mx.float32) @ wd.T
-                got = kern(x, wq, scales, biases, bits, group_size)
-                err = _rel_err(got, ref)
-                stock_err = _rel_err(ref, exact)
-                result["errors"][m] = err
-                result.setdefault("stock_errors", {})[m] = stock_err
-                # Off the stock op by no more than the stock op is off the fp32 product (x2), or
-                # CHECK_TOL, whichever is larger.
-                if not err <= max(CHECK_TOL, 2 * stock_err) or got.shape != ref.shape \
-                        or got.dtype != ref.dtype:
-                    result["ok"] = False
-        except Exception as e:
-            if _is_tracing_error(e):  # inside mx.compile/vmap: not a verdict, try again eagerly
-                raise
-            result = {"ok": False, "reason": f"{type(e).__name__}: {e}"}
+        result = None
+        failed = []
+        for variant in getattr(kern, "variants", (None,)):
+            result = _check_one(kern, bits, group_size, dtype, variant)
+            if result["ok"]:
+                result["variant"] = variant
+                if variant is not None:
+                    kern.preferred[(bits, group_size, dtype)] = variant
+                break
+            failed.append((variant, result))
+        if result["ok"] and failed:
+            _warn_once(("variant",) + key, f"mtpnb.kernels: the {name} verify kernel's {failed[0][0]} "
+                       f"variant failed its self-check for bits={bits} group_size={group_size} {dtype} "
+                       f"({_why(failed[0][1])}); using its {result['variant']} variant")
+            result["failed_variants"] = {str(v): r for v, r in failed}
         _checks[key] = result
         if not result["ok"]:
-            why = result.get("reason") or f"relative error {max(result['errors'].values()):.3g} > {CHECK_TOL}"
             _warn_once(("check",) + key, f"mtpnb.kernels: the {name} verify kernel failed its self-check "
-                       f"for bits={bits} group_size={group_size} {dtype} ({why}); "
+                       f"for bits={bits} group_size={group_size} {dtype} ({_why(result)}); "
                        "using mx.quantized_matmul for it")
         return result["ok"]
 
@@ -348,8 +439,7 @@ def qmv(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: int,
                 ok = False
                 _checks.pop(key, None)
         if ok and kern is not None and kern.supports(rows, n, k, bits, group_size):
-            y = kern(x.reshape(rows, k), w, scales, biases, bits, group_size)
-            return y.reshape(*x.shape[:-1], n)
+            return kern(x, w, scales, biases, bits, group_size)
     return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size,
                                bits=bits, mode=mode)
 

@@ -107,7 +107,10 @@ class FakeKernel:
         return True
 
     def __call__(self, x, w, scales, biases, bits, group_size, config=None):
-        self.calls.append(x.shape[0])
+        rows = 1
+        for d in x.shape[:-1]:
+            rows *= d
+        self.calls.append(rows)
         wd = mx.dequantize(w, scales, biases, group_size=group_size, bits=bits).astype(mx.float32)
         y = x.astype(mx.float32) @ wd.T
         if self.wrong:
@@ -189,7 +192,15 @@ def test_ineligible_layers_stay_on_the_stock_op(fake_backend):
 
 def test_cuda_config_choice():
     c = kernels.choose_cuda_config(4, 5120, 17408, 4, 64)
-    assert c is not None and 17408 // 64 % c.u == 0
+    assert c is not None and 17408 // 64 % c.u == 0 and c.stages >= 2
+    # the ring's shared memory fits the SM with every block of the launch resident
+    for n, k in [(5120, 5120), (1024, 5120), (17408, 5120), (5120, 17408)]:
+        for bits in (4, 8):
+            c = kernels.choose_cuda_config(1, n, k, bits, 64)
+            blocks_per_sm = -(-(n // (16 * c.tiles)) // kernels.SM_COUNT)
+            assert blocks_per_sm * (kernels.ring_smem_bytes(c, bits, 64) + 1024) <= kernels.SMEM_PER_SM
+    assert kernels.choose_cuda_config(1, 256, 64 * 5, 4, 64).stages == 0  # odd group count: v1
+    assert kernels.choose_cuda_config(1, 256, 64 * 5, 4, 64, "v1").u == 1
     assert kernels.choose_cuda_config(9, 5120, 5120, 4, 64) is None
     assert kernels.choose_cuda_config(1, 5128, 5120, 4, 64) is None  # N not a multiple of 16
     for n, k in [(5120, 5120), (1024, 5120), (17408, 5120), (5120, 17408), (256, 512)]:
@@ -202,48 +213,59 @@ def test_cuda_config_choice():
 # ------------------------------------------------------------------------------------------------
 # CUDA: the kernel itself (runs only where MLX's default device is a CUDA GPU)
 
-CUDA_SHAPES = [(256, 512), (1024, 5120), (4096, 2048), (768, 3072), (5120, 1536)]
-CUDA_CONFIGS = [None, kernels.CudaConfig(1, 1, 1), kernels.CudaConfig(2, 4, 2), kernels.CudaConfig(1, 8, 4)]
+# (N, K) and the launches tried on it: (variant, config); config None = the loader's choice.
+CUDA_CASES = [
+    ((256, 512), [("ring", None), ("v1", None), ("ring", kernels.CudaConfig(1, 4, 2, 3)),
+                  ("ring", kernels.CudaConfig(2, 2, 2, 2)), ("v1", kernels.CudaConfig(2, 4, 2))]),
+    ((1024, 3072), [("ring", None), ("v1", None)]),
+    ((4096, 1024), [("ring", None)]),
+]
+CUDA_PARAMS = [(4, 64, mx.bfloat16), (4, 32, mx.bfloat16), (8, 64, mx.bfloat16), (8, 32, mx.bfloat16),
+               (4, 64, mx.float16), (8, 32, mx.float16)]
 
 
-@pytest.mark.skipif(not CUDA, reason="needs MLX's CUDA backend (default device a CUDA GPU)")
-@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("group_size", [32, 64])
-@pytest.mark.parametrize("bits", [4, 8])
-def test_cuda_kernel_matches_stock(bits, group_size, dtype):
-    kern = kernels._get_kernel("cuda")
-    assert kern is not None
-    worst = {}
-    for i, (n, k) in enumerate(CUDA_SHAPES):
-        wq, s, b = quantized(n, k, bits, group_size, dtype, seed=100 + i)
-        wd = mx.dequantize(wq, s, b, group_size=group_size, bits=bits).astype(mx.float32)
-        for m in range(1, 9):
-            x = mx.random.normal((m, k), key=mx.random.key(1000 * i + m)).astype(dtype)
-            stock = mx.quantized_matmul(x, wq, s, b, transpose=True, group_size=group_size, bits=bits)
-            exact = x.astype(mx.float32) @ wd.T
-            for cfg in CUDA_CONFIGS:
-                if cfg is not None and (n % (16 * cfg.tiles) or (k // group_size) % cfg.u):
-                    continue
-                got = kern(x, wq, s, b, bits, group_size, config=cfg)
-                assert got.shape == (m, n) and got.dtype == dtype
-                e_stock = rel_err(got, stock)
-                e_exact = rel_err(got, exact)
-                stock_exact = rel_err(stock, exact)
-                key = (n, k, m, cfg)
-                worst[key] = (e_stock, e_exact, stock_exact)
-                assert e_stock < 1e-2, (key, e_stock)
-                assert e_exact <= max(2 * stock_exact, 5e-3), (key, e_exact, stock_exact)
-    es = max(v[0] for v in worst.values())
-    ee = max(v[1] for v in worst.values())
-    se = max(v[2] for v in worst.values())
-    line = (f"CUDA qmv bits={bits} gs={group_size} {dtype}: {len(worst)} cases (M=1..8, "
-            f"{len(CUDA_SHAPES)} shapes, {len(CUDA_CONFIGS)} launch configs); max rel err vs "
-            f"quantized_matmul {es:.2e}, vs fp32 reference {ee:.2e} (stock vs fp32: {se:.2e})")
+def _log(line):
     print(line)
     log = os.environ.get("MTPNB_KERNEL_TEST_LOG")
     if log:
         with open(log, "a") as f:
             f.write(line + "\n")
+
+
+@pytest.mark.skipif(not CUDA, reason="needs MLX's CUDA backend (default device a CUDA GPU)")
+@pytest.mark.parametrize("bits,group_size,dtype", CUDA_PARAMS,
+                         ids=[f"{b}bit-g{g}-{'bf16' if d == mx.bfloat16 else 'fp16'}" for b, g, d in CUDA_PARAMS])
+def test_cuda_kernel_matches_stock(bits, group_size, dtype):
+    import time
+
+    t0 = time.perf_counter()
+    kern = kernels._get_kernel("cuda")
+    assert kern is not None
+    worst = {}
+    for i, ((n, k), launches) in enumerate(CUDA_CASES):
+        wq, s, b = quantized(n, k, bits, group_size, dtype, seed=100 + i)
+        wd = mx.dequantize(wq, s, b, group_size=group_size, bits=bits).astype(mx.float32)
+        for m in range(1, 9):
+            shape = (2, 3, k) if m == 6 else (m, k)  # one 3-D input: rows = all leading dims
+            x = mx.random.normal(shape, key=mx.random.key(1000 * i + m)).astype(dtype)
+            stock = mx.quantized_matmul(x, wq, s, b, transpose=True, group_size=group_size, bits=bits)
+            exact = x.astype(mx.float32) @ wd.T
+            stock_exact = rel_err(stock, exact)
+            for variant, cfg in launches:
+                # Output poisoned with NaN before the launch: every element must be written.
+                y = kern(x, wq, s, b, bits, group_size, config=cfg, variant=variant, init_value=float("nan"))
+                assert y.shape == shape[:-1] + (n,) and y.dtype == dtype
+                e_stock, e_exact = rel_err(y, stock), rel_err(y, exact)
+                worst[(n, k, m, variant, cfg)] = (e_stock, e_exact, stock_exact)
+                assert e_stock < 1e-2, ((n, k, m, variant, cfg), e_stock)
+                assert e_exact <= max(2 * stock_exact, 5e-3), ((n, k, m, variant, cfg), e_exact, stock_exact)
+    es = max(v[0] for v in worst.values())
+    ee = max(v[1] for v in worst.values())
+    se = max(v[2] for v in worst.values())
+    _log(f"CUDA qmv {bits}-bit g{group_size} {'bf16' if dtype == mx.bfloat16 else 'fp16'}: "
+         f"{len(worst)} cases (M=1..8, {len(CUDA_CASES)} shapes, ring+v1 launches) all pass; max rel err "
+         f"vs quantized_matmul {es:.2e}, vs fp32 product {ee:.2e} (stock vs fp32 {se:.2e}); "
+         f"{time.perf_counter() - t0:.1f} s")
 
 
 @pytest.mark.skipif(not CUDA, reason="needs MLX's CUDA backend (default device a CUDA GPU)")
