@@ -125,6 +125,7 @@ class _Generation:
         self.events: list[TokenEvent] = []
         self.steps: list[StepEvent] = []
         self.finish_reason = ""
+        self._held: list[TokenEvent] = []  # queued events not yet yielded (see _release)
         depth = max(self.depth, 1)
         self.reached = [0] * depth  # verify steps whose draft at position j was tested
         self.accepted_at = [0] * depth
@@ -141,7 +142,6 @@ class _Generation:
             yield from self._decode()
         finally:
             self.end = time.perf_counter()
-        self._flush_text()
         yield Done(self._result())
 
     def _decode(self):
@@ -210,64 +210,79 @@ class _Generation:
     def _emit(self, step, drafts, p_drafts, q_drafts, n_accepted, token, p_token, draft_s, verify_s):
         """Yield the step's events; return True when the generation is finished."""
         K = len(drafts)
-        emitted = 0
+        before = len(self.tokens)
         finished = False
         for j, d in enumerate(drafts[:n_accepted]):
             self.reached[j] += 1
             self.accepted_at[j] += 1
-            finished = yield from self._commit(d, "accepted", step, j + 1, p_drafts[j], q_drafts[j])
-            emitted += 1
+            finished = self._commit(d, "accepted", step, j + 1, p_drafts[j], q_drafts[j])
             if finished:
                 break
+        accepted = len(self.tokens) - before  # drafts kept in the output (the end may cut the step)
         if not finished:
             for j in range(n_accepted, K):
                 if j == n_accepted:
                     self.reached[j] += 1
-                event = TokenEvent(drafts[j], self._piece(drafts[j]), "rejected", step, j + 1, p_drafts[j], q_drafts[j])
-                self.events.append(event)
-                yield event
+                self._queue(TokenEvent(drafts[j], self._piece(drafts[j]), "rejected", step, j + 1, p_drafts[j], q_drafts[j]))
             kind = "plain" if K == 0 else ("bonus" if n_accepted == K else "correction")
-            finished = yield from self._commit(token, kind, step, 0 if kind == "plain" else n_accepted + 1, p_token, None)
-            emitted += 1
+            finished = self._commit(token, kind, step, 0 if kind == "plain" else n_accepted + 1, p_token, None)
+        yield from self._release(finished)
         now = time.perf_counter()
-        event = StepEvent(step, K, n_accepted, emitted, draft_s, verify_s, now - self.start, len(self.tokens))
+        event = StepEvent(step, K, accepted, len(self.tokens) - before, draft_s, verify_s, now - self.start, len(self.tokens))
         self.steps.append(event)
         yield event
         return finished
 
-    def _commit(self, token, kind, step, position, p, q):
-        """Add an output token; yield its event; return True when the generation must stop."""
+    def _commit(self, token, kind, step, position, p, q) -> bool:
+        """Add an output token and queue its event; True when the generation must stop."""
         if token in self.eos:
             self.finish_reason = "stop"
             return True
         self.tokens.append(token)
         self.detokenizer.add_token(token)
+        last = len(self.tokens) >= self.params.max_tokens
+        if last:  # flush what the detokenizer holds back (a partial character, a lone space)
+            self.detokenizer.finalize()
         piece = self.detokenizer.last_segment
         self.text += piece
+        event = TokenEvent(token, piece, kind, step, position, p, q)
+        self._queue(event)
         stop_at = self._stop_index(len(piece))
         if stop_at is not None:
-            piece = piece[: len(piece) - (len(self.text) - stop_at)]
-            self.text = self.text[:stop_at]
-        event = TokenEvent(token, piece, kind, step, position, p, q)
-        self.events.append(event)
-        yield event
-        if stop_at is not None:
+            self._cut_text(stop_at)
             self.finish_reason = "stop"
             return True
-        if len(self.tokens) >= self.params.max_tokens:
+        if last:
             self.finish_reason = "length"
             return True
         return False
 
-    def _flush_text(self) -> None:
-        """Bytes the streaming detokenizer still held (an incomplete character at the end) go to
-        the text of the last output token, so the events' pieces always add up to the text."""
-        self.detokenizer.finalize()
-        tail = self.detokenizer.last_segment
-        outputs = [e for e in self.events if e.kind != "rejected"]
-        if tail and outputs and self.finish_reason != "stop":
-            outputs[-1].text += tail
-            self.text += tail
+    def _queue(self, event: TokenEvent) -> None:
+        self.events.append(event)
+        self._held.append(event)
+
+    def _release(self, finished: bool):
+        """Yield the queued events, unless the text ends with what may be the start of a stop
+        string: those wait, so that a stop string never reaches a consumer (the events' pieces
+        always add up to the final text)."""
+        if finished or not self._stop_prefix_at_end():
+            yield from self._held
+            self._held.clear()
+
+    def _stop_prefix_at_end(self) -> bool:
+        return any(self.text.endswith(s[:n]) for s in self.params.stop for n in range(1, len(s)))
+
+    def _cut_text(self, stop_at: int) -> None:
+        """End the text where a stop string starts, trimming the queued events' pieces."""
+        excess = len(self.text) - stop_at
+        self.text = self.text[:stop_at]
+        for event in reversed(self._held):
+            if excess == 0:
+                break
+            if event.kind != "rejected":
+                cut = min(excess, len(event.text))
+                event.text = event.text[: len(event.text) - cut]
+                excess -= cut
 
     def _stop_index(self, new_chars: int) -> int | None:
         """Where the earliest stop string that ends in the new text starts, if any."""

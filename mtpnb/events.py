@@ -22,7 +22,9 @@ TOKEN_KINDS = ("accepted", "rejected", "correction", "bonus", "plain")
 @dataclass(slots=True)
 class TokenEvent:
     token: int
-    text: str  # the text this token adds to the output (rejected: its own decoded text)
+    text: str  # what this token adds to the output text (rejected: its own decoded text); the
+    # pieces of the output tokens add up to Result.text (a character completed by a later token
+    # lands on that token's piece)
     kind: str  # one of TOKEN_KINDS
     step: int  # index of the verify step (decode step at depth 0) that decided it, from 0
     position: int  # 1..D: draft position it was drafted at, or the position it fills; 0 for plain
@@ -41,7 +43,7 @@ class TokenEvent:
 class StepEvent:
     step: int
     drafted: int  # drafts proposed at this step (0 at depth 0)
-    accepted: int  # drafts kept
+    accepted: int  # drafts kept in the output (the end of the generation may cut a step short)
     emitted: int  # tokens added to the output (accepted + correction/bonus)
     draft_s: float  # wall time of the draft phase (evaluated before the verify starts)
     verify_s: float  # wall time of verify + acceptance (until the decision is on the host)

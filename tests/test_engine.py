@@ -132,6 +132,12 @@ def test_max_tokens_stop_strings_and_eos(echo_models):
     cut = model.generate([5, 7, 9], depth=3, max_tokens=40, stop=[stop])
     assert cut.metrics.finish_reason == "stop"
     assert cut.text == full.text[: full.text.index(stop)]
+    # a stop string that starts in one token and ends in a later one never reaches the stream
+    for start in range(3, 12):
+        stop = full.text[start : start + 5]
+        events = [e for e in model.stream([5, 7, 9], depth=3, max_tokens=40, stop=[stop]) if isinstance(e, mtpnb.TokenEvent)]
+        streamed = "".join(e.text for e in events if e.kind != "rejected")
+        assert streamed == full.text[: full.text.index(stop)], (start, stop)
     eos = full.tokens[5]
     model.tokenizer.eos_token_ids = {eos}
     try:
