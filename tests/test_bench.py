@@ -1,0 +1,203 @@
+"""The benchmark tool: a quick run's report is well formed (JSON and HTML), the cost-model arithmetic,
+BLAS detection, and the OpenBLAS launcher's decision. Nothing here asserts a speed."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mtpnb import bench
+from mtpnb import platform as platform_module
+from mtpnb.events import StepEvent
+from mtpnb.platform import (
+    KINDS,
+    OPT_OUT_ENV,
+    REEXEC_GUARD_ENV,
+    blas_info,
+    openblas_reexec_env,
+    reexec_command,
+)
+
+TOP_LEVEL = {
+    "schema": str, "created": str, "depth0_vs_mlx_lm": dict, "model": dict, "platform": dict, "settings": dict,
+    "cost_model": dict, "phases_doc": dict, "results": list, "peers": dict, "notes": list,
+}
+NULLABLE_NUMBERS = ("best_speedup_greedy", "best_speedup_sampled", "best_fraction_of_bound_greedy",
+                    "best_fraction_of_bound_sampled")
+ROW = {"engine": str, "depth": int, "temperature": float, "decode_tok_s": (float, type(None)),
+       "decode_tok_s_repeats": list, "end_to_end_tok_s": (float, type(None)), "ttft_ms": (float, type(None)),
+       "generated_tokens": int, "runs": int, "peak_memory_mb": (float, int)}
+MTPNB_ROW = {"tokens_per_verify": (float, type(None)), "acceptance_by_position": list, "speedup": (float, type(None)),
+             "bound": (float, type(None)), "fraction_of_bound": (float, type(None)), "phases": (dict, type(None))}
+PROMPTS = ["def add(a, b):\n", "class Stack:\n    def push(self, item):\n"]
+
+
+@pytest.fixture(scope="module")
+def quick_report(checkpoints, tmp_path_factory):
+    """`python -m mtpnb.bench MODEL --quick --json --html` on a tiny checkpoint, through main()."""
+    out = tmp_path_factory.mktemp("bench")
+    prompt_files = []
+    for i, text in enumerate(PROMPTS):
+        prompt_files += ["--prompt-file", str(out / f"p{i}.py")]
+        (out / f"p{i}.py").write_text(text)
+    argv = [str(checkpoints(family="qwen3_5", head="echo")), "--quick", "--json", str(out / "r.json"),
+            "--html", str(out / "r.html"), "--max-tokens", "6", "--depths", "0,1,2", *prompt_files, "--quiet"]
+    assert bench.main(argv) == 0
+    return json.loads((out / "r.json").read_text()), (out / "r.html").read_text()
+
+
+def test_quick_report_is_well_formed(quick_report):
+    data, _ = quick_report
+    for key, kind in TOP_LEVEL.items():
+        assert isinstance(data[key], kind), key
+    for key in NULLABLE_NUMBERS:
+        assert key in data and (data[key] is None or isinstance(data[key], float)), key
+    assert isinstance(data["best_speedup_greedy"], float) and isinstance(data["best_speedup_sampled"], float)
+    assert data["best_depth_greedy"] in (1, 2) and data["best_depth_sampled"] in (1, 2)
+    assert data["schema"] == bench.SCHEMA
+    assert data["settings"]["depths"] == [0, 1, 2] and data["settings"]["temperatures"] == [0.0, 0.6]
+    assert data["platform"]["blas"]["kind"] in KINDS
+
+    rows = data["results"]
+    assert {(r["engine"], r["depth"], r["temperature"]) for r in rows} == {
+        (e, d, t) for t in (0.0, 0.6) for e, d in [("mlx-lm", 0), ("mtpnb", 0), ("mtpnb", 1), ("mtpnb", 2)]}
+    for r in rows:
+        for key, kind in ROW.items():
+            assert isinstance(r[key], kind), (key, r[key])
+        assert r["generated_tokens"] > 0 and r["decode_tok_s"] > 0
+        if r["engine"] == "mtpnb":
+            for key, kind in MTPNB_ROW.items():
+                assert isinstance(r[key], kind), (key, r[key])
+            assert len(r["acceptance_by_position"]) == r["depth"]
+            assert all(0 <= a <= 1 for a in r["acceptance_by_position"])
+            assert 1 <= r["tokens_per_verify"] <= r["depth"] + 1
+            assert set(r["phases"]["ms_per_token"]) == set(bench.PHASES)
+            if r["depth"] == 0:
+                assert r["speedup"] == pytest.approx(1.0) and r["bound"] == pytest.approx(1.0)
+
+    cost = data["cost_model"]
+    assert len(cost["verify_ms"]) == len(cost["verify_ratio"]) == 3  # M = 1 .. max depth + 1
+    assert cost["verify_ratio"][0] == pytest.approx(1.0)
+    assert set(cost["draft_ratio"]) == {"greedy", "T=0.6"}
+    assert all(len(v) == 3 for v in cost["accept_ms"].values())
+    assert data["peers"]["mlx_lm_speculative"]["applicable"] is False
+    assert set(data["depth0_vs_mlx_lm"]) == {"0.0", "0.6"}
+
+
+def test_quick_report_html_is_standalone(quick_report):
+    _, text = quick_report
+    # (booleans first: a failing `in` on a 4 MB string would print all of it)
+    assert text.startswith("<!DOCTYPE html>") and text.rstrip().endswith("</html>")
+    external = "<script src=" in text or "https://cdn.plot.ly/plotly" in text
+    assert not external  # plotly.js is inline: no CDN
+    assert text.count("Plotly.newPlot") == 5
+    headline = "Best speedup over depth 0" in text and "BLAS:" in text
+    assert headline
+
+
+def test_report_object_and_summary(hybrid_model):
+    report = bench.run_bench(hybrid_model, prompts=PROMPTS[:1], depths=(1,), temperatures=(0.0,), max_tokens=4,
+                             repeats=1, warmup=0, cost_repeats=1, peers=False, phases=False)
+    assert report.best_speedup_sampled is None and isinstance(report.best_speedup_greedy, float)
+    assert [r["depth"] for r in report.rows("mtpnb")] == [0, 1]
+    assert "decode" in report.summary() and "BenchReport" in repr(report)
+    json.loads(report.to_json())
+
+
+def test_code_prompts_end_before_a_function_body():
+    prompts = bench.code_prompts(4, modules=bench.heldout_modules())
+    assert len(prompts) == 4
+    assert prompts == bench.code_prompts(4, modules=bench.heldout_modules())  # deterministic
+    for p in prompts:
+        if not p["name"].startswith("fallback:"):
+            last = p["text"].splitlines()[-1]
+            assert p["text"].endswith(":\n") and last.split("#")[0].rstrip().endswith(":"), p["name"]
+            assert 300 < len(p["text"]) <= 1000
+    assert [p["name"] for p in bench.code_prompts(2, stdlib="/nonexistent")] == ["fallback:fib", "fallback:lru"]
+
+
+# -- the cost model's arithmetic ------------------------------------------------------------------------
+def test_speedup_bound_arithmetic():
+    # E = 2.5 tokens per verify, t_verify(4)/t_1 = 1.75, a draft step 0.2 t_1, depth 3
+    assert bench.speedup_bound(2.5, 1.75, 0.2, 3) == pytest.approx(2.5 / (1.75 + 0.6))
+    assert bench.speedup_bound(1.0, 1.0, 0.0, 0) == 1.0  # depth 0 against itself
+    # a free verify and free drafts: the bound is the tokens per verify
+    assert bench.speedup_bound(3.2, 1.0, 0.0, 4) == pytest.approx(3.2)
+    # linear verify cost (reference BLAS): even perfect acceptance gains nothing
+    assert bench.speedup_bound(4.0, 4.0, 0.1, 3) < 1.0
+    assert math.isnan(bench.speedup_bound(1.0, 0.0, 0.0, 0))
+
+
+def test_tokens_per_verify_and_acceptance_counts():
+    assert bench.expected_tokens_per_verify([]) == 1.0
+    assert bench.expected_tokens_per_verify([0.8, 0.5]) == pytest.approx(1 + 0.8 + 0.4)
+    assert bench.expected_tokens_per_verify([1.0, 1.0, 1.0]) == 4.0
+    steps = [StepEvent(0, 0, 0, 1, 0, 0, 0, 1)]  # the prefill step is not a verify
+    steps += [StepEvent(i + 1, 3, a, a + 1, 0, 0, 0, 0) for i, a in enumerate([0, 1, 3, 2])]
+    reached, accepted = bench.acceptance_counts(steps, 3)
+    assert reached == [4, 3, 2] and accepted == [3, 2, 1]
+    assert bench.median([3, None, 1, float("nan"), 2]) == 2 and bench.median([]) is None
+
+
+# -- BLAS detection and the launcher --------------------------------------------------------------------
+def test_blas_info_names_a_known_kind():
+    info = blas_info(timing=True)
+    assert info["kind"] in KINDS and info["kind"] not in ("none", "unknown")
+    assert isinstance(info["message"], str) and info["message"].startswith("BLAS:") and "\n" not in info["message"]
+    assert set(info["gflops"]) == {"1", "64"} and all(v > 0 for v in info["gflops"].values())
+    if sys.platform.startswith("linux"):
+        assert info["library"] and os.path.exists(info["library"])
+        assert info["preloaded"] == bool(info["ld_preload"] and info["kind"] == "openblas") or info["preloaded"]
+        if info["kind"] == "reference":
+            assert "libopenblas0-pthread" in info["message"] or "LD_PRELOAD=" in info["message"]
+
+
+LIB = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
+
+
+@pytest.mark.parametrize("env, platform, library, expect", [
+    ({}, "linux", LIB, LIB),                                   # installed, not preloaded: re-exec
+    ({"LD_PRELOAD": "/x/libfoo.so"}, "linux", LIB, f"{LIB} /x/libfoo.so"),  # keeps what was preloaded
+    ({"LD_PRELOAD": LIB}, "linux", LIB, None),                 # already there
+    ({OPT_OUT_ENV: "1"}, "linux", LIB, None),                  # opted out
+    ({OPT_OUT_ENV: "0"}, "linux", LIB, LIB),                   # 0 is no opt-out
+    ({REEXEC_GUARD_ENV: "1"}, "linux", LIB, None),             # never loop
+    ({}, "linux", "", None),                                   # not installed
+    ({}, "darwin", LIB, None),                                 # Accelerate on macOS
+])
+def test_reexec_decision(env, platform, library, expect):
+    out = openblas_reexec_env(env, platform=platform, library=library)
+    if expect is None:
+        assert out is None
+    else:
+        assert out["LD_PRELOAD"] == expect and out[REEXEC_GUARD_ENV] == "1"
+
+
+def test_reexec_command_runs_the_same_command():
+    argv = reexec_command()
+    assert argv[0] == sys.executable and argv[1:] == list(getattr(sys, "orig_argv", sys.argv))[1:]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD is Linux")
+def test_reexec_in_a_subprocess(tmp_path):
+    """The launcher re-executes `python -c ...` once with the library preloaded (a harmless libm stands
+    in for OpenBLAS), and not at all when opted out."""
+    libm = next((p for p in ("/lib/x86_64-linux-gnu/libm.so.6", "/usr/lib/x86_64-linux-gnu/libm.so.6",
+                             "/lib/aarch64-linux-gnu/libm.so.6", "/usr/lib64/libm.so.6") if os.path.exists(p)), None)
+    if libm is None:
+        pytest.skip("no libm at a known path")
+    # mtpnb/platform.py loaded by path: the launcher needs nothing heavy at import
+    code = ("import importlib.util, os; s = importlib.util.spec_from_file_location('p', %r); "
+            "m = importlib.util.module_from_spec(s); s.loader.exec_module(m); print('start', flush=True); "
+            "m.reexec_with_openblas(); print('LD_PRELOAD=' + os.environ.get('LD_PRELOAD', ''))" % platform_module.__file__)
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", REEXEC_GUARD_ENV, OPT_OUT_ENV)}
+    env["MTPNB_OPENBLAS_PATH"] = libm
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["start", "start", f"LD_PRELOAD={libm}"]  # ran twice, the second time preloaded
+    env[OPT_OUT_ENV] = "1"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["start", "LD_PRELOAD="]
