@@ -183,10 +183,6 @@ class RemoteModel:
                         event = TokenEvent.from_dict(d)
                         events.append(event)
                         yield event
-                    if "mtp_last_text" in part:  # the engine's end-of-text flush into the last output token
-                        outputs = [e for e in events if e.kind != "rejected"]
-                        if outputs:
-                            outputs[-1].text = part["mtp_last_text"]
                     if part.get("mtp_step"):
                         step = StepEvent.from_dict(part["mtp_step"])
                         steps.append(step)

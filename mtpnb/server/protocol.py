@@ -19,15 +19,12 @@ Stream chunk, one per verify step (chat: in choices[0].delta, completions: in ch
                   "generated"}: mtpnb.StepEvent.to_dict()
 Last chunk (the one with finish_reason; or the usage chunk when stream_options.include_usage)
     mtp           mtpnb.Metrics.to_dict() at the top level of the chunk, next to `usage`
-    mtp_last_text (in the finish_reason chunk's delta / choice, only when it changed) the final text of
-                  the last output token: the engine appends to it the bytes its detokenizer held at
-                  the end (an incomplete character), after that token's event was streamed
 Non-streamed response
     mtp           mtpnb.Metrics.to_dict() at the top level, next to `usage`
     choices[0].mtp, choices[0].mtp_steps   with "mtp_events": true
 
-The streamed text (`delta.content` / `text`) holds back a suffix that could begin a stop string,
-so the concatenated text always equals the final text (the stop string excluded).
+The streamed text (`delta.content` / `text`) is the concatenation of the output tokens' pieces; the
+engine holds back tokens whose text may begin a stop string, so it always equals the final text.
 """
 
 from __future__ import annotations
@@ -286,41 +283,6 @@ def _bool(data: dict, name: str, label: str | None = None):
     raise APIError(400, f"{label or name} must be true or false, not {value!r}", param=label or name)
 
 
-class StopHoldback:
-    """The streamed text: hold back a suffix that could start a stop string, so a stop string that
-    arrives over several tokens is never streamed (the engine cuts it from the final text)."""
-
-    def __init__(self, stop: tuple[str, ...]):
-        self.stop = stop
-        self.text = ""  # everything the engine has output
-        self.sent = 0
-
-    def feed(self, piece: str) -> str:
-        self.text += piece
-        end = len(self.text) - self._held()
-        for s in self.stop:  # a whole stop string: never stream it (nor what follows)
-            i = self.text.find(s, self.sent)
-            if i >= 0:
-                end = min(end, i)
-        out = self.text[self.sent:end] if end > self.sent else ""
-        self.sent = max(self.sent, end)
-        return out
-
-    def finish(self, final_text: str) -> str:
-        out = final_text[self.sent:] if final_text.startswith(self.text[: self.sent]) else ""
-        self.sent = len(final_text)
-        return out
-
-    def _held(self) -> int:
-        best = 0
-        for s in self.stop:
-            for k in range(min(len(s) - 1, len(self.text)), best, -1):
-                if self.text.endswith(s[:k]):
-                    best = k
-                    break
-        return best
-
-
 FINISH = {"stop": "stop", "length": "length"}
 
 
@@ -336,8 +298,7 @@ class Encoder:
         self.req = req
         self.chat = req.endpoint == "chat"
         self.fingerprint = fingerprint
-        self.text = StopHoldback(req.stop)
-        self.last_output = None  # (the last output TokenEvent streamed, its text when streamed)
+        self.sent = ""  # the text streamed so far
 
     def _chunk(self, choice: dict, **top) -> dict:
         return {"id": self.req.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
@@ -353,10 +314,8 @@ class Encoder:
     def step(self, tokens: list, step) -> dict:
         """A chunk for one verify step: its output text and (extension) its token events."""
         ext = {"mtp": [t.to_dict() for t in tokens]}
-        outputs = [(t, d["text"]) for t, d in zip(tokens, ext["mtp"]) if t.kind != "rejected"]
-        if outputs:
-            self.last_output = outputs[-1]
-        content = self.text.feed("".join(text for _, text in outputs))
+        content = "".join(t.text for t in tokens if t.kind != "rejected")
+        self.sent += content
         if step is not None:
             ext["mtp_step"] = step.to_dict()
         if self.chat:
@@ -368,16 +327,12 @@ class Encoder:
     def last(self, result) -> list[dict]:
         """The closing chunks: the rest of the text with finish_reason (+ usage and metrics)."""
         m = result.metrics
-        rest = self.text.finish(result.text)
+        rest = result.text[len(self.sent):] if result.text.startswith(self.sent) else ""
         finish = FINISH.get(m.finish_reason, "stop")
-        ext = {}
-        if self.last_output is not None and self.last_output[0].text != self.last_output[1]:
-            ext["mtp_last_text"] = self.last_output[0].text
         if self.chat:
-            delta = {"content": rest} if rest else {}
-            choice = {"index": 0, "delta": {**delta, **ext}, "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "delta": {"content": rest} if rest else {}, "logprobs": None, "finish_reason": finish}
         else:
-            choice = {"index": 0, "text": rest, "logprobs": None, "finish_reason": finish, **ext}
+            choice = {"index": 0, "text": rest, "logprobs": None, "finish_reason": finish}
         if self.req.include_usage:
             return [self._chunk(choice), self._chunk(None, usage=usage(m), mtp=m.to_dict())]
         return [self._chunk(choice, usage=usage(m), mtp=m.to_dict())]
