@@ -173,6 +173,17 @@ def test_notebook_streams_tokens_in_chromium(lab):
             page.screenshot(path=str(ARTIFACTS / "browser-light.png"), full_page=True)
             playground.screenshot(path=str(ARTIFACTS / "playground-light.png"))
 
+            # Compare: depth 0 and depth 3 side by side, with the speedup
+            playground.get_by_role("button", name="Compare with depth 0").click()
+            verdict = playground.locator(".mtp-verdict", has_text="depth 3 vs depth 0")
+            verdict.wait_for(timeout=180_000)
+            assert "decode" in verdict.inner_text() and "×" in verdict.inner_text()
+            panes = playground.locator(".mtp-stream:visible")
+            assert panes.count() == 2
+            assert panes.locator(".mtp-status", has_text="done").count() == 2
+            playground.screenshot(path=str(ARTIFACTS / "comparison-light.png"))
+            playground.get_by_role("tab", name="Stream").click()
+
             # hiding rejected drafts leaves only the output
             first.locator(".mtp-toggle input").check()
             assert first.locator(".mtp-out .mtp-tok-rejected:visible").count() == 0
@@ -185,6 +196,7 @@ def test_notebook_streams_tokens_in_chromium(lab):
             page.wait_for_function("document.body.dataset.jpThemeLight === 'false'", timeout=30_000)
             page.wait_for_timeout(500)
             playground.screenshot(path=str(ARTIFACTS / "playground-dark.png"))
+            first.screenshot(path=str(ARTIFACTS / "token-stream-dark.png"))
         except Exception:
             page.screenshot(path=str(ARTIFACTS / "browser-failure.png"), full_page=True)
             raise

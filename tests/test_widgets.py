@@ -269,6 +269,15 @@ def test_comparison_runs_both_depths_and_computes_the_speedup(model):
     assert comparison.base.status == comparison.mtp.status == "done"
 
 
+def test_stopping_a_comparison_skips_its_second_run(model):
+    comparison = Comparison(model).run(PROMPT, depth=3, max_tokens=5000, **{"temperature": 1.0})
+    wait_for(lambda: len(comparison.base._records) > 10)
+    comparison.stop()
+    assert comparison.wait(timeout=30) is None and comparison.speedup is None
+    assert comparison.base.status == "cancelled" and comparison.mtp.status == "idle"
+    assert "Stopped" in comparison.verdict.value
+
+
 def test_speedup_figures():
     def result(depth, decode, e2e, tokens):
         return Result(tokens, "", [], [], Metrics(depth=depth, decode_tok_s=decode, end_to_end_tok_s=e2e,

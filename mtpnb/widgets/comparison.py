@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import ipywidgets as widgets
 
+from ..engine import GenerationParams
 from ..errors import MTPNBError
 from ..events import Result
 from .runner import Generation, describe_error, wait_interruptibly
@@ -44,22 +45,27 @@ def speedup(base: Result, mtp: Result) -> dict:
     }
 
 
-def describe_speedup(s: dict) -> str:
-    """One line: 'depth 3 vs depth 0: decode 1.84x (52.1 vs 28.3 tok/s) | end-to-end 1.71x | ...'."""
+def describe_speedup(s: dict, *, sampled: bool = False) -> str:
+    """One line: 'depth 3 vs depth 0: decode 1.84× (52.1 vs 28.3 tok/s) | end-to-end 1.71× | ...'.
+    sampled: the runs sampled (temperature > 0), so different outputs are expected."""
     def times(r):
-        return "n/a" if r is None else f"{r:.2f}x"
+        return "n/a" if r is None else f"{r:.2f}×"
 
     b, m = s["decode_tok_s"]
+    if s["same_output"]:
+        output = "same output"
+    else:
+        output = "outputs differ" + (" (sampled: expected)" if sampled else "")
     return (
         f"depth {s['depth']} vs depth 0: decode {times(s['decode'])} ({m:.1f} vs {b:.1f} tok/s)"
         f" | end-to-end {times(s['end_to_end'])} | acceptance {s['acceptance']:.0%},"
-        f" {s['tokens_per_verify']:.2f} tokens/verify"
-        f" | {'same output' if s['same_output'] else 'outputs differ'}"
+        f" {s['tokens_per_verify']:.2f} tokens/verify | {output}"
     )
 
 
 class Comparison(widgets.VBox):
-    """Two TokenStreams side by side (depth 0 | depth D) under a line with the speedup."""
+    """Two TokenStreams side by side (depth 0 | depth D) under a line with the speedup.
+    Results: `results` (depth-0 Result, depth-D Result) and `speedup` (see `speedup()`)."""
 
     def __init__(self, model, **kwargs):
         self.model = model
@@ -68,7 +74,8 @@ class Comparison(widgets.VBox):
         self.mtp = TokenStream(label="depth D", layout=pane)
         self.verdict = widgets.HTML()
         self.results: tuple[Result, Result] | None = None
-        self._generations: list[Generation] = []
+        self._generations: list[Generation] = []  # the depth-0 run, then the depth-D one
+        self._next: tuple = ()  # (prompt, params) of the depth-D run
         self._stopped = False
         self._finished = threading.Event()
         self._finished.set()
@@ -84,23 +91,23 @@ class Comparison(widgets.VBox):
         return speedup(*self.results) if self.results else None
 
     def run(self, prompt, *, depth: int = 3, **params) -> "Comparison":
-        """Start both generations (depth 0, then `depth`); returns at once. Parameters as for
-        model.stream; MTPNBError here for bad ones, or a model without an MTP head."""
+        """Start the depth-0 run, then the depth-`depth` one once it is done; returns at once.
+        Parameters as for model.stream; MTPNBError here for bad ones, or a model without an MTP head."""
         if not self._finished.is_set():
             raise MTPNBError("a comparison is already running: stop it first")
         if not self.model.has_mtp:
             raise MTPNBError(f"{self.model.name} has no MTP head: there is no depth to compare with depth 0")
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
             raise MTPNBError(f"a comparison needs a depth >= 1, not {depth!r}")
-        base = Generation(self.model, prompt, {**params, "depth": 0}, [self.base])
-        mtp = Generation(self.model, prompt, {**params, "depth": depth}, [self.mtp])
-        self._generations, self._stopped, self.results = [base, mtp], False, None
+        base = Generation(self.model, prompt, {**params, "depth": 0}, [self.base])  # checks the parameters
+        GenerationParams(**params, depth=depth)  # and the depth, without starting anything
+        self._next = (prompt, {**params, "depth": depth})
+        self._generations, self._stopped, self.results = [base], False, None
         self._finished.clear()
         self.mtp.reset()
         self.mtp.label = f"depth {depth} (MTP)"
         self._say(f"Generating at depth 0, then at depth {depth}…")
         base.add_done_callback(self._after_base)
-        mtp.add_done_callback(lambda _: self._end())
         try:
             base.start()
         except BaseException:
@@ -144,19 +151,27 @@ class Comparison(widgets.VBox):
         if base.status != "done" or self._stopped:
             self._end()
             return
+        prompt, params = self._next
         try:
-            self._say(f"Generating at depth {self._generations[1].depth}…")
-            self._generations[1].start()
+            mtp = Generation(self.model, prompt, params, [self.mtp])
+            self._generations.append(mtp)
+            mtp.add_done_callback(lambda _: self._end())
+            self._say(f"Generating at depth {params['depth']}…")
+            mtp.start()
         except Exception as exc:
             self.mtp.show_error(describe_error(exc))
             self._end(failed=True)
+            return
+        if self._stopped:  # Stop pressed while this run was being set up
+            mtp.stop()
 
     def _end(self, failed: bool = False) -> None:
-        base, mtp = self._generations
-        if base.status == "done" and mtp.status == "done":
-            self.results = (base.result, mtp.result)
-            self._say(describe_speedup(self.speedup), strong=True)
-        elif failed or "error" in (base.status, mtp.status):
+        statuses = [g.status for g in self._generations]
+        if statuses == ["done", "done"]:
+            self.results = tuple(g.result for g in self._generations)
+            sampled = self._next[1].get("temperature", 0) > 0
+            self._say(describe_speedup(self.speedup, sampled=sampled), strong=True)
+        elif failed or "error" in statuses:
             self._say("The comparison failed: see the error below.", error=True)
         else:
             self._say("Stopped: no speedup to report.")

@@ -77,6 +77,8 @@ class Generation:
     # -- the caller's side --------------------------------------------------------------------------
     def start(self) -> "Generation":
         """Start decoding on a background thread; raise MTPNBError if the model is busy."""
+        if self.status != "pending":
+            raise MTPNBError("this generation has already run: make a new Generation to run it again")
         lock = _model_lock(self.model)
         if not lock.acquire(timeout=LOCK_WAIT_S):
             raise MTPNBError(f"{self.model.name} is already generating: stop that generation first")

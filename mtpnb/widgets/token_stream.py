@@ -182,7 +182,7 @@ class TokenStream(anywidget.AnyWidget):
         return (
             '<div class="mtpnb-token-stream-static" style="font-size:13px">'
             f'<div style="font-size:12px;margin-bottom:4px">{legend}</div>'
-            '<pre style="white-space:pre-wrap;word-break:break-word;tab-size:4;margin:0;padding:6px;'
+            '<pre style="white-space:pre-wrap;word-break:break-word;tab-size:4;line-height:1.6;margin:0;padding:6px;'
             f'border:1px solid rgba(128,128,128,.35);border-radius:4px">{prompt}{"".join(spans)}</pre>'
             f'<div style="font-size:12px;opacity:.8;margin-top:4px">{" · ".join(foot)}</div></div>'
         )
