@@ -425,6 +425,8 @@ __device__ __forceinline__ void qmv_verify_impl(
 // of shared memory (cp.async), S batches ahead, so up to S-1 batches per warp
 // are in flight without holding registers, and the mma loop never waits on a
 // global load of x. Dynamic shared memory: KSPLIT * S * 32 * ring_lane_bytes().
+// Correct, but measured slower than qmv_verify_impl on the H200 (48 vs 39 us on a
+// 5120x17408 4-bit matrix; kernels/NOTES.md): the loader uses it only as a fallback.
 template <int BITS, int GS, int TILES, int U>
 __host__ __device__ constexpr int ring_lane_bytes() {
   // sizeof(Batch) + the x values, rounded up to an odd number of 16-byte

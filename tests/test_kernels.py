@@ -192,14 +192,16 @@ def test_ineligible_layers_stay_on_the_stock_op(fake_backend):
 
 def test_cuda_config_choice():
     c = kernels.choose_cuda_config(4, 5120, 17408, 4, 64)
-    assert c is not None and 17408 // 64 % c.u == 0 and c.stages >= 2
+    assert c is not None and 17408 // 64 % c.u == 0 and c.stages == 0  # v1 by default
+    c = kernels.choose_cuda_config(4, 5120, 17408, 4, 64, "ring")
+    assert c is not None and c.stages >= 2
     # the ring's shared memory fits the SM with every block of the launch resident
     for n, k in [(5120, 5120), (1024, 5120), (17408, 5120), (5120, 17408)]:
         for bits in (4, 8):
-            c = kernels.choose_cuda_config(1, n, k, bits, 64)
+            c = kernels.choose_cuda_config(1, n, k, bits, 64, "ring")
             blocks_per_sm = -(-(n // (16 * c.tiles)) // kernels.SM_COUNT)
             assert blocks_per_sm * (kernels.ring_smem_bytes(c, bits, 64) + 1024) <= kernels.SMEM_PER_SM
-    assert kernels.choose_cuda_config(1, 256, 64 * 5, 4, 64).stages == 0  # odd group count: v1
+    assert kernels.choose_cuda_config(1, 256, 64 * 5, 4, 64, "ring").stages == 0  # odd group count: v1
     assert kernels.choose_cuda_config(1, 256, 64 * 5, 4, 64, "v1").u == 1
     assert kernels.choose_cuda_config(9, 5120, 5120, 4, 64) is None
     assert kernels.choose_cuda_config(1, 5128, 5120, 4, 64) is None  # N not a multiple of 16
