@@ -338,7 +338,6 @@ __device__ __forceinline__ void qmv_verify_impl(
   constexpr int WPG = GS * BITS / 32;   // packed words per group and row
   constexpr int WPT = WPG / 4;          // ... per lane of the quad
   constexpr int KPT = GS / 4;           // k's per lane per group
-  constexpr int XV = KPT / 8;           // uint4 (8 x values) per lane per group
   constexpr float OFF = (BITS == 4) ? Tr::OFF4 : Tr::OFF8;
   static_assert(WPT == 1 || WPT == 2 || WPT == 4, "words per lane");
 
