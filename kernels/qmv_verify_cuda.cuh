@@ -338,7 +338,6 @@ __device__ __forceinline__ void qmv_verify_impl(
   constexpr int WPG = GS * BITS / 32;   // packed words per group and row
   constexpr int WPT = WPG / 4;          // ... per lane of the quad
   constexpr int KPT = GS / 4;           // k's per lane per group
-  constexpr float OFF = (BITS == 4) ? Tr::OFF4 : Tr::OFF8;
   static_assert(WPT == 1 || WPT == 2 || WPT == 4, "words per lane");
 
   // The caller guarantees N % ROWS == 0, K % (GS * U) == 0, 1 <= M <= 8.
@@ -361,9 +360,6 @@ __device__ __forceinline__ void qmv_verify_impl(
   const bool has_tok = g < M;
   const T* xp = x + long(has_tok ? g : 0) * K + c * KPT;
 
-  const uint32_t MASK = 0x000F000Fu;
-  const uint32_t MLO = Tr::MAGIC_LO;
-  const uint32_t MHI = Tr::MAGIC_HI;
 
   float acc[TILES][4];
 #pragma unroll
