@@ -57,6 +57,7 @@ __all__ = [
     "reset",
     "self_check",
     "verify_kernels",
+    "verify_kernels_enabled",
 ]
 
 MAX_ROWS = 8
