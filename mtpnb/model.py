@@ -66,6 +66,15 @@ class Model:
     def make_head_cache(self) -> KVCache | None:
         return KVCache() if self.head is not None else None
 
+    def use_verify_kernels(self, enabled: bool = True) -> int:
+        """Route the quantized linears (trunk and head) through mtpnb's verify kernels, which
+        read each weight once for up to 8 rows (CUDA; Metal untested; the CPU keeps MLX's op).
+        Returns how many layers were switched; a no-op on an unquantized model."""
+        from .kernels import disable_verify_kernels, enable_verify_kernels
+
+        switch = enable_verify_kernels if enabled else disable_verify_kernels
+        return sum(switch(m) for m in (self.trunk, self.head) if m is not None)
+
     # -- decoding (the engine does the work) ----------------------------------------------------
     @property
     def engine(self):

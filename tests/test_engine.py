@@ -178,3 +178,15 @@ def test_depth_falls_back_to_plain_without_a_head(checkpoints):
     model = load_quietly(checkpoints(family="qwen3_5", mtp=None))
     res = model.generate("abc", depth=3, max_tokens=10)
     assert res.metrics.depth == 0 and {e.kind for e in res.events} == {"plain"}
+
+
+def test_verify_kernel_switch_keeps_the_output(checkpoints):
+    """The switch the benchmark flips: on the CPU the kernels defer to MLX's op, so the same tokens."""
+    model = mtpnb.load(checkpoints(family="qwen3_5"), quantize=4, group_size=32)
+    before = model.generate("abc", depth=2, max_tokens=20).tokens
+    assert model.use_verify_kernels(True) > 0
+    try:
+        assert model.generate("abc", depth=2, max_tokens=20).tokens == before
+    finally:
+        model.use_verify_kernels(False)
+    assert mtpnb.load(checkpoints(family="qwen3_5")).use_verify_kernels(True) == 0  # nothing quantized
