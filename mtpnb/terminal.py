@@ -47,7 +47,10 @@ def render_token(kind: str, text: str, color: bool) -> str:
         return "" if kind == "rejected" else text
     text = text.translate(_VISIBLE_REJECTED if kind == "rejected" else _VISIBLE)
     sgr = STYLES[kind][1]
-    return f"\x1b[{sgr}m{text}{RESET}" if sgr and text else text
+    if not sgr:
+        return text
+    # Each line styled apart: a style left open across a line break paints the rest of the line.
+    return "\n".join(f"\x1b[{sgr}m{line}{RESET}" if line else "" for line in text.split("\n"))
 
 
 def render_prompt(prompt: str, color: bool) -> str:

@@ -299,6 +299,14 @@ def test_color_forced_and_refused(path, expected, capsys, monkeypatch):
     assert use_color(Terminal(), None) is True and use_color(Terminal(), False) is False
 
 
+def test_rendering_keeps_styles_on_their_line_and_neutralises_control_characters():
+    assert render_token("correction", "a\nb", True) == "\x1b[38;5;214;7ma\x1b[0m\n\x1b[38;5;214;7mb\x1b[0m"
+    assert render_token("rejected", "x\n\t", True) == "\x1b[38;5;166;9mx\u21b5\u21e5\x1b[0m"  # shown, not laid out
+    assert render_token("plain", "\x1b[2Jok\x07", True) == "\u241b[2Jok\u2407"  # no escape reaches the terminal
+    assert render_token("rejected", "x", False) == "" and render_token("bonus", "\x1b", False) == "\x1b"
+    assert render_prompt("p", False) == "" and render_prompt("p\x1b", True) == "\x1b[2mp\u241b\x1b[0m"
+
+
 def test_unexpected_errors_exit_1_with_the_traceback(path, capsys, monkeypatch):
     def broken(args):
         raise RuntimeError("a bug")
