@@ -102,10 +102,11 @@ def test_binder_build_then_quickstart(tmp_path):
                PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_PROGRESS_BAR="off")
     python = venv / "bin" / "python"
 
-    def step(name, command, **kw):
+    def step(name, command, cwd=repo):
         began = time.perf_counter()
-        done = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S, **kw)
+        done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S)
         timings[name] = time.perf_counter() - began
+        print(f"binder step {name}: {timings[name]:.1f} s")
         assert done.returncode == 0, f"{name} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
         return done
 
@@ -116,9 +117,10 @@ def test_binder_build_then_quickstart(tmp_path):
     step("kernel", [str(python), "-m", "pip", "install", "-q", "ipykernel", "nbclient"])
     step("kernelspec", [str(python), "-m", "ipykernel", "install", "--prefix", str(jupyter_path), "--name", "python3"])
 
-    # The package came from postBuild, not from this checkout: installed, not editable, default model included.
+    # The package came from postBuild, not from the source folder: installed, default model included
+    # (run from elsewhere, or the source folder on sys.path would answer instead).
     where = step("import", [str(python), "-c", "import mtpnb, pathlib; p = pathlib.Path(mtpnb.__file__).parent; "
-                            "print(p); print((p / 'default_model' / 'config.json').exists())"], ).stdout.split()
+                            "print(p); print((p / 'default_model' / 'config.json').exists())"], cwd=tmp_path).stdout.split()
     assert where[0].startswith(str(venv)), f"mtpnb imported from {where[0]}, not from the venv"
     assert where[1] == "True", "the installed package has no default model: check package-data"
 

@@ -33,9 +33,9 @@ CELL_TIMEOUT_S = 300
 CI_PARAMETERS = {
     "00_live_demo": {"AUTORUN": True, "MAX_TOKENS": 32},
     "01_quickstart": {"MAX_TOKENS": 48},
-    "02_why_speculative_decoding_works": {"RUNS": 5, "MAX_TOKENS": 64, "DEPTHS": [1, 2, 3]},
-    "03_exact_sampling": {"TRIALS": 20_000, "SAMPLES": 250},
-    "04_depth_and_sampling_sweeps": {"DEPTHS": [0, 1, 2, 3, 4], "TEMPERATURES": [0.0, 0.8], "MAX_TOKENS": 64,
+    "02_why_speculative_decoding_works": {"RUNS": 5, "MAX_TOKENS": 64, "DEPTHS": [1, 2, 3], "MAX_VERIFY": 4},
+    "03_exact_sampling": {"TRIALS": 20_000, "SAMPLES": 150},
+    "04_depth_and_sampling_sweeps": {"DEPTHS": [0, 1, 2, 3], "TEMPERATURES": [0.0, 0.8], "MAX_TOKENS": 48,
                                      "PROMPTS": 2},
     "05_inside_the_mtp_head": {"MAX_TOKENS": 32},
     "06_bring_your_own_model": {},
