@@ -176,3 +176,16 @@ def test_export_matches_mlx_trunk_and_head(smoke_model, tmp_path):
     }
     for name, (ours, theirs) in pairs.items():
         assert np.abs(np.array(theirs) - ours.numpy()).max() < 1e-4, name
+
+
+@pytest.mark.torch
+def test_evaluate_reports_perplexity_agreement_and_completions(smoke_model):
+    from mtpnb.train.evaluate import PROMPTS, evaluate
+
+    results = evaluate(smoke_model, max_tokens=2000, seq_len=32)
+    assert results["tokens"] > 0 and np.isfinite(results["perplexity"])
+    assert len(results["agree"]) == len(results["chain"]) == 3
+    assert results["chain"][2] <= results["chain"][0] <= 1.0
+    assert 1.0 <= results["tokens_per_verify_estimate"] <= 4.0
+    assert set(results["completions"]) == set(PROMPTS)
+    assert all(text.startswith(prompt) for prompt, text in results["completions"].items())

@@ -39,6 +39,36 @@ def _heldout_rows(named: list[tuple[str, dict]]) -> list[str]:
     return rows
 
 
+def _engine_rows(engine: dict) -> list[str]:
+    rows = [
+        f"Measured with mtpnb's MLX engine on {engine['device']}: {engine['max_tokens']} tokens from each of the "
+        "held-out prompts (`heldout_prompts`), depth "
+        f"{engine['acceptance'][0]['depth']}. Acceptance per draft position is P(accepted | reached).",
+        "",
+        "| sampling | mean tokens per verify | acceptance per draft position |",
+        "|---|---|---|",
+    ]
+    for a in engine["acceptance"]:
+        if a["temperature"] == 0:
+            sampling = "greedy"
+        else:
+            sampling = f"temperature {a['temperature']:g}, top_p {a['top_p']:g}, top_k {a['top_k']}"
+        rows.append(f"| {sampling} | {a['mean_tokens_per_verify']:.2f} | {_losses(a['acceptance_by_position'])} |")
+    rows += [
+        "",
+        "Decode speed, greedy, same process, one prompt (`def fibonacci(n):`):",
+        "",
+        "| depth | decode tok/s | end-to-end tok/s | tokens per verify |",
+        "|---|---|---|---|",
+    ]
+    for d in engine["decode_speed"]:
+        rows.append(
+            f"| {d['depth']} | {d['decode_tok_s']:.1f} | {d['end_to_end_tok_s']:.1f} "
+            f"| {d['mean_tokens_per_verify']:.2f} |"
+        )
+    return rows
+
+
 def render_card(training: dict, evaluation: dict | None) -> str:
     hp, corpus, hw, model = training["hyperparameters"], training["corpus"], training["hardware"], training["model"]
     cfg = model["config"]
@@ -110,6 +140,8 @@ def render_card(training: dict, evaluation: dict | None) -> str:
         ]
         for prompt, text in evaluation["completions"].items():
             lines += [f"Prompt `{prompt!r}`:", "", "```python", text, "```", ""]
+        if "engine" in evaluation:
+            lines += ["## Speculative decoding with the MLX engine", "", *_engine_rows(evaluation["engine"]), ""]
     lines += [
         "",
         "## Reproduce",

@@ -1,13 +1,15 @@
 """Evaluate a trained model folder on the held-out stdlib modules.
 
-    python -m mtpnb.train.evaluate MODEL_DIR [--max-tokens N] [--write]
+    python -m mtpnb.train.evaluate MODEL_DIR [--max-tokens N] [--engine] [--write]
 
 - trunk next-token cross-entropy and perplexity on the held-out text;
 - per MTP step k = 1..D: cross-entropy against the real next tokens, top-1 agreement with the trunk's
   own greedy choice at the same position ("agree"), and the chance that steps 1..k all agree ("chain").
   Teacher-forced on the real text, so `1 + sum(chain)` is an offline estimate of greedy tokens per
-  verify step; the engine's own measurement is `acceptance_table` below;
-- greedy completions of a few obvious prompts.
+  verify step;
+- greedy completions of a few obvious prompts;
+- with `--engine`, the engine's own acceptance on held-out prompts (greedy and sampled) and its decode
+  speed per depth (`engine_metrics`, `acceptance_table`).
 
 `--write` stores evaluation.json in MODEL_DIR and renders the model card again.
 """
@@ -151,6 +153,34 @@ def acceptance_table(
     return table
 
 
+def engine_metrics(model_dir: Path, depth: int, max_tokens: int = 128) -> dict:
+    """The same folder through mtpnb's MLX engine: `acceptance_table` on held-out prompts, and the
+    decode speed of PROMPTS[0] at every depth from 0 to `depth`, in one process."""
+    import mlx.core as mx
+
+    import mtpnb
+
+    model = mtpnb.load(model_dir)
+
+    def generate(prompt: str, **params):
+        return model.generate(prompt, seed=0, **params).metrics
+
+    acceptance = acceptance_table(generate, heldout_prompts(model_dir), depth, max_tokens)
+    generate(PROMPTS[0], depth=depth, max_tokens=16)  # warm-up
+    speed = []
+    for d in range(depth + 1):
+        m = generate(PROMPTS[0], depth=d, max_tokens=max_tokens)
+        speed.append(
+            {
+                "depth": d,
+                "decode_tok_s": m.decode_tok_s,
+                "end_to_end_tok_s": m.end_to_end_tok_s,
+                "mean_tokens_per_verify": m.mean_tokens_per_verify,
+            }
+        )
+    return {"device": str(mx.default_device()), "max_tokens": max_tokens, "acceptance": acceptance, "decode_speed": speed}
+
+
 def evaluate(model_dir: Path, max_tokens: int | None = None, seq_len: int = 1024, batch_size: int = 8) -> dict:
     model_dir = Path(model_dir)
     depth = json.loads((model_dir / "training.json").read_text())["hyperparameters"]["depth"]
@@ -177,10 +207,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("model_dir", type=Path)
     parser.add_argument("--max-tokens", type=int, help="evaluate on the first N held-out tokens only")
     parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--engine", action="store_true", help="also measure acceptance and speed with the MLX engine")
     parser.add_argument("--write", action="store_true", help="write evaluation.json and re-render README.md")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     results = evaluate(args.model_dir, args.max_tokens, args.seq_len)
+    if args.engine:
+        depth = json.loads((args.model_dir / "training.json").read_text())["hyperparameters"]["depth"]
+        results["engine"] = engine_metrics(args.model_dir, depth)
     print(json.dumps({k: v for k, v in results.items() if k != "completions"}, indent=1))
     for prompt, text in results["completions"].items():
         print(f"--- {prompt!r}\n{text}")
