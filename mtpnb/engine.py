@@ -139,7 +139,7 @@ class _Generation:
         self.start = time.perf_counter()
         self.finish_reason = "cancelled"
         try:
-            yield from self._decode()
+            yield from (self._decode() if self.depth else self._decode_plain())
         finally:
             self.end = time.perf_counter()
         yield Done(self._result())
@@ -181,6 +181,34 @@ class _Generation:
                 pending_tokens = draft_ids[:n_accepted] + [token]
             if (yield from self._emit(step, draft_ids, p_drafts, q_drafts, n_accepted, token, p_token, t1 - t0, t2 - t1)):
                 return
+
+    def _decode_plain(self):
+        """Depth 0, pipelined as mlx-lm's generate_step is: the forward of token n+1 is queued on the
+        device (mx.async_eval, its input the still-lazy token n) before the host waits for token n, so
+        building the next graph, the events and the detokenization overlap the device's work instead
+        of leaving it idle. Same ops and random draws in the same order as `_decode` with no drafts
+        (same tokens for a seed); one forward too many at the end, discarded with the cache.
+        StepEvent.verify_s is the wait for token n, the next graph's building included."""
+        model = self.model
+        cache = model.make_cache()
+        no_drafts = mx.zeros((0,), dtype=mx.int32)
+        _, logits = model.forward(mx.array(self.prompt_ids)[None], cache=cache)
+        decision = self._accept(logits[0, -1:], None, no_drafts)
+        step = 0
+        while True:
+            t0 = time.perf_counter()
+            if step == 0:  # the first token reaches the consumer before anything is queued
+                _, token, _, _, p_token = _to_host(decision)
+                self.ttft = time.perf_counter() - self.start
+            _, logits = model.forward(decision[1].reshape(1, 1).astype(mx.int32), cache=cache)
+            queued = self._accept(logits[0], None, no_drafts)
+            mx.async_eval(queued)
+            if step:
+                _, token, _, _, p_token = _to_host(decision)
+            wait = self.ttft if step == 0 else time.perf_counter() - t0
+            if (yield from self._emit(step, [], [], [], 0, token, p_token, 0.0, wait)):
+                return
+            decision, step = queued, step + 1
 
     def _draft(self, pending_hidden, pending_tokens, head_cache):
         """Run the head depth times; return drafts [K] and what they were drawn from [K, V]
