@@ -18,12 +18,14 @@ What one run does, in one process on one loaded model:
    = (tokens - 1) / (time of the last token - time of the first), taken by the consumer of the stream for
    both engines; end-to-end tok/s = tokens / whole call, prefill included; TTFT = time to the first token.
    Speedups are paired per repeat (depth d / depth 0 of the same repeat), then the median.
-3. Phases. One extra run per configuration with the trunk forward wrapped in an eval barrier splits each
-   verify step into: draft (the head's D steps and their drafting ops, to the barrier: StepEvent.draft_s),
+3. Phases. One extra run per configuration with the trunk forward wrapped in an eval barrier splits the
+   decode window into: draft (the head's D steps and their drafting ops, to the barrier: StepEvent.draft_s),
    verify forward (the trunk over D+1 tokens, barrier included), acceptance + sync (the acceptance ops on
-   the verify's logits and the one transfer of the decision to the host), detokenization (the streaming
-   detokenizer for output tokens and `decode` for rejected drafts, replayed and timed apart) and Python
-   overhead (the rest of the step's wall time: rollback bookkeeping, events, stop checks, generator hops).
+   the verify's logits and the one transfer of the decision to the host, `engine._to_host`), rollback
+   (building the caches' rollback, `engine._rollback`), detokenization (the streaming detokenizer for
+   output tokens and `decode` for rejected drafts, replayed and timed apart) and Python overhead (the
+   rest: events, stop checks, bookkeeping, generator hops). The barrier serializes depth 0's pipeline,
+   so the phases say where the work goes and the timed runs how fast it goes.
 
 Prompts: the opening of a function in each module the default model holds out of training (the folder's
 manifest.json, else mtpnb.train.corpus.HELDOUT_MODULES), read from this interpreter's standard library:
@@ -69,20 +71,23 @@ FALLBACK_PROMPTS = (
     ("fallback:parse", "import re\n\n\ndef parse_args(line):\n    \"\"\"Split a command line into words.\"\"\"\n"),
     ("fallback:merge", "def merge_sorted(a, b):\n"),
 )
-PHASES = ("draft", "verify_forward", "accept_sync", "python", "detokenize")
+PHASES = ("draft", "verify_forward", "accept_sync", "rollback", "python", "detokenize")
 PHASE_DOC = {
     "draft": "the head's D steps and their drafting ops, to an eval barrier (StepEvent.draft_s)",
     "verify_forward": "the trunk forward over the D+1 verify tokens, to an eval barrier (GDN rollback replays land here)",
     "accept_sync": "acceptance on the verify logits (softmax / processed log-probs, sampling) and the one host sync",
-    "python": "the rest of the step's wall time: rollback bookkeeping, events, stop checks, generator hops",
+    "rollback": "building the trunk caches' rollback after a partial acceptance (the Gated DeltaNet replay's "
+                "graph; its compute lands in the next verify forward)",
+    "python": "the rest of the decode window's wall time: graph building outside the timed calls, cache "
+              "bookkeeping, events, stop checks, generator hops",
     "detokenize": "the streaming detokenizer for output tokens and decode() of rejected drafts, timed apart",
 }
 # Okabe-Ito
 COLORS = {"blue": "#0072B2", "vermillion": "#D55E00", "orange": "#E69F00", "green": "#009E73",
           "sky": "#56B4E9", "purple": "#CC79A7", "yellow": "#F0E442", "black": "#000000"}
 TEMPERATURE_COLORS = (COLORS["blue"], COLORS["vermillion"], COLORS["green"], COLORS["orange"])
-PHASE_COLORS = dict(zip(PHASES, (COLORS["orange"], COLORS["blue"], COLORS["vermillion"], COLORS["sky"],
-                                 COLORS["green"])))
+PHASE_COLORS = dict(zip(PHASES, (COLORS["orange"], COLORS["blue"], COLORS["vermillion"], COLORS["purple"],
+                                 COLORS["sky"], COLORS["green"])))
 
 Progress = Callable[[int, int, str], None]
 
@@ -397,32 +402,56 @@ def detokenize_seconds(tokenizer, result, repeats: int = 3) -> float:
 
 
 def phase_profile(model, ids, depth, temperature, top_p, top_k, max_tokens, seed) -> dict:
-    """Per-step time by phase (ms per verify step and per output token) of one generation."""
+    """Time by phase of one generation, over its decode window (first token to last), in ms per verify
+    step and per output token after the first. The trunk forward ends in an eval barrier here, which
+    serializes depth 0's pipeline: the phases say where work goes, the timed runs say how fast."""
+    import threading
+
+    from . import engine as engine_module
+
     engine, calls = _profiled(model)
-    record = run_mtpnb(model, ids, depth, temperature, top_p, top_k, max_tokens, seed, engine=engine)
+    me = threading.get_ident()
+    timers: dict[str, list[float]] = {"to_host": [], "rollback": []}
+
+    def timed(fn, key):
+        def wrapper(*args, **kwargs):
+            if threading.get_ident() != me:  # another thread's generation: untouched
+                return fn(*args, **kwargs)
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                timers[key].append(time.perf_counter() - t)
+        return wrapper
+
+    saved = engine_module._to_host, engine_module._rollback
+    engine_module._to_host, engine_module._rollback = timed(saved[0], "to_host"), timed(saved[1], "rollback")
+    try:
+        record = run_mtpnb(model, ids, depth, temperature, top_p, top_k, max_tokens, seed, engine=engine)
+    finally:
+        engine_module._to_host, engine_module._rollback = saved
     result = record["result"]
     steps = result.steps
     verify_steps = steps[1:]
-    forwards = [s for _, s in calls[1:]]  # calls[0] is the prefill
-    if not verify_steps or len(forwards) < len(verify_steps):
+    tokens = len(result.tokens) - 1
+    if not verify_steps or tokens < 1:
         return {}
-    wall = [steps[i].elapsed_s - steps[i - 1].elapsed_s for i in range(1, len(steps))]
-    detok = detokenize_seconds(model.tokenizer, result)
-    n_steps = len(verify_steps)
+    wall = steps[-1].elapsed_s - result.metrics.ttft_s
     totals = {
         "draft": sum(s.draft_s for s in verify_steps),
-        "verify_forward": sum(forwards[:n_steps]),
-        "accept_sync": sum(s.verify_s for s in verify_steps) - sum(forwards[:n_steps]),
-        "detokenize": detok,
+        "verify_forward": sum(s for _, s in calls[1:]),  # calls[0] is the prefill
+        "accept_sync": sum(timers["to_host"][1:]),  # [0] is the prefill's first token
+        "rollback": sum(timers["rollback"]),
+        "detokenize": detokenize_seconds(model.tokenizer, result),
     }
-    totals["python"] = sum(wall) - totals["draft"] - totals["verify_forward"] - totals["accept_sync"] - detok
-    emitted = sum(s.emitted for s in verify_steps)
+    totals["python"] = max(wall - sum(totals.values()), 0.0)
+    n_steps = len(verify_steps)
     return {
         "steps": n_steps,
-        "tokens": emitted,
+        "tokens": tokens,
         "ms_per_step": {k: totals[k] / n_steps * 1e3 for k in PHASES},
-        "ms_per_token": {k: totals[k] / max(emitted, 1) * 1e3 for k in PHASES},
-        "step_ms": sum(wall) / n_steps * 1e3,
+        "ms_per_token": {k: totals[k] / tokens * 1e3 for k in PHASES},
+        "step_ms": wall / n_steps * 1e3,
     }
 
 
