@@ -6,32 +6,28 @@
     print(result.text, result.metrics.summary())
 """
 
-from .engine import Engine, GenerationParams
+import importlib
+
 from .errors import MTPNBError
 from .events import TOKEN_KINDS, Done, Metrics, Result, StepEvent, TokenEvent
-from .loading import load, save
-from .model import Model
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "load", "save", "connect", "Model", "Engine", "GenerationParams", "MTPNBError",
-    "Result", "Metrics", "TokenEvent", "StepEvent", "Done", "TOKEN_KINDS", "Playground",
-]
+# Loaded on first use, so that `import mtpnb` (and every `mtpnb` command) stays light: the engine
+# brings in MLX, mlx-lm and transformers; the widgets ipywidgets and plotly; the client nothing.
+_LAZY = {
+    "load": "loading", "save": "loading", "Model": "model", "Engine": "engine",
+    "GenerationParams": "engine", "connect": "remote", "Playground": "widgets",
+}
 
-
-def connect(url, api_key=None, **options):  # lazy: mtpnb.remote (a served model, engine-like)
-    from .remote import connect as _connect
-
-    return _connect(url, api_key, **options)
+__all__ = ["MTPNBError", "Result", "Metrics", "TokenEvent", "StepEvent", "Done", "TOKEN_KINDS", *_LAZY]
 
 
 def __getattr__(name):
-    # The Jupyter layer loads on first use: `import mtpnb` stays free of ipywidgets and plotly.
-    if name == "Playground":
-        from .widgets import Playground
-
-        return Playground
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'mtpnb' has no attribute {name!r}")
 
 

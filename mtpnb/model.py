@@ -100,7 +100,18 @@ class Model:
 
     def info(self) -> dict:
         def count(module):
-            return sum(v.size for _, v in tree_flatten(module.parameters()))
+            """Weights as the float model had them: packed quantized weights count unpacked,
+            their scales and biases not at all."""
+            total = 0
+            for _, m in module.named_modules():
+                own = {k: v for k, v in m.items() if isinstance(v, mx.array)}
+                bits = getattr(m, "bits", None) if "scales" in own else None
+                for name, v in own.items():
+                    if bits and name == "weight":
+                        total += v.size * 32 // bits
+                    elif not (bits and name in ("scales", "biases")):
+                        total += v.size
+            return total
 
         def nbytes(module):
             return sum(v.nbytes for _, v in tree_flatten(module.parameters()))
