@@ -116,7 +116,7 @@ def run_serve(args) -> int:
         )
         server.bind()
     except MTPNBError as e:
-        return _fail(str(e), 1)
+        return _fail(str(e), 2)  # bad input: a missing model, a busy port
     model = server.model
     mtp = f"MTP head, depth {server.defaults['depth']}" if model.has_mtp else "no MTP head: plain decoding"
     host = f"[{args.host}]" if ":" in args.host else args.host
