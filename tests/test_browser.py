@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -118,10 +119,11 @@ def _shown_text(stream) -> str:
 
 
 def _run_all_cells(page) -> None:
-    """Run > Run All Cells once the kernel is idle; again if no cell started (a click that lands
-    while the kernel connection is still settling can be dropped)."""
+    """Run > Run All Cells once the kernel is idle (JupyterLab and Notebook 7 both label the
+    toolbar's kernel indicator so); again if no cell started: a click that lands while the kernel
+    connection is still settling can be dropped."""
     for _ in range(3):
-        page.locator(".jp-StatusBar-Widget", has_text="| Idle").first.wait_for(timeout=60_000)
+        page.get_by_text("Kernel status: Idle").first.wait_for(state="attached", timeout=60_000)
         page.get_by_role("menuitem", name="Run", exact=True).click()
         page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
         try:
@@ -132,73 +134,95 @@ def _run_all_cells(page) -> None:
     raise AssertionError("the notebook's cells did not run")
 
 
-def test_notebook_streams_tokens_in_chromium(lab):
-    url, token, work = lab
+def _check_token_stream(page, stream, expected: str) -> None:
+    """A finished TokenStream view: coloured tokens of several kinds, legend, toggle, titles,
+    metrics line, and the engine's text."""
+    stream.locator(".mtp-status", has_text="done").wait_for(timeout=120_000)
+    tokens = stream.locator(".mtp-out .mtp-tok")
+    kinds = set(tokens.evaluate_all("spans => spans.map(s => s.classList[1].replace('mtp-tok-', ''))"))
+    assert len(kinds) >= 2, kinds
+    colours = tokens.evaluate_all(
+        "spans => [...new Set(spans.map(s => getComputedStyle(s).backgroundColor + getComputedStyle(s).color))]")
+    assert len(colours) >= 2, colours  # the kinds really look different
+    assert stream.locator(".mtp-legend .mtp-legend-item").count() == 5
+    assert stream.locator(".mtp-toggle input[type=checkbox]").count() == 1
+    assert all("step" in t for t in tokens.evaluate_all("spans => spans.map(s => s.title)"))
+    assert "tok/s" in stream.locator(".mtp-summary").inner_text()
+    assert _shown_text(stream) == expected
+    page.locator(".js-plotly-plot").first.wait_for(timeout=30_000)
+
+
+@contextmanager
+def _chromium_page(name: str):
+    """A page of Debian's chromium; on failure a screenshot goes to artifacts/NAME-failure.png."""
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(f"{url}/lab/tree/{NOTEBOOK.name}?token={token}")
-            page.locator(".jp-Notebook").wait_for(timeout=60_000)
-            _run_all_cells(page)
-
-            # show_generation's view: the stream finishes, with coloured tokens, legend and charts
-            streams = page.locator(".mtp-stream")
-            first = streams.nth(0)
-            first.locator(".mtp-status", has_text="done").wait_for(timeout=120_000)
-            kinds = set(first.locator(".mtp-out .mtp-tok").evaluate_all(
-                "spans => spans.map(s => s.classList[1].replace('mtp-tok-', ''))"))
-            assert len(kinds) >= 2, kinds
-            colours = first.locator(".mtp-out .mtp-tok").evaluate_all(
-                "spans => [...new Set(spans.map(s => getComputedStyle(s).backgroundColor + getComputedStyle(s).color))]")
-            assert len(colours) >= 2, colours  # the kinds really look different
-            assert first.locator(".mtp-legend .mtp-legend-item").count() == 5
-            assert first.locator(".mtp-toggle input[type=checkbox]").count() == 1
-            titles = first.locator(".mtp-out .mtp-tok").evaluate_all("spans => spans.map(s => s.title)")
-            assert all("step" in t for t in titles)
-            assert "tok/s" in first.locator(".mtp-summary").inner_text()
-            page.locator(".js-plotly-plot").first.wait_for(timeout=30_000)
-            expected = _expected_text(work)
-            assert _shown_text(first) == expected
-
-            # the Playground: press Generate, the same parameters give the same text
-            playground = page.locator(".jp-OutputArea-output").filter(has=page.locator("textarea"))
-            playground.get_by_role("button", name="Generate").click()
-            second = streams.nth(1)
-            second.locator(".mtp-status", has_text="done").wait_for(timeout=120_000)
-            assert _shown_text(second) == expected
-            assert playground.locator(".js-plotly-plot").count() >= 1
-
-            page.screenshot(path=str(ARTIFACTS / "browser-light.png"), full_page=True)
-            playground.screenshot(path=str(ARTIFACTS / "playground-light.png"))
-
-            # Compare: depth 0 and depth 3 side by side, with the speedup
-            playground.get_by_role("button", name="Compare with depth 0").click()
-            verdict = playground.locator(".mtp-verdict", has_text="depth 3 vs depth 0")
-            verdict.wait_for(timeout=180_000)
-            assert "decode" in verdict.inner_text() and "×" in verdict.inner_text()
-            panes = playground.locator(".mtp-stream:visible")
-            assert panes.count() == 2
-            assert panes.locator(".mtp-status", has_text="done").count() == 2
-            playground.screenshot(path=str(ARTIFACTS / "comparison-light.png"))
-            playground.get_by_role("tab", name="Stream").click()
-
-            # hiding rejected drafts leaves only the output
-            first.locator(".mtp-toggle input").check()
-            assert first.locator(".mtp-out .mtp-tok-rejected:visible").count() == 0
-            assert first.locator(".mtp-out .mtp-tok:visible").count() > 0
-
-            # the dark theme (Settings > Theme > JupyterLab Dark)
-            page.get_by_role("menuitem", name="Settings", exact=True).click()
-            page.locator(".lm-Menu-item", has=page.locator(".lm-Menu-itemLabel", has_text="Theme")).first.click()
-            page.locator(".lm-Menu-itemLabel").get_by_text("JupyterLab Dark", exact=True).click()
-            page.wait_for_function("document.body.dataset.jpThemeLight === 'false'", timeout=30_000)
-            page.wait_for_timeout(500)
-            playground.screenshot(path=str(ARTIFACTS / "playground-dark.png"))
-            first.screenshot(path=str(ARTIFACTS / "token-stream-dark.png"))
+            yield page
         except Exception:
-            page.screenshot(path=str(ARTIFACTS / "browser-failure.png"), full_page=True)
+            page.screenshot(path=str(ARTIFACTS / f"{name}-failure.png"), full_page=True)
             raise
         finally:
             browser.close()
+
+
+def test_jupyterlab_streams_tokens_plays_and_compares(lab):
+    url, token, work = lab
+    with _chromium_page("jupyterlab") as page:
+        page.goto(f"{url}/lab/tree/{NOTEBOOK.name}?token={token}")
+        page.locator(".jp-Notebook").wait_for(timeout=60_000)
+        _run_all_cells(page)
+
+        # show_generation's view, with its charts
+        expected = _expected_text(work)
+        streams = page.locator(".mtp-stream")
+        first = streams.nth(0)
+        _check_token_stream(page, first, expected)
+
+        # the Playground: press Generate, the same parameters give the same text
+        playground = page.locator(".jp-OutputArea-output").filter(has=page.locator("textarea"))
+        playground.get_by_role("button", name="Generate").click()
+        _check_token_stream(page, streams.nth(1), expected)
+        assert playground.locator(".js-plotly-plot").count() >= 1
+        page.screenshot(path=str(ARTIFACTS / "jupyterlab-light.png"), full_page=True)
+        playground.screenshot(path=str(ARTIFACTS / "playground-light.png"))
+
+        # Compare: depth 0 and depth 3 side by side, with the speedup
+        playground.get_by_role("button", name="Compare with depth 0").click()
+        verdict = playground.locator(".mtp-verdict", has_text="depth 3 vs depth 0")
+        verdict.wait_for(timeout=180_000)
+        assert "decode" in verdict.inner_text() and "×" in verdict.inner_text()
+        panes = playground.locator(".mtp-stream:visible")
+        assert panes.count() == 2
+        assert panes.locator(".mtp-status", has_text="done").count() == 2
+        playground.screenshot(path=str(ARTIFACTS / "comparison-light.png"))
+        playground.get_by_role("tab", name="Stream").click()
+
+        # hiding rejected drafts leaves only the output
+        first.locator(".mtp-toggle input").check()
+        assert first.locator(".mtp-out .mtp-tok-rejected:visible").count() == 0
+        assert first.locator(".mtp-out .mtp-tok:visible").count() > 0
+
+        # the dark theme (Settings > Theme > JupyterLab Dark)
+        page.get_by_role("menuitem", name="Settings", exact=True).click()
+        page.locator(".lm-Menu-item", has=page.locator(".lm-Menu-itemLabel", has_text="Theme")).first.click()
+        page.locator(".lm-Menu-itemLabel").get_by_text("JupyterLab Dark", exact=True).click()
+        page.wait_for_function("document.body.dataset.jpThemeLight === 'false'", timeout=30_000)
+        page.wait_for_timeout(500)
+        playground.screenshot(path=str(ARTIFACTS / "playground-dark.png"))
+        first.screenshot(path=str(ARTIFACTS / "token-stream-dark.png"))
+
+
+def test_notebook7_streams_tokens(lab):
+    pytest.importorskip("notebook", reason="Notebook 7 is not installed (pip install notebook)")
+    url, token, work = lab
+    name = "browser_notebook_nb7.ipynb"  # a copy: its own kernel, not the JupyterLab test's
+    shutil.copy(NOTEBOOK, work / name)
+    with _chromium_page("notebook7") as page:
+        page.goto(f"{url}/notebooks/{name}?token={token}")
+        page.locator(".jp-Notebook").wait_for(timeout=60_000)
+        _run_all_cells(page)
+        _check_token_stream(page, page.locator(".mtp-stream").first, _expected_text(work))
+        page.locator(".mtp-stream").first.screenshot(path=str(ARTIFACTS / "notebook7-token-stream.png"))

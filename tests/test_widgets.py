@@ -163,6 +163,13 @@ def test_playground_stop_button(model):
     assert playground.result.metrics.finish_reason == "cancelled"
 
 
+def test_generations_share_one_decode_thread(model):
+    # MLX leaves an OS thread behind for every thread that evaluated arrays: one for all generations
+    for _ in range(3):
+        stream_to_widget(model, PROMPT, max_tokens=4)[1].wait()
+    assert [t.name for t in threading.enumerate()].count("mtpnb-decode") == 1
+
+
 def test_kernel_interrupt_stops_a_blocking_wait(model):
     view, generation = stream_to_widget(model, PROMPT, max_tokens=5000, **SAMPLED)
     wait_for(lambda: len(view.stream._records) > 10)

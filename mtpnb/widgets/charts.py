@@ -128,7 +128,7 @@ class LiveCharts(widgets.VBox):
     # -- drawing ------------------------------------------------------------------------------------
     def _sample(self) -> None:
         """Add a point to the tok/s series if a verify step ended since the last one."""
-        steps = list(self._steps)  # one C-level copy: the worker thread appends meanwhile
+        steps = list(self._steps)  # one C-level copy: the decode thread appends meanwhile
         if len(steps) < 2 or steps[-1] == self._drawn_step:
             return
         self._drawn_step = steps[-1]
@@ -158,5 +158,6 @@ class LiveCharts(widgets.VBox):
             if self.depth == 0:
                 accept.text = _title(TITLES[1], "no drafts at depth 0")
             else:
-                accept.text = _title(TITLES[1], f"overall {mean_acceptance:.0%}" if mean_acceptance is not None else "")
+                overall = f"overall {mean_acceptance:.0%}" if mean_acceptance is not None else ""
+                accept.text = _title(TITLES[1], overall)
             per_verify.text = _title(TITLES[2], f"mean {mean_emitted:.2f}" if mean_emitted is not None else "")

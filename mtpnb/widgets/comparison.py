@@ -146,7 +146,7 @@ class Comparison(widgets.VBox):
     def show_error(self, message: str) -> None:
         self._say(message.splitlines()[0], error=True)
 
-    # -- the worker thread ----------------------------------------------------------------------
+    # -- the decode thread ----------------------------------------------------------------------
     def _after_base(self, base: Generation) -> None:
         if base.status != "done" or self._stopped:
             self._end()

@@ -116,7 +116,8 @@ def _describe_model(model) -> str:
         parts.append(f"{info['parameters'] / 1e6:.1f}M parameters")
     parts.append("MTP head" if model.has_mtp else "no MTP head: plain decoding only")
     if info.get("dtype"):
-        parts.append(html.escape(str(info["dtype"]) + (f", {info['quantization']}" if info.get("quantization") else "")))
+        quantization = f", {info['quantization']}" if info.get("quantization") else ""
+        parts.append(html.escape(f"{info['dtype']}{quantization}"))
     if info.get("url") or info.get("device"):
         parts.append(html.escape(str(info.get("url") or info["device"])))
     notes = "".join(f"<div style='opacity:.75'>{html.escape(n)}</div>" for n in info.get("notes", []))

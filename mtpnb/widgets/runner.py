@@ -1,16 +1,18 @@
 """Run one generation on a background thread and feed its events to widgets ("sinks").
 
 The kernel's main thread stays free, so buttons and sliders keep working while tokens stream.
-Two threads per generation:
-- the worker iterates `model.stream(...)` and hands every event to each sink (`sink.event`, cheap:
-  it only queues), and checks the stop flag after each verify step;
-- the ticker calls `sink.flush()` every `interval` seconds, which is where sinks send their batch
-  to the front end; after the stream ends the worker does a last flush and calls `sink.finish`.
+Two threads do the work:
+- the decode thread (one for the whole process, see _DecodeThread) iterates `model.stream(...)` and
+  hands every event to each sink (`sink.event`, cheap: it only queues), and checks the stop flag
+  after each verify step;
+- a ticker per generation calls `sink.flush()` every `interval` seconds, which is where sinks send
+  their batch to the front end; after the stream ends the decode thread does a last flush and calls
+  `sink.finish`.
 
 A sink is any object with these four methods (TokenStream and LiveCharts are sinks):
     start(prompt: str, depth: int)   before the first event (the depth the model really decodes at)
-    event(ev: TokenEvent | StepEvent) on the worker thread, for every event
-    flush()                           on the ticker thread, then once more on the worker at the end
+    event(ev: TokenEvent | StepEvent) on the decode thread, for every event
+    flush()                           on the ticker thread, then once more on the decode thread
     finish(result: Result | None, status: str, error: str)
                                       status: "done", "cancelled" or "error"; result is partial when
                                       cancelled or failed mid-way, None when nothing was decoded
@@ -19,6 +21,7 @@ A sink is any object with these four methods (TokenStream and LiveCharts are sin
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 import traceback
@@ -34,6 +37,36 @@ FLUSH_INTERVAL_S = 0.04  # batch period for the token messages: well under Jupyt
 LOCK_WAIT_S = 1.0  # a generation that was just stopped finishes its verify step within this
 
 log = logging.getLogger("mtpnb.widgets")
+
+class _DecodeThread:
+    """The one thread that decodes for the widgets, for the life of the process. MLX gives every
+    thread that evaluates arrays a stream with an OS thread of its own that outlives it, and the
+    exit of such a thread while the interpreter shuts down can abort the process (MLX's
+    thread-local destructors take the GIL): a single long-lived daemon thread avoids both."""
+
+    def __init__(self):
+        self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._guard = threading.Lock()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        """Run job() on the decode thread, after the jobs submitted before it."""
+        with self._guard:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="mtpnb-decode", daemon=True)
+                self._thread.start()
+        self._jobs.put(job)
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            try:
+                job()
+            except Exception:
+                log.exception("a decode job failed")
+
+
+_decode_thread = _DecodeThread()
 
 # One generation at a time per model: the engine is not re-entrant. Keyed by id(): Model is unhashable.
 _model_locks: dict[int, threading.Lock] = {}
@@ -90,7 +123,7 @@ class Generation:
         except BaseException:
             lock.release()
             raise
-        threading.Thread(target=self._work, args=(lock,), name="mtpnb-generation", daemon=True).start()
+        _decode_thread.submit(lambda: self._work(lock))
         return self
 
     def stop(self) -> None:
@@ -112,22 +145,23 @@ class Generation:
         return self._finished.is_set()
 
     def add_done_callback(self, fn: Callable[["Generation"], None]) -> None:
-        """Call fn(generation) on the worker thread once finished (at once if it already is)."""
+        """Call fn(generation) on the decode thread once finished (at once if it already is).
+        fn must not wait for another generation: that one would wait for fn."""
         with self._callbacks_lock:
             if not self.done:
                 self._callbacks.append(fn)
                 return
         fn(self)
 
-    # -- the worker thread --------------------------------------------------------------------------
+    # -- the decode thread --------------------------------------------------------------------------
     def _work(self, lock: threading.Lock) -> None:
         ticker = threading.Thread(target=self._tick, name="mtpnb-flush", daemon=True)
         ticker.start()
         events: list[TokenEvent] = []
         steps: list[StepEvent] = []
-        status, error = "done", ""
+        status, error = ("cancelled" if self._stop.is_set() else "done"), ""  # stopped while queued
         try:
-            for event in self._stream:
+            for event in () if self._stop.is_set() else self._stream:
                 if isinstance(event, Done):
                     self.result = event.result
                     break

@@ -92,7 +92,7 @@ class TokenStream(anywidget.AnyWidget):
 
     def __init__(self, **kwargs):
         super().__init__(_stream_key=uuid.uuid4().hex, **kwargs)
-        self._pending: deque[list] = deque()  # records not yet sent (worker appends, ticker drains)
+        self._pending: deque[list] = deque()  # records not yet sent (decode thread appends, ticker drains)
         self._records: list[list] = []
         self._progress = (0, 0.0)  # (generated tokens, seconds) at the last verify step
 
@@ -167,7 +167,8 @@ class TokenStream(anywidget.AnyWidget):
             spans.append(
                 f'<{tag} style="{style}" title="{html.escape(describe_token(record))}">{html.escape(shown)}</{tag}>'
             )
-        prompt = f'<span style="opacity:.55">{html.escape(self.prompt.translate(_VISIBLE))}</span>' if self.prompt else ""
+        prompt = html.escape(self.prompt.translate(_VISIBLE))
+        prompt = f'<span style="opacity:.55">{prompt}</span>' if prompt else ""
         legend = " ".join(
             f'<{_STATIC[k][0]} style="{_STATIC[k][1]};padding:0 .3em">{label} ({cue})</{_STATIC[k][0]}>'
             for k, (label, _, cue) in KINDS.items()
