@@ -27,13 +27,13 @@ def _phase_rows(phases: list[dict]) -> list[str]:
 
 def _heldout_rows(named: list[tuple[str, dict]]) -> list[str]:
     rows = [
-        "| measured after | trunk loss | perplexity | MTP loss, steps 1..D | agree with trunk, steps 1..D "
+        "| measured after | tokens | trunk loss | perplexity | MTP loss, steps 1..D | agree with trunk, steps 1..D "
         "| chain, steps 1..D | tokens/verify (est.) |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, m in named:
         rows.append(
-            f"| {name} | {m['loss_main']:.3f} | {m['perplexity']:.2f} | {_losses(m['loss_mtp'])} "
+            f"| {name} | {m['tokens']} | {m['loss_main']:.3f} | {m['perplexity']:.2f} | {_losses(m['loss_mtp'])} "
             f"| {_losses(m['agree'])} | {_losses(m['chain'])} | {m['tokens_per_verify_estimate']:.2f} |"
         )
     return rows
@@ -56,7 +56,8 @@ def _engine_rows(engine: dict) -> list[str]:
         rows.append(f"| {sampling} | {a['mean_tokens_per_verify']:.2f} | {_losses(a['acceptance_by_position'])} |")
     rows += [
         "",
-        "Decode speed, greedy, same process, one prompt (`def fibonacci(n):`):",
+        "Decode speed, greedy, same process, one prompt (`def fibonacci(n):`); the figures depend on the "
+        "machine and on what else runs on it:",
         "",
         "| depth | decode tok/s | end-to-end tok/s | tokens per verify |",
         "|---|---|---|---|",
@@ -71,6 +72,9 @@ def _engine_rows(engine: dict) -> list[str]:
 
 def render_card(training: dict, evaluation: dict | None) -> str:
     hp, corpus, hw, model = training["hyperparameters"], training["corpus"], training["hardware"], training["model"]
+    measured = [(p["name"], p["heldout"]) for p in training["phases"]]
+    if evaluation:
+        measured.append((f"`evaluate` (Python {evaluation['python']}, float32)", evaluation))
     cfg = model["config"]
     lines = [
         "# mtpnb default model",
@@ -127,13 +131,30 @@ def render_card(training: dict, evaluation: dict | None) -> str:
         "",
         "Teacher-forced over non-overlapping windows: `agree` is how often head step k's top-1 equals the "
         "trunk's own greedy token at that position, `chain` how often steps 1..k all do; "
-        "`1 + sum(chain)` estimates greedy tokens per verify step at depth D.",
+        "`1 + sum(chain)` estimates greedy tokens per verify step at depth D. The phase rows were measured "
+        "at the end of each training phase (bf16 autocast on the training device); the held-out text is the "
+        "modules first, then their tests.",
         "",
-        *_heldout_rows([(p["name"], p["heldout"]) for p in training["phases"]]),
+        *_heldout_rows(measured),
     ]
+    curve = [h for h in training["history"] if "heldout" in h]
+    curve += [{"phase": p["name"], "step": p["steps"], "heldout": p["heldout"]} for p in training["phases"]]
+    if len(curve) > len(training["phases"]):
+        curve.sort(key=lambda h: ([p["name"] for p in training["phases"]].index(h["phase"]), h["step"]))
+        lines += [
+            "",
+            "During training (a held-out trunk loss that rises again while the training loss falls is overfitting):",
+            "",
+            "| phase | step | held-out trunk loss | tokens/verify (est.) |",
+            "|---|---|---|---|",
+            *(
+                f"| {h['phase']} | {h['step']} | {h['heldout']['loss_main']:.3f} "
+                f"| {h['heldout']['tokens_per_verify_estimate']:.2f} |"
+                for h in curve
+            ),
+        ]
     if evaluation:
         lines += [
-            *_heldout_rows([(f"`evaluate` (Python {evaluation['python']}, float32)", evaluation)])[2:],
             "",
             "Greedy completions (trunk alone, `python -m mtpnb.train.evaluate`):",
             "",
