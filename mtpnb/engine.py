@@ -214,8 +214,10 @@ class _Generation:
         """Run the head depth times; return drafts [K] and what they were drawn from [K, V]
         (log-probs when sampling, raw logits at greedy)."""
         sampling = self.sampling
-        g, logits = self.model.mtp_forward(pending_hidden, mx.array(pending_tokens)[None], cache=head_cache)
-        g, logits = g[:, -1:], logits[0, -1]
+        # The first step runs over every pending position (they enter the head's cache); only the
+        # last one drafts, so only its logits are computed.
+        g = self.model.head(pending_hidden, self.model.embed(mx.array(pending_tokens)[None]), cache=head_cache)[:, -1:]
+        logits = self.model.lm_head(g)[0, -1]
         drafts, dists = [], []
         for j in range(self.depth):
             dist = logits if sampling.greedy else sampling.logprobs(logits)

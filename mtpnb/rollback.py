@@ -9,7 +9,10 @@ a, b. Keeping m of the T verified tokens then means
     ssm_state  = the gated-delta update over the first m steps, from the state before the call
 
 which is the state a fresh prefill of the committed tokens would have built. Nothing is replayed
-when every token is kept (the common case at high acceptance).
+when every token is kept (the common case at high acceptance). Where the recurrence runs as MLX ops
+(CPU, CUDA: mlx-lm's `gated_delta_ops`, one step at a time) a verify-sized call keeps the state after
+every step instead, with the same ops, so a rollback replays nothing at all; Metal runs mlx-lm's
+fused kernel and replays.
 """
 
 from __future__ import annotations
@@ -17,8 +20,15 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import ArraysCache
-from mlx_lm.models.gated_delta import gated_delta_update, normalize_qk
+from mlx_lm.models.gated_delta import _gated_delta_step_ops, compute_g, gated_delta_update, normalize_qk
 from mlx_lm.models.qwen3_5 import GatedDeltaNet
+
+
+STEPWISE_MAX_TOKENS = 16  # calls up to this long (verifies) keep every step's state where it is free
+
+
+def _stepwise() -> bool:
+    return not (mx.default_device() == mx.gpu and mx.metal.is_available())
 
 
 class RollbackArraysCache(ArraysCache):
@@ -32,7 +42,7 @@ class RollbackArraysCache(ArraysCache):
         """Keep only the first `keep` tokens of the last call."""
         if self.tape is None:
             raise RuntimeError("nothing to roll back: the layer has not run since the last rollback")
-        layer, conv_input, q, k, v, a, b, state0 = self.tape
+        layer, conv_input, q, k, v, a, b, state0, states = self.tape
         self.tape = None
         if keep == q.shape[1]:
             return
@@ -40,6 +50,8 @@ class RollbackArraysCache(ArraysCache):
         self[0] = mx.contiguous(conv_input[:, keep : keep + kernel - 1])
         if keep == 0:
             self[1] = state0
+        elif states is not None:
+            self[1] = states[keep - 1]
         else:
             self[1] = gated_delta_update(
                 q[:, :keep], k[:, :keep], v[:, :keep], a[:, :keep], b[:, :keep],
@@ -79,12 +91,32 @@ class RecordingGatedDeltaNet(GatedDeltaNet):
         state0 = cache[1]
         if state0 is None:
             state0 = mx.zeros((B, self.num_v_heads, self.head_v_dim, self.head_k_dim), dtype=mx.float32)
-        out, cache[1] = gated_delta_update(
-            q, k, v, a, b, self.A_log, self.dt_bias, state0, use_kernel=not self.training
-        )
-        cache.tape = (self, conv_input, q, k, v, a, b, state0)
+        states = None
+        if S <= STEPWISE_MAX_TOKENS and _stepwise():
+            out, states = _gated_delta_states(q, k, v, a, b, self.A_log, self.dt_bias, state0)
+            cache[1] = states[-1]
+        else:
+            out, cache[1] = gated_delta_update(
+                q, k, v, a, b, self.A_log, self.dt_bias, state0, use_kernel=not self.training
+            )
+        cache.tape = (self, conv_input, q, k, v, a, b, state0, states)
         out = self.norm(out, z)
         return self.out_proj(out.reshape(B, S, -1))
+
+
+def _gated_delta_states(q, k, v, a, b, A_log, dt_bias, state):
+    """mlx-lm's gated_delta_update on its ops path (the same ops in the same order, so the same
+    numbers), keeping the state after every step: -> (y [B, T, Hv, Dv], [state after step t])."""
+    beta = mx.sigmoid(b)
+    g = compute_g(A_log, a, dt_bias)
+    if (repeat := v.shape[-2] // q.shape[-2]) > 1:
+        q, k = mx.repeat(q, repeat, -2), mx.repeat(k, repeat, -2)
+    ys, states = [], []
+    for t in range(q.shape[1]):
+        y, state = _gated_delta_step_ops(q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], state)
+        ys.append(y)
+        states.append(state)
+    return mx.stack(ys, axis=1), states
 
 
 def install(model: nn.Module) -> bool:

@@ -47,10 +47,14 @@ def test_greedy_with_a_random_head(hybrid_model):
         assert model.generate("def f(x):", depth=depth, max_tokens=100).tokens == plain.tokens
 
 
-@pytest.mark.parametrize("family", ["qwen3_5", "qwen3"])
-def test_rollback_gives_the_logits_of_a_fresh_prefill(echo_models, checkpoints, family):
+@pytest.mark.parametrize("family, stepwise", [("qwen3_5", True), ("qwen3_5", False), ("qwen3", True)])
+def test_rollback_gives_the_logits_of_a_fresh_prefill(checkpoints, monkeypatch, family, stepwise):
     """After keeping m of D+1 verified tokens (every m), trunk and head caches give the next logits
-    of a fresh prefill of the committed tokens (float32, atol 1e-5)."""
+    of a fresh prefill of the committed tokens (float32, atol 1e-5). Both Gated DeltaNet designs:
+    per-step states kept during the verify, and the replay from the tape (Metal's path)."""
+    from mtpnb import rollback
+
+    monkeypatch.setattr(rollback, "_stepwise", lambda: stepwise)
     model = mtpnb.load(checkpoints(family=family))  # random head: its cache must roll back too
     prompt = [11, 42, 7, 99, 3, 150]
     D = 4
