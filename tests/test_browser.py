@@ -29,6 +29,8 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = Path(__file__).with_name("browser_notebook.ipynb")
 ARTIFACTS = ROOT / "artifacts"
+ALL_CELLS_QUEUED = ("() => [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')]"
+                    ".every(p => /\\[(\\*|\\d+)\\]/.test(p.textContent))")
 SETTINGS = {
     "@jupyterlab/notebook-extension:tracker": {"autoStartDefaultKernel": True},
     "@jupyterlab/apputils-extension:notification": {"fetchNews": "false", "checkForUpdates": False},
@@ -120,14 +122,15 @@ def _shown_text(stream) -> str:
 
 def _run_all_cells(page) -> None:
     """Run > Run All Cells once the kernel is idle (JupyterLab and Notebook 7 both label the
-    toolbar's kernel indicator so); again if no cell started: a click that lands while the kernel
-    connection is still settling can be dropped."""
+    toolbar's kernel indicator so), and again if some cell was not queued: the front end may start
+    a kernel, replace it at once, and drop what was sent to the first."""
     for _ in range(3):
         page.get_by_text("Kernel status: Idle").first.wait_for(state="attached", timeout=60_000)
+        page.wait_for_timeout(1000)
         page.get_by_role("menuitem", name="Run", exact=True).click()
         page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
-        try:
-            page.locator(".jp-InputPrompt", has_text="[1]").first.wait_for(timeout=15_000)
+        try:  # every code cell queued ([*]) or run ([n])
+            page.wait_for_function(ALL_CELLS_QUEUED, timeout=20_000)
             return
         except sync_api.TimeoutError:
             continue

@@ -1,7 +1,7 @@
-"""What streaming into the widgets costs: decode tok/s of the same generation (same prompt and seed,
-runs alternated) headless, on the widgets' runner without widgets, and streaming into a TokenStream
-(and LiveCharts). The widget ratio is against the runner without widgets (same threads: it isolates
-what the widgets cost), and, second, against headless `model.generate` on the main thread.
+"""What streaming into the widgets costs: decode tok/s of one generation (same prompt and seed, runs
+in shuffled order) headless, on the widgets' runner without widgets, and streaming into a
+TokenStream (and LiveCharts). The widget ratio is against the runner without widgets (same threads:
+it isolates what the widgets cost), and, second, against headless `model.generate` on the main thread.
 
     python -m mtpnb.widgets.bench                    # the default model (a tiny random one if absent)
     python -m mtpnb.widgets.bench --max-tokens 256 --repeats 7 --depth 3
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import tempfile
 import time
@@ -110,8 +111,9 @@ def main(argv: list[str] | None = None) -> dict:
     traffic = {"messages": 0, "bytes": 0, "seconds": 0.0}
     reference = None
     for repeat in range(args.repeats):
-        order = list(modes) if repeat % 2 == 0 else list(modes)[::-1]  # alternate: drift hits all alike
-        for name in order:
+        names = list(modes)
+        random.Random(repeat).shuffle(names)  # no mode always first, or always right after another:
+        for name in names:  # drift and the switches between threads hit all modes alike
             before = (CountingComm.messages, CountingComm.bytes)
             start = time.perf_counter()
             result = modes[name]()
@@ -127,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
     # Other processes only ever slow a run down: the best of the repeats is the least disturbed one.
     best = {name: max(values) for name, values in rates.items()}
     print(f"{model.name}: depth {args.depth}, {args.max_tokens} tokens, temperature {args.temperature}, "
-          f"seed {args.seed}; {args.repeats} alternated repeats of each, the engine's decode tok/s")
+          f"seed {args.seed}; {args.repeats} repeats of each in shuffled order, the engine's decode tok/s")
     print(f"  {'':<18}{'best':>8}{'median':>8}   ratio of the best vs: the runner without widget / headless")
     report = {"headless_tok_s": best["headless"], "runner_tok_s": best["runner, no widget"]}
     for name, rate in best.items():
