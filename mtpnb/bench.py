@@ -62,7 +62,7 @@ SCHEMA = "mtpnb.bench/1"
 DESCRIPTION = ("Benchmark MTP depths against plain decoding (depth 0) and mlx-lm on code prompts: decode and "
                "end-to-end tok/s, TTFT, acceptance, the verify-cost curve and the speedup bound; JSON + HTML.")
 FULL = {"prompts": 6, "max_tokens": 128, "repeats": 3, "warmup": 1, "cost_repeats": 9}
-QUICK = {"prompts": 2, "max_tokens": 32, "repeats": 1, "warmup": 1, "cost_repeats": 3}
+QUICK = {"prompts": 2, "max_tokens": 32, "repeats": 1, "warmup": 1, "cost_repeats": 5}
 FALLBACK_HELDOUT = ("bisect", "calendar", "colorsys", "difflib", "fractions", "graphlib", "heapq", "json",
                     "pprint", "shlex", "statistics", "string", "textwrap")
 FALLBACK_PROMPTS = (
@@ -744,7 +744,8 @@ def run_bench(
     if prompts is None:
         prompt_list = code_prompts(preset["prompts"], modules=heldout_modules(getattr(model, "path", None)))
     else:
-        prompt_list = [p if isinstance(p, dict) else {"name": f"prompt {i}", "text": p} for i, p in enumerate(prompts)]
+        prompt_list = [dict(p) if isinstance(p, dict) else {"name": f"prompt {i}", "text": p}
+                       for i, p in enumerate(prompts)]
     if not prompt_list:
         raise MTPNBError("no prompts")
     encoded = [model.engine.encode(p["text"]) for p in prompt_list]
@@ -904,6 +905,8 @@ def run_bench(
         },
         "notes": notes,
     }
+    if hasattr(os, "getloadavg"):  # a busy machine makes every figure noisier: say how busy it was
+        data["platform"]["load_average_end"] = list(os.getloadavg())
     if progress:
         progress(total, total, "done")
     return BenchReport(_clean(data))
