@@ -876,6 +876,15 @@ def run_bench(
                  "none applies to an MTP checkpoint, so it is not run.")
     if blas["kind"] == "reference":
         notes.append("MLX is on the reference BLAS: verifies cost ~linearly in tokens here; see the BLAS line.")
+    bounds = [r for r in results if r["engine"] == "mtpnb" and r["depth"] and r.get("bound")]
+    if bounds:
+        top = max(bounds, key=lambda r: r["bound"])
+        if top["bound"] < 1.5:
+            notes.append(
+                f"The cost curve caps MTP here: the best bound is {top['bound']:.2f}x (depth {top['depth']}, "
+                f"T={top['temperature']}, {top['tokens_per_verify']:.2f} tokens per verify against a verify of "
+                f"{cost['verify_ratio'][top['depth']]:.2f} t_1 plus {top['depth']} draft steps of "
+                f"{cost['draft_ratio'].get('greedy' if top['temperature'] == 0 else 'T=' + str(top['temperature']), 0):.2f} t_1).")
     if quick:
         notes.append("quick mode: few prompts and tokens, one repeat: the figures are indicative only.")
 

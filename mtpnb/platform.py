@@ -97,6 +97,15 @@ def _classify(path: str | None) -> str:
     return "unknown"
 
 
+def _openblas_threads() -> int | None:
+    try:
+        fn = ctypes.CDLL(None).openblas_get_num_threads
+        fn.restype = ctypes.c_int
+        return int(fn())
+    except (OSError, AttributeError):
+        return None
+
+
 def _openblas_config() -> str | None:
     try:
         lib = ctypes.CDLL(None)
@@ -131,7 +140,7 @@ def blas_info(timing: bool = False) -> dict:
     """Which BLAS MLX's CPU backend uses in this process, and what to do about it.
 
     Returns {"kind": one of KINDS, "library": path, "preloaded": bool, "openblas_installed": path|None,
-    "openblas_config": str|None, "ld_preload": str, "message": one line for a person,
+    "openblas_config": str|None, "threads": OpenBLAS threads|None, "ld_preload": str, "message": one line,
     "gflops": {M: GFLOP/s} when timing=True, "batched_speedup": gflops(64)/gflops(1)}.
     """
     import mlx.core as mx
@@ -144,7 +153,8 @@ def blas_info(timing: bool = False) -> dict:
         "openblas_installed": openblas_path() if sys.platform.startswith("linux") else None,
     }
     if sys.platform == "darwin":
-        info.update(kind="accelerate", library="Accelerate.framework", preloaded=False, openblas_config=None)
+        info.update(kind="accelerate", library="Accelerate.framework", preloaded=False, openblas_config=None,
+                    threads=None)
     else:
         provider = _global_provider("cblas_sgemm")
         if provider:  # a preloaded (or globally loaded) BLAS overrides MLX's bundled one
@@ -156,6 +166,7 @@ def blas_info(timing: bool = False) -> dict:
             info.update(kind=_classify(mlx_own[0]) if mlx_own else "none",
                         library=mlx_own[0] if mlx_own else None, preloaded=False)
         info["openblas_config"] = _openblas_config() if info["kind"] == "openblas" else None
+        info["threads"] = _openblas_threads() if info["kind"] == "openblas" else None
     if timing:
         gflops = matmul_gflops()
         info["gflops"] = {str(k): round(v, 2) for k, v in gflops.items()}
@@ -176,7 +187,8 @@ def blas_message(info: dict) -> str:
         return f"BLAS: OpenBLAS ({info.get('library')}){timing}: batched verifies are cheap on this CPU"
     if kind == "reference":
         remedy = (
-            f"run with LD_PRELOAD={info['openblas_installed']} (the `mtpnb` command does this itself)"
+            f"start Python or Jupyter with LD_PRELOAD={info['openblas_installed']} (the `mtpnb` command does "
+            f"this itself)"
             if info.get("openblas_installed")
             else f"`{INSTALL_HINT}`, then run with LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
         )
