@@ -17,8 +17,8 @@ from comm.base_comm import BaseComm
 
 import mtpnb
 from mtpnb.events import Metrics, Result
-from mtpnb.widgets import (Comparison, Generation, LiveCharts, Playground, TokenStream, show_generation, speedup,
-                           stream_to_widget)
+from mtpnb.widgets import (Comparison, Generation, LiveCharts, Playground, TokenStream, show_comparison, show_generation,
+                           speedup, stream_to_widget)
 from mtpnb.widgets.charts import MAX_POINTS
 from mtpnb.widgets.runner import FLUSH_INTERVAL_S
 from mtpnb.widgets.token_stream import token_record
@@ -340,6 +340,23 @@ def test_show_generation_displays_then_returns_the_result(model, monkeypatch):
     assert result.text == model.generate(PROMPT, max_tokens=16, **SAMPLED).text
     assert isinstance(shown[0], TokenStream) and isinstance(shown[1], LiveCharts)
     assert updated == [(shown[0], "done")]
+
+
+def test_show_comparison_renders_both_runs_without_a_front_end(model, monkeypatch):
+    import IPython.display
+
+    updated = []
+
+    class Handle:
+        def update(self, obj):
+            updated.append(obj._repr_mimebundle_())
+
+    monkeypatch.setattr(IPython.display, "display", lambda obj, display_id=False: Handle())
+    base, mtp = show_comparison(model, PROMPT, depth=2, max_tokens=12)
+    data = updated[-1]
+    assert data["text/plain"].startswith("depth 2 vs depth 0: decode")
+    assert base.text in data["text/plain"] and mtp.text in data["text/plain"]
+    assert data["text/html"].count("<pre") == 2
 
 
 def test_import_mtpnb_stays_free_of_jupyter():

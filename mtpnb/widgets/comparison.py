@@ -146,6 +146,15 @@ class Comparison(widgets.VBox):
     def show_error(self, message: str) -> None:
         self._say(message.splitlines()[0], error=True)
 
+    def _repr_mimebundle_(self, **kwargs):
+        data = super()._repr_mimebundle_(**kwargs)
+        line = describe_speedup(self.speedup) if self.results else "no finished comparison"
+        data["text/plain"] = "\n\n".join([line, self.base.to_text(), self.mtp.to_text()])
+        panes = "".join(f'<div style="flex:1 1 0;min-width:0">{pane.to_html()}</div>' for pane in (self.base, self.mtp))
+        data["text/html"] = (f"<div><p><strong>{html.escape(line)}</strong></p>"
+                             f'<div style="display:flex;gap:8px">{panes}</div></div>')
+        return data
+
     # -- the decode thread ----------------------------------------------------------------------
     def _after_base(self, base: Generation) -> None:
         if base.status != "done" or self._stopped:

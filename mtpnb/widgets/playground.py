@@ -46,8 +46,8 @@ class Playground(widgets.VBox):
             titles=("Stream", "Compare"),
         )
         self.generation: Generation | None = None
-        self.controls.on_generate(self._guarded(lambda: self.generate(), self.stream.show_error))
-        self.controls.on_compare(self._guarded(lambda: self.compare(), self.comparison.show_error))
+        self.controls.on_generate(self._guarded(self.generate, self.stream.show_error))
+        self.controls.on_compare(self._guarded(self.compare, self.comparison.show_error))
         self.controls.on_stop(self.stop)
         super().__init__([widgets.HTML(_describe_model(model)), self.controls, self.tabs])
 

@@ -75,5 +75,8 @@ def show_comparison(model, prompt, *, depth: int = 3, **params) -> tuple[Result,
 
     comparison = Comparison(model)
     comparison.run(prompt, depth=depth, **params)
-    display(comparison)
-    return comparison.wait()
+    handle = display(comparison, display_id=True)
+    results = comparison.wait()
+    if handle is not None:  # as in show_generation: the static renderings now hold both runs
+        handle.update(comparison)
+    return results
