@@ -734,6 +734,7 @@ def run_bench(
     if max_tokens < 2 or repeats < 1 or warmup < 0:
         raise MTPNBError("max_tokens must be >= 2, repeats >= 1 and warmup >= 0")
     notes: list[str] = []
+    load_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     depths = sorted(set(int(d) for d in depths) | {0})
     if not model.has_mtp and depths != [0]:
         notes.append(f"{model.name} has no MTP head: only depth 0 was run")
@@ -914,7 +915,8 @@ def run_bench(
         },
         "notes": notes,
     }
-    if hasattr(os, "getloadavg"):  # a busy machine makes every figure noisier: say how busy it was
+    if load_start is not None:  # a busy machine makes every figure noisier: say how busy it was
+        data["platform"]["load_average"] = load_start
         data["platform"]["load_average_end"] = list(os.getloadavg())
     if progress:
         progress(total, total, "done")
