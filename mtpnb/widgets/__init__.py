@@ -14,6 +14,8 @@ What the magics call (show.py):
     stream_to_widget(model, prompt, **params) -> (view, generation)   non-blocking
     show_generation(model, prompt, **params) -> Result                displays, blocks until done
     show_comparison(model, prompt, depth=3, **params) -> (base, mtp)  displays, blocks until done
+
+What streaming into the widgets costs in decode speed: `python -m mtpnb.widgets.bench`.
 """
 
 from .charts import LiveCharts

@@ -82,8 +82,7 @@ class Comparison(widgets.VBox):
         self._callbacks: list[Callable[[Comparison], None]] = []
         self._callbacks_lock = threading.Lock()
         self._say("Runs the same prompt at depth 0 and at depth D, one after the other.")
-        super().__init__([self.verdict, widgets.HBox([self.base, self.mtp])],
-                         **kwargs)
+        super().__init__([self.verdict, widgets.HBox([self.base, self.mtp])], **kwargs)
 
     @property
     def speedup(self) -> dict | None:
@@ -148,7 +147,7 @@ class Comparison(widgets.VBox):
 
     def _repr_mimebundle_(self, **kwargs):
         data = super()._repr_mimebundle_(**kwargs)
-        line = describe_speedup(self.speedup) if self.results else "no finished comparison"
+        line = self._verdict() if self.results else "no finished comparison"
         data["text/plain"] = "\n\n".join([line, self.base.to_text(), self.mtp.to_text()])
         panes = "".join(f'<div style="flex:1 1 0;min-width:0">{pane.to_html()}</div>' for pane in (self.base, self.mtp))
         data["text/html"] = (f"<div><p><strong>{html.escape(line)}</strong></p>"
@@ -178,8 +177,7 @@ class Comparison(widgets.VBox):
         statuses = [g.status for g in self._generations]
         if statuses == ["done", "done"]:
             self.results = tuple(g.result for g in self._generations)
-            sampled = self._next[1].get("temperature", 0) > 0
-            self._say(describe_speedup(self.speedup, sampled=sampled), strong=True)
+            self._say(self._verdict(), strong=True)
         elif failed or "error" in statuses:
             self._say("The comparison failed: see the error below.", error=True)
         else:
@@ -189,6 +187,9 @@ class Comparison(widgets.VBox):
             callbacks, self._callbacks = self._callbacks, []
         for fn in callbacks:
             fn(self)
+
+    def _verdict(self) -> str:
+        return describe_speedup(self.speedup, sampled=self._next[1].get("temperature", 0) > 0)
 
     def _say(self, text: str, *, strong: bool = False, error: bool = False) -> None:
         style = "padding:4px 2px;font-size:var(--jp-ui-font-size1,13px);color:var(--jp-ui-font-color1,#222)"
