@@ -120,6 +120,7 @@ class _Generation:
         self.depth = params.depth if model.has_mtp else 0
         self.eos = set(model.tokenizer.eos_token_ids or ())
         self.detokenizer = model.tokenizer.detokenizer
+        self.vocab_size = model.text_config["vocab_size"]
         self.tokens: list[int] = []
         self.text = ""
         self.events: list[TokenEvent] = []
@@ -212,22 +213,26 @@ class _Generation:
 
     def _draft(self, pending_hidden, pending_tokens, head_cache):
         """Run the head depth times; return drafts [K] and what they were drawn from [K, V]
-        (log-probs when sampling, raw logits at greedy)."""
-        sampling = self.sampling
+        (log-probs when sampling, raw logits at greedy; -inf outside a draft vocabulary)."""
+        sampling, model = self.sampling, self.model
         # The first step runs over every pending position (they enter the head's cache); only the
         # last one drafts, so only its logits are computed.
-        g = self.model.head(pending_hidden, self.model.embed(mx.array(pending_tokens)[None]), cache=head_cache)[:, -1:]
-        logits = self.model.lm_head(g)[0, -1]
+        g = model.head(pending_hidden, model.embed(mx.array(pending_tokens)[None]), cache=head_cache)[:, -1:]
         drafts, dists = [], []
         for j in range(self.depth):
+            logits = model.draft_logits(g)[0, -1]
             dist = logits if sampling.greedy else sampling.logprobs(logits)
-            draft = mx.argmax(dist, axis=-1) if sampling.greedy else mx.random.categorical(dist)
+            index = mx.argmax(dist, axis=-1) if sampling.greedy else mx.random.categorical(dist)
+            draft = index if model.draft_vocab is None else model.draft_vocab[index]
             drafts.append(draft)
             dists.append(dist)
             if j + 1 < self.depth:
-                g, logits = self.model.mtp_forward(g, draft.reshape(1, 1), cache=head_cache)
-                logits = logits[0, -1]
-        return mx.stack(drafts), mx.stack(dists)
+                g = model.head(g, model.embed(draft.reshape(1, 1)), cache=head_cache)
+        dists = mx.stack(dists)
+        if model.draft_vocab is not None:  # back to the whole vocabulary, zero probability elsewhere
+            full = mx.full((self.depth, self.vocab_size), -mx.inf, dtype=dists.dtype)
+            dists = mx.put_along_axis(full, mx.broadcast_to(model.draft_vocab, dists.shape), dists, axis=-1)
+        return mx.stack(drafts), dists
 
     def _accept(self, logits, draft_dists, drafts):
         if self.sampling.greedy:

@@ -94,7 +94,11 @@ def load(
     mx.eval(trunk.parameters(), head.parameters() if head is not None else [])
     rollback.install(trunk)
     tokenizer = _load_tokenizer(path, config)
-    return Model(trunk=trunk, head=head, tokenizer=tokenizer, config=config, path=path, name=name, notes=notes)
+    model = Model(trunk=trunk, head=head, tokenizer=tokenizer, config=config, path=path, name=name, notes=notes,
+                  draft_vocab=_read_draft_vocab(path, text_config) if head is not None else None)
+    if model.draft_vocab is not None:
+        notes.append(f"the head drafts from {model.draft_vocab.size} frequent tokens (draft_vocab.json)")
+    return model
 
 
 def resolve(source, revision: str | None = None) -> tuple[Path, str]:
@@ -260,6 +264,21 @@ def _head_norms_need_shift(config: dict, text_config: dict, hf_layout: bool) -> 
     return True
 
 
+def _read_draft_vocab(path: Path, text_config: dict) -> list[int] | None:
+    """mtpnb's optional `draft_vocab.json` ({"ids": [...]}, see mtpnb.train.draft_vocab)."""
+    file = path / "draft_vocab.json"
+    if not file.exists():
+        return None
+    try:
+        ids = json.loads(file.read_text())["ids"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise MTPNBError(f'{file} is not a draft vocabulary ({{"ids": [token ids]}}); fix or delete it') from None
+    vocab = text_config.get("vocab_size", 0)
+    if not ids or not all(isinstance(i, int) and 0 <= i < vocab for i in ids):
+        raise MTPNBError(f"{file} holds ids outside the vocabulary of {vocab}; fix or delete it")
+    return ids
+
+
 def _cast(module: nn.Module, dtype) -> None:
     module.update(
         tree_map(lambda v: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) and v.dtype != dtype else v,
@@ -302,6 +321,8 @@ def save(model: Model, path: str | os.PathLike) -> Path:
     config["mtp_norms_shifted"] = True
     save_config(config, path / "config.json")
     model.tokenizer.save_pretrained(str(path))
+    if model.draft_vocab is not None:
+        (path / "draft_vocab.json").write_text(json.dumps({"ids": model.draft_vocab.tolist()}))
     return path
 
 

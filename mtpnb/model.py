@@ -25,12 +25,16 @@ class Model:
     name: str
     notes: list[str] = field(default_factory=list)  # what the loader did that a user should know
 
+    draft_vocab: mx.array | None = None  # token ids the head drafts from (see set_draft_vocab)
+
     def __post_init__(self):
         language_model = getattr(self.trunk, "language_model", self.trunk)
         self._inner = language_model.model  # returns the post-norm hidden state
         self._tied = getattr(language_model.args, "tie_word_embeddings", False)
         self._language_model = language_model
         self._engine = None
+        self._draft_weight = None
+        self.set_draft_vocab(self.draft_vocab)
 
     # -- the forwards -------------------------------------------------------------------------
     @property
@@ -44,6 +48,26 @@ class Model:
         if self._tied:
             return self._inner.embed_tokens.as_linear(hidden)
         return self._language_model.lm_head(hidden)
+
+    def set_draft_vocab(self, ids) -> None:
+        """Let the head draft from these token ids only (None: the whole vocabulary).
+
+        The head's output projection over the full vocabulary is most of a draft step's cost on
+        a CPU (it reads the whole embedding matrix for one row); a frequency-ranked shortlist cuts
+        it. Sampling stays exact: drafts are drawn from q restricted to the shortlist, and the
+        acceptance uses that same q (zero elsewhere). A token outside it can still be output, as
+        a correction or bonus token. Quantized output layers keep the full vocabulary."""
+        head_weight = self._inner.embed_tokens if self._tied else self._language_model.lm_head
+        if ids is None or not isinstance(head_weight.weight, mx.array) or hasattr(head_weight, "scales"):
+            self.draft_vocab, self._draft_weight = None, None
+            return
+        self.draft_vocab = mx.array(ids, dtype=mx.int32)
+        self._draft_weight = mx.contiguous(head_weight.weight[self.draft_vocab])
+        mx.eval(self._draft_weight)
+
+    def draft_logits(self, g: mx.array) -> mx.array:
+        """The head's logits over the draft vocabulary (the whole one when none is set)."""
+        return self.lm_head(g) if self._draft_weight is None else g @ self._draft_weight.T
 
     def forward(self, ids: mx.array, cache=None) -> tuple[mx.array, mx.array]:
         """ids [B, L] -> (post-norm hidden [B, L, H], logits [B, L, V])."""

@@ -47,6 +47,21 @@ def test_greedy_with_a_random_head(hybrid_model):
         assert model.generate("def f(x):", depth=depth, max_tokens=100).tokens == plain.tokens
 
 
+def test_greedy_with_a_draft_vocabulary(echo_models):
+    """Drafts restricted to a shortlist: still the plain greedy output, and drafts only from the list."""
+    model = echo_models["qwen3_5"]
+    plain = model.generate([5, 7, 9], depth=0, max_tokens=120)
+    shortlist = sorted(set(plain.tokens[::2]))  # half of what the trunk says: some drafts must fail
+    model.set_draft_vocab(shortlist)
+    try:
+        spec = model.generate([5, 7, 9], depth=3, max_tokens=120)
+    finally:
+        model.set_draft_vocab(None)
+    assert spec.tokens == plain.tokens
+    drafted = [e.token for e in spec.events if e.kind in ("accepted", "rejected")]
+    assert drafted and set(drafted) <= set(shortlist) and spec.metrics.accepted_drafts > 0
+
+
 @pytest.mark.parametrize("family, stepwise", [("qwen3_5", True), ("qwen3_5", False), ("qwen3", True)])
 def test_rollback_gives_the_logits_of_a_fresh_prefill(checkpoints, monkeypatch, family, stepwise):
     """After keeping m of D+1 verified tokens (every m), trunk and head caches give the next logits

@@ -53,6 +53,15 @@ def test_sidecar_head_loads_like_an_inline_head(tmp_path):
     assert_same(inline, sidecar)
 
 
+def test_draft_vocabulary_is_read_and_saved(tmp_path, checkpoints):
+    path = tmp_path / "dv"
+    shutil.copytree(checkpoints(family="qwen3_5"), path)
+    (path / "draft_vocab.json").write_text('{"ids": [3, 5, 8, 13]}')
+    model = mtpnb.load(path)
+    assert model.draft_vocab.tolist() == [3, 5, 8, 13] and "draft_vocab.json" in model.info()["notes"][-1]
+    assert mtpnb.load(mtpnb.save(model, tmp_path / "saved")).draft_vocab.tolist() == [3, 5, 8, 13]
+
+
 def test_save_then_load_is_identical(tmp_path, hybrid_model):
     path = mtpnb.save(hybrid_model, tmp_path / "saved")
     config = json.loads((path / "config.json").read_text())
@@ -134,6 +143,8 @@ def _truncate(path):
     (lambda p: (p / "model.safetensors").unlink(), "no model"),
     (_truncate, "cannot read"),
     (lambda p: (p / "tokenizer.json").write_text("garbage"), "tokenizer"),
+    (lambda p: (p / "draft_vocab.json").write_text('{"ids": [1, 99999]}'), "outside the vocabulary"),
+    (lambda p: (p / "draft_vocab.json").write_text("[1, 2]"), "not a draft vocabulary"),
 ])
 def test_bad_checkpoints_give_one_line_errors(tmp_path, checkpoints, edit, message):
     path = _broken(tmp_path, checkpoints, edit)
