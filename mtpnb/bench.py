@@ -1165,7 +1165,7 @@ def run_from_args(args: argparse.Namespace, argv: Sequence[str] | None = None) -
         model = load(model_arg, dtype=args.dtype, quantize=args.quantize)
     except MTPNBError as e:
         print(f"mtpnb bench: {e}", file=sys.stderr)
-        return 1
+        return 2
     prompts = None
     if args.prompt_file:
         prompts = [{"name": Path(f).name, "text": Path(f).read_text(encoding="utf-8")} for f in args.prompt_file]
@@ -1185,7 +1185,7 @@ def run_from_args(args: argparse.Namespace, argv: Sequence[str] | None = None) -
         )
     except MTPNBError as e:
         print(f"mtpnb bench: {e}", file=sys.stderr)
-        return 1
+        return 2
     if args.compare_blas:
         if not args.quiet:
             print("comparing BLAS libraries in two subprocesses...", file=sys.stderr, flush=True)
