@@ -191,7 +191,7 @@ class _Generation:
         (same tokens for a seed); one forward too many at the end, discarded with the cache.
         StepEvent.verify_s is the wait for token n, the next graph's building included."""
         model = self.model
-        cache = model.make_cache()
+        cache = model.make_cache(rollback=False)
         no_drafts = mx.zeros((0,), dtype=mx.int32)
         _, logits = model.forward(mx.array(self.prompt_ids)[None], cache=cache)
         decision = self._accept(logits[0, -1:], None, no_drafts)

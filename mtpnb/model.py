@@ -82,9 +82,12 @@ class Model:
         g = self.head(hidden, self.embed(next_ids), cache=cache)
         return g, self.lm_head(g)
 
-    def make_cache(self) -> list:
-        """Trunk caches that can roll back: KV caches for attention, taped caches for Gated DeltaNet."""
+    def make_cache(self, rollback: bool = True) -> list:
+        """Trunk caches: KV caches for attention and, for Gated DeltaNet, taped caches that can roll
+        back (rollback=False: mlx-lm's own, for plain decoding, which never rolls back)."""
         cache = make_prompt_cache(self.trunk)
+        if not rollback:
+            return cache
         return [RollbackArraysCache() if not isinstance(c, KVCache) else c for c in cache]
 
     def make_head_cache(self) -> KVCache | None:
