@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import mlx.core as mx
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
@@ -42,12 +43,16 @@ class Sampling:
         if not isinstance(self.min_p, (int, float)) or not 0 <= self.min_p < 1:
             raise MTPNBError(f"min_p must be in [0, 1), not {self.min_p!r}")
 
+        # One fused graph per shape instead of ~20 ops dispatched per call (the settings are constants).
+        object.__setattr__(self, "logprobs", mx.compile(self._logprobs))
+
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
 
-    def logprobs(self, logits: mx.array) -> mx.array:
-        """Normalized log-probabilities of the distribution sampled from, [..., V]."""
+    def _logprobs(self, logits: mx.array) -> mx.array:
+        """Normalized log-probabilities of the distribution sampled from, [..., V]; called as the
+        compiled `self.logprobs`."""
         logprobs = logits.astype(mx.float32)
         logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
         if 0 < self.top_k < logits.shape[-1] and (self.top_p < 1 or self.min_p > 0):
@@ -83,6 +88,7 @@ class Sampling:
         return mx.put_along_axis(filtered, index, mx.where(keep, best, -mx.inf), axis=-1)
 
 
+@partial(mx.compile, inputs=mx.random.state, outputs=mx.random.state)
 def accept_sampled(p_logprobs: mx.array, q_logprobs: mx.array, drafts: mx.array):
     """p_logprobs [..., K+1, V], q_logprobs [..., K, V], drafts [..., K] (int) -> lazy arrays
     (n_accepted [...], next_token [...], p_drafts [..., K], q_drafts [..., K], p_next [...]).
@@ -102,6 +108,7 @@ def accept_sampled(p_logprobs: mx.array, q_logprobs: mx.array, drafts: mx.array)
     return n_accepted, next_token, p_drafts, q_drafts, _at(_at_row(p, n_accepted), next_token)
 
 
+@mx.compile
 def accept_greedy(logits: mx.array, draft_logits: mx.array, drafts: mx.array):
     """logits [..., K+1, V] of the verify, draft_logits [..., K, V], drafts [..., K] -> lazy arrays
     shaped like accept_sampled's. p and q are the plain softmax probabilities, shown to the user."""
