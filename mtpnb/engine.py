@@ -1,5 +1,6 @@
 """The decode loop: prefill, draft with the MTP head, verify in one trunk forward, accept exactly,
-roll back, stream events. Depth 0 is the same loop with no drafts (plain autoregressive decoding).
+roll back, stream events. Depth 0 (plain autoregressive decoding, the baseline) shares the prefill,
+the sampling (`_accept` with no drafts) and the stopping (`_emit`), pipelined as mlx-lm does.
 
 State between steps (n = committed tokens so far, x_n the newest, not yet fed to the trunk):
 - the trunk's caches hold positions < n;
@@ -146,14 +147,11 @@ class _Generation:
         yield Done(self._result())
 
     def _decode(self):
-        model, sampling = self.model, self.sampling
-        cache = model.make_cache()
-        head_cache = model.make_head_cache() if self.depth else None
-        prompt = mx.array(self.prompt_ids)[None]
-
-        hidden, logits = model.forward(prompt, cache=cache)
-        decision = self._accept(logits[0, -1:], None, mx.zeros((0,), dtype=mx.int32))
-        n_accepted, token, _, _, p_token = _to_host(decision)
+        """Depth >= 1: draft, verify, accept, roll back (plain decoding is `_decode_plain`)."""
+        model = self.model
+        cache, head_cache = model.make_cache(), model.make_head_cache()
+        hidden, logits = model.forward(mx.array(self.prompt_ids)[None], cache=cache)
+        _, token, _, _, p_token = _to_host(self._accept(logits[0, -1:], None, mx.zeros((0,), dtype=mx.int32)))
         self.ttft = time.perf_counter() - self.start
         pending_hidden = hidden
         pending_tokens = self.prompt_ids[1:] + [token]
@@ -163,23 +161,19 @@ class _Generation:
         while True:
             step += 1
             t0 = time.perf_counter()
-            if self.depth:
-                drafts, draft_logits = self._draft(pending_hidden, pending_tokens, head_cache)
-                mx.eval(drafts, draft_logits)
-            else:
-                drafts, draft_logits = mx.zeros((0,), dtype=mx.int32), None
+            drafts, draft_dists = self._draft(pending_hidden, pending_tokens, head_cache)
+            mx.eval(drafts, draft_dists)
             t1 = time.perf_counter()
             verify_in = mx.concatenate([mx.array([token], dtype=mx.int32), drafts.astype(mx.int32)])[None]
             hidden, logits = model.forward(verify_in, cache=cache)
-            n_accepted, token, p_drafts, q_drafts, p_token = _to_host(self._accept(logits[0], draft_logits, drafts))
+            n_accepted, token, p_drafts, q_drafts, p_token = _to_host(self._accept(logits[0], draft_dists, drafts))
             draft_ids = drafts.tolist()
             t2 = time.perf_counter()
             K = len(draft_ids)
-            if K:
-                _rollback(cache, keep=n_accepted + 1, discard=K - n_accepted)
-                head_cache.trim(K - 1)
-                pending_hidden = hidden[:, : n_accepted + 1]
-                pending_tokens = draft_ids[:n_accepted] + [token]
+            _rollback(cache, keep=n_accepted + 1, discard=K - n_accepted)
+            head_cache.trim(K - 1)
+            pending_hidden = hidden[:, : n_accepted + 1]
+            pending_tokens = draft_ids[:n_accepted] + [token]
             if (yield from self._emit(step, draft_ids, p_drafts, q_drafts, n_accepted, token, p_token, t1 - t0, t2 - t1)):
                 return
 
