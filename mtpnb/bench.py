@@ -21,7 +21,8 @@ What one run does, in one process on one loaded model:
 3. Phases. One extra run per configuration with the trunk forward wrapped in an eval barrier splits the
    decode window into: draft (the head's D steps and their drafting ops, to the barrier: StepEvent.draft_s),
    verify forward (the trunk over D+1 tokens, barrier included), acceptance + sync (the acceptance ops on
-   the verify's logits and the one transfer of the decision to the host, `engine._to_host`), rollback
+   the verify's logits and the one transfer of the decision to the host, `engine._to_host`; at depth 0
+   the token's choice and `engine._plain_to_host`), rollback
    (building the caches' rollback, `engine._rollback`), detokenization (the streaming detokenizer for
    output tokens and `decode` for rejected drafts, replayed and timed apart) and Python overhead (the
    rest: events, stop checks, bookkeeping, generator hops). The barrier serializes depth 0's pipeline,
@@ -424,12 +425,15 @@ def phase_profile(model, ids, depth, temperature, top_p, top_k, max_tokens, seed
                 timers[key].append(time.perf_counter() - t)
         return wrapper
 
-    saved = engine_module._to_host, engine_module._rollback
-    engine_module._to_host, engine_module._rollback = timed(saved[0], "to_host"), timed(saved[1], "rollback")
+    patched = {"_to_host": "to_host", "_plain_to_host": "to_host", "_rollback": "rollback"}
+    saved = {name: getattr(engine_module, name) for name in patched}
+    for name, key in patched.items():
+        setattr(engine_module, name, timed(saved[name], key))
     try:
         record = run_mtpnb(model, ids, depth, temperature, top_p, top_k, max_tokens, seed, engine=engine)
     finally:
-        engine_module._to_host, engine_module._rollback = saved
+        for name, fn in saved.items():
+            setattr(engine_module, name, fn)
     result = record["result"]
     steps = result.steps
     verify_steps = steps[1:]

@@ -1,6 +1,6 @@
 """The decode loop: prefill, draft with the MTP head, verify in one trunk forward, accept exactly,
 roll back, stream events. Depth 0 (plain autoregressive decoding, the baseline) shares the prefill,
-the sampling (`_accept` with no drafts) and the stopping (`_emit`), pipelined as mlx-lm does.
+the target distribution (`Sampling`) and the stopping (`_emit`), and is pipelined as mlx-lm does.
 
 State between steps (n = committed tokens so far, x_n the newest, not yet fed to the trunk):
 - the trunk's caches hold positions < n;
@@ -21,7 +21,7 @@ import mlx.core as mx
 
 from .errors import MTPNBError
 from .events import Done, Metrics, Result, StepEvent, TokenEvent
-from .sampling import Sampling, accept_greedy, accept_sampled
+from .sampling import Sampling, accept_greedy, accept_sampled, next_greedy, next_sampled
 
 MAX_DEPTH = 8
 
@@ -181,29 +181,33 @@ class _Generation:
         """Depth 0, pipelined as mlx-lm's generate_step is: the forward of token n+1 is queued on the
         device (mx.async_eval, its input the still-lazy token n) before the host waits for token n, so
         building the next graph, the events and the detokenization overlap the device's work instead
-        of leaving it idle. Same ops and random draws in the same order as `_decode` with no drafts
-        (same tokens for a seed); one forward too many at the end, discarded with the cache.
+        of leaving it idle. One forward too many at the end, discarded with the cache.
         StepEvent.verify_s is the wait for token n, the next graph's building included."""
         model = self.model
         cache = model.make_cache(rollback=False)
-        no_drafts = mx.zeros((0,), dtype=mx.int32)
         _, logits = model.forward(mx.array(self.prompt_ids)[None], cache=cache)
-        decision = self._accept(logits[0, -1:], None, no_drafts)
+        decision = self._next(logits[0, -1])
         step = 0
         while True:
             t0 = time.perf_counter()
             if step == 0:  # the first token reaches the consumer before anything is queued
-                _, token, _, _, p_token = _to_host(decision)
+                token, p_token = _plain_to_host(decision)
                 self.ttft = time.perf_counter() - self.start
-            _, logits = model.forward(decision[1].reshape(1, 1).astype(mx.int32), cache=cache)
-            queued = self._accept(logits[0], None, no_drafts)
+            _, logits = model.forward(decision[0].reshape(1, 1), cache=cache)
+            queued = self._next(logits[0, 0])
             mx.async_eval(queued)
             if step:
-                _, token, _, _, p_token = _to_host(decision)
+                token, p_token = _plain_to_host(decision)
             wait = self.ttft if step == 0 else time.perf_counter() - t0
             if (yield from self._emit(step, [], [], [], 0, token, p_token, 0.0, wait)):
                 return
             decision, step = queued, step + 1
+
+    def _next(self, logits):
+        """Plain decoding's choice from one row of logits: lazy (token, its probability)."""
+        if self.sampling.greedy:
+            return next_greedy(logits)
+        return next_sampled(self.sampling.logprobs(logits))
 
     def _draft(self, pending_hidden, pending_tokens, head_cache):
         """Run the head depth times; return drafts [K] and what they were drawn from [K, V]
@@ -362,6 +366,12 @@ def _to_host(decision):
     n_accepted, token, p_drafts, q_drafts, p_token = decision
     mx.eval(n_accepted, token, p_drafts, q_drafts, p_token)
     return n_accepted.item(), token.item(), p_drafts.tolist(), q_drafts.tolist(), p_token.item()
+
+
+def _plain_to_host(decision):
+    token, p_token = decision
+    mx.eval(token, p_token)
+    return token.item(), p_token.item()
 
 
 def _rollback(cache, keep: int, discard: int) -> None:

@@ -111,14 +111,36 @@ def accept_sampled(p_logprobs: mx.array, q_logprobs: mx.array, drafts: mx.array)
 @mx.compile
 def accept_greedy(logits: mx.array, draft_logits: mx.array, drafts: mx.array):
     """logits [..., K+1, V] of the verify, draft_logits [..., K, V], drafts [..., K] -> lazy arrays
-    shaped like accept_sampled's. p and q are the plain softmax probabilities, shown to the user."""
+    shaped like accept_sampled's. p and q are the plain softmax probabilities, shown to the user
+    (each from its logit and the row's logsumexp: no softmax over the whole vocabulary)."""
     K = drafts.shape[-1]
+    logits = logits.astype(mx.float32)
     targets = mx.argmax(logits, axis=-1)
     n_accepted = _leading_true(drafts == targets[..., :K])
     next_token = _at(targets, n_accepted)
-    p = mx.softmax(logits.astype(mx.float32), axis=-1)
-    q_drafts = _at(mx.softmax(draft_logits.astype(mx.float32), axis=-1), drafts)
-    return n_accepted, next_token, _at(p[..., :K, :], drafts), q_drafts, _at(_at_row(p, n_accepted), next_token)
+    log_z = mx.logsumexp(logits, axis=-1)
+    p_drafts = mx.exp(_at(logits[..., :K, :], drafts) - log_z[..., :K])
+    q_drafts = p_drafts  # no drafts: an empty array (logsumexp refuses empty input)
+    if K:
+        draft_logits = draft_logits.astype(mx.float32)
+        q_drafts = mx.exp(_at(draft_logits, drafts) - mx.logsumexp(draft_logits, axis=-1))
+    p_next = mx.exp(_at(_at_row(logits, n_accepted), next_token) - _at(log_z, n_accepted))
+    return n_accepted, next_token, p_drafts, q_drafts, p_next
+
+
+@mx.compile
+def next_greedy(logits: mx.array):
+    """Plain decoding's step, logits [..., V] -> lazy (token [...], its probability [...])."""
+    logits = logits.astype(mx.float32)
+    token = mx.argmax(logits, axis=-1)
+    return token, mx.exp(_at(logits, token) - mx.logsumexp(logits, axis=-1))
+
+
+@partial(mx.compile, inputs=mx.random.state, outputs=mx.random.state)
+def next_sampled(logprobs: mx.array):
+    """Plain decoding's step, normalized logprobs [..., V] -> lazy (token [...], its probability [...])."""
+    token = mx.random.categorical(logprobs)
+    return token, mx.exp(_at(logprobs, token))
 
 
 def _leading_true(flags: mx.array) -> mx.array:

@@ -9,6 +9,7 @@ import pytest
 import mtpnb
 from mtpnb import MTPNBError
 from mtpnb.engine import _rollback
+from mtpnb.sampling import Sampling
 
 PROMPTS = ([5, 7, 9], [100, 3, 44, 3], [250, 251], [17])
 
@@ -116,6 +117,30 @@ def test_events_add_up_to_the_result(hybrid_model):
             assert 0 < e.q <= 1 and 0 <= e.p <= 1 and 1 <= e.position <= 3
     assert set(mtpnb.Metrics().to_dict()) == set(m.to_dict())
     assert mtpnb.Result.from_dict(res.to_dict()).to_dict() == res.to_dict()
+
+
+@pytest.mark.parametrize("depth", [0, 3])
+@pytest.mark.parametrize("sampling", [{}, {"temperature": 0.9, "top_p": 0.9, "seed": 3}], ids=["greedy", "sampled"])
+def test_event_probabilities_are_the_targets(echo_models, depth, sampling):
+    """Each output token's p, and each step's first tested draft's, is the target's probability at its
+    position: the softmax at greedy, the processed distribution when sampling (one fresh forward)."""
+    model = echo_models["qwen3_5"]  # drafts accepted and rejected: every row of a verify is read
+    prompt = [5, 7, 9]
+    res = model.generate(prompt, depth=depth, max_tokens=40, **sampling)
+    _, logits = model.forward(mx.array(prompt + res.tokens)[None])
+    logits = logits[0, len(prompt) - 1:].astype(mx.float32)
+    target = Sampling(**{k: v for k, v in sampling.items() if k != "seed"})
+    probs = np.array(mx.softmax(logits, axis=-1) if target.greedy else mx.exp(target.logprobs(logits)))
+    position, checked = 0, 0
+    for e in res.events:
+        if e.kind == "rejected" and e.position != res.steps[e.step].accepted + 1:
+            continue  # a draft after the first rejected one: its target is conditioned on that draft
+        assert e.p == pytest.approx(probs[position, e.token], abs=1e-4), (e, position)
+        checked += 1
+        position += e.kind != "rejected"
+    assert position == len(res.tokens) and checked >= len(res.tokens)
+    if depth:
+        assert {"accepted", "rejected"} <= {e.kind for e in res.events}
 
 
 def test_metrics_names_are_the_documented_ones(hybrid_model):
