@@ -45,6 +45,7 @@ import html
 import json
 import os
 import platform as py_platform
+import random
 import statistics
 import sys
 import sysconfig
@@ -63,6 +64,7 @@ SCHEMA = "mtpnb.bench/1"
 DESCRIPTION = ("Benchmark MTP depths against plain decoding (depth 0) and mlx-lm on code prompts: decode and "
                "end-to-end tok/s, TTFT, acceptance, the verify-cost curve and the speedup bound; JSON + HTML.")
 FULL = {"prompts": 6, "max_tokens": 128, "repeats": 3, "warmup": 1, "cost_repeats": 9}
+PARITY_GOAL = 0.97  # mtpnb depth 0 / mlx-lm plain decoding, the issue's floor
 QUICK = {"prompts": 2, "max_tokens": 32, "repeats": 1, "warmup": 1, "cost_repeats": 5}
 FALLBACK_HELDOUT = ("bisect", "calendar", "colorsys", "difflib", "fractions", "graphlib", "heapq", "json",
                     "pprint", "shlex", "statistics", "string", "textwrap")
@@ -170,6 +172,32 @@ def _header_end(lines: list[str], first: int, body: int) -> int | None:
 def median(values) -> float | None:
     values = [v for v in values if v is not None and v == v]
     return float(statistics.median(values)) if values else None
+
+
+def parity(ratios: Sequence[float], goal: float = PARITY_GOAL, level: float = 0.9, resamples: int = 2000) -> dict:
+    """mtpnb depth 0 / mlx-lm from paired runs (the same prompt, one right after the other): the median
+    ratio, a percentile-bootstrap interval for it (seeded: the same data give the same report) and
+    whether the goal is met, missed, or not separable from it at this run's noise."""
+    ratios = sorted(r for r in ratios if r)
+    if not ratios:
+        return {}
+    rng = random.Random(0)
+    medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples))
+    lo = medians[int((1 - level) / 2 * resamples)]
+    hi = medians[int((1 + level) / 2 * resamples) - 1]
+    mid = statistics.median(ratios)
+    interval = f"{mid:.3f}x, {100 * level:.0f}% interval {lo:.3f}-{hi:.3f} over {len(ratios)} paired runs"
+    if lo >= goal:
+        verdict, text = "met", f"at least {goal}x: {interval}"
+    elif hi < goal:
+        verdict, text = "missed", (f"below {goal}x: {interval}; the phase profile's depth-0 rows show where "
+                                   "mtpnb's step spends its time")
+    else:
+        verdict, text = "undecided", (f"not separable from {goal}x at this run's noise: {interval} "
+                                      "(pairs range {:.2f}-{:.2f}); more --repeats or --prompts narrow it".format(
+                                          ratios[0], ratios[-1]))
+    return {"ratio": mid, "interval": [lo, hi], "level": level, "pairs": ratios, "goal": goal,
+            "verdict": verdict, "text": text}
 
 
 def speedup_bound(tokens_per_verify: float, verify_ratio: float, draft_ratio: float, depth: int) -> float:
@@ -518,8 +546,9 @@ class BenchReport:
             v = d.get(key)
             depth = d.get(key.replace("speedup", "depth"))
             lines.append(f"{key}: {v:.2f} (depth {depth})" if v is not None else f"{key}: -")
-        for t, ratio in d.get("depth0_vs_mlx_lm", {}).items():
-            lines.append(f"mtpnb depth 0 / mlx-lm plain decoding at temperature {t}: {ratio:.3f}x" if ratio else "")
+        for t, detail in d.get("depth0_vs_mlx_lm_detail", {}).items():
+            if detail:
+                lines.append(f"mtpnb depth 0 / mlx-lm plain decoding at temperature {t}: {detail['text']}")
         phase_rows = [r for r in d["results"] if r.get("phases")]
         if phase_rows:
             lines += ["", "ms per output token: " + " / ".join(PHASES)]
@@ -634,9 +663,9 @@ class BenchReport:
             f"(depth {d.get('best_depth_greedy')}), sampled <b>{_fmt(d.get('best_speedup_sampled'), 'x')}</b> "
             f"(depth {d.get('best_depth_sampled')})</p>",
             f"<p>{esc(d['platform']['blas']['message'])}</p>",
-            "<p>" + " | ".join(
-                f"mtpnb depth 0 / mlx-lm plain decoding at T={esc(str(t))}: <b>{_fmt(v, 'x', 3)}</b>"
-                for t, v in d.get("depth0_vs_mlx_lm", {}).items()) + "</p>",
+            "<p>" + "<br>".join(
+                f"mtpnb depth 0 / mlx-lm plain decoding at T={esc(str(t))}: <b>{_fmt(v.get('ratio'), 'x', 3)}</b> "
+                f"({esc(v['text'])})" for t, v in d.get("depth0_vs_mlx_lm_detail", {}).items() if v) + "</p>",
             f"<p class='note'>{esc(_settings_line(d))}</p>",
             _results_table(d),
         ]
@@ -872,11 +901,14 @@ def run_bench(
         best[f"best_speedup_{label}"] = top["speedup"] if top else None
         best[f"best_depth_{label}"] = top["depth"] if top else None
         best[f"best_fraction_of_bound_{label}"] = top.get("fraction_of_bound") if top else None
-    vs_mlx = {}
+    vs_mlx, vs_mlx_detail = {}, {}
     if peers:
         for t in temperatures:
-            a, b = per_repeat_rate.get(("mtpnb", 0, t)), per_repeat_rate.get(("mlx-lm", 0, t))
-            vs_mlx[str(t)] = median(x / y for x, y in zip(a, b) if x and y)
+            pairs = [(_rate([a]), _rate([b])) for rep_a, rep_b in zip(records[("mtpnb", 0, t)], records[("mlx-lm", 0, t)])
+                     for a, b in zip(rep_a, rep_b)]
+            detail = parity([a / b for a, b in pairs if a and b])
+            vs_mlx[str(t)] = detail.get("ratio")
+            vs_mlx_detail[str(t)] = detail
     notes.append("mlx-lm's speculative decoding (stream_generate with draft_model=) needs a separate draft model; "
                  "none applies to an MTP checkpoint, so it is not run.")
     if blas["kind"] == "reference":
@@ -899,6 +931,7 @@ def run_bench(
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **best,
         "depth0_vs_mlx_lm": vs_mlx,
+        "depth0_vs_mlx_lm_detail": vs_mlx_detail,
         "model": info,
         "platform": _platform_info(blas),
         "settings": {
@@ -908,6 +941,8 @@ def run_bench(
             "decode_tok_s": "(tokens - 1) / (time of the last output token - time of the first), per repeat over "
                             "all prompts, then the median of repeats",
             "speedup": "decode tok/s of depth d / depth 0 of the same repeat, median of repeats",
+            "depth0_vs_mlx_lm": "decode tok/s of mtpnb depth 0 / mlx-lm for each prompt and repeat (the two runs "
+                                "are adjacent in time), median of those pairs, with a bootstrap interval",
         },
         "cost_model": cost,
         "phases_doc": PHASE_DOC,

@@ -22,7 +22,7 @@ from mtpnb.platform import (
 )
 
 TOP_LEVEL = {
-    "schema": str, "created": str, "depth0_vs_mlx_lm": dict, "model": dict, "platform": dict, "settings": dict,
+    "schema": str, "created": str, "depth0_vs_mlx_lm": dict, "depth0_vs_mlx_lm_detail": dict, "model": dict, "platform": dict, "settings": dict,
     "cost_model": dict, "phases_doc": dict, "results": list, "peers": dict, "notes": list,
 }
 NULLABLE_NUMBERS = ("best_speedup_greedy", "best_speedup_sampled", "best_fraction_of_bound_greedy",
@@ -84,7 +84,11 @@ def test_quick_report_is_well_formed(quick_report):
     assert set(cost["draft_ratio"]) == {"greedy", "T=0.6"}
     assert all(len(v) == 3 for v in cost["accept_ms"].values())
     assert data["peers"]["mlx_lm_speculative"]["applicable"] is False
-    assert set(data["depth0_vs_mlx_lm"]) == {"0.0", "0.6"}
+    assert set(data["depth0_vs_mlx_lm"]) == set(data["depth0_vs_mlx_lm_detail"]) == {"0.0", "0.6"}
+    for t, detail in data["depth0_vs_mlx_lm_detail"].items():
+        assert detail["ratio"] == data["depth0_vs_mlx_lm"][t]
+        assert len(detail["pairs"]) == 2  # quick: 2 prompts x 1 repeat, each an adjacent pair of runs
+        assert detail["verdict"] in ("met", "missed", "undecided")
 
 
 def test_quick_report_html_is_standalone(quick_report):
@@ -117,6 +121,18 @@ def test_code_prompts_end_before_a_function_body():
             assert p["text"].endswith(":\n") and last.split("#")[0].rstrip().endswith(":"), p["name"]
             assert 300 < len(p["text"]) <= 1000
     assert [p["name"] for p in bench.code_prompts(2, stdlib="/nonexistent")] == ["fallback:fib", "fallback:lru"]
+
+
+def test_parity_verdicts():
+    """The depth-0 / mlx-lm verdict follows the interval: met, missed, or not separable from the goal."""
+    met = bench.parity([1.01, 0.99, 1.02, 1.00, 0.98, 1.03, 1.00, 0.99])
+    assert met["verdict"] == "met" and met["interval"][0] >= 0.97 and met["ratio"] == pytest.approx(1.0)
+    missed = bench.parity([0.90, 0.91, 0.92, 0.89, 0.93, 0.90])
+    assert missed["verdict"] == "missed" and missed["interval"][1] < 0.97
+    noisy = bench.parity([0.85, 1.10, 0.92, 1.05, 0.88, 1.02])
+    assert noisy["verdict"] == "undecided" and noisy["interval"][0] < 0.97 <= noisy["interval"][1]
+    assert noisy == bench.parity([0.85, 1.10, 0.92, 1.05, 0.88, 1.02])  # seeded: reproducible
+    assert bench.parity([]) == {}
 
 
 # -- the cost model's arithmetic ------------------------------------------------------------------------
