@@ -58,7 +58,7 @@ import mlx.core as mx
 
 from .errors import MTPNBError
 from .events import Done, TokenEvent
-from .sampling import Sampling, accept_greedy, accept_sampled
+from .sampling import Sampling, accept_greedy, accept_sampled, sample
 
 SCHEMA = "mtpnb.bench/1"
 DESCRIPTION = ("Benchmark MTP depths against plain decoding (depth 0) and mlx-lm on code prompts: decode and "
@@ -297,7 +297,7 @@ def measure_costs(model, context_ids: Sequence[int], max_depth: int, samplings: 
             g2, lg = model.mtp_forward(g, token, cache=head_cache)
             lg = lg[0, -1]
             dist = lg if sampling.greedy else sampling.logprobs(lg)
-            d = mx.argmax(dist, axis=-1) if sampling.greedy else mx.random.categorical(dist)
+            d = mx.argmax(dist, axis=-1) if sampling.greedy else sample(dist)
             mx.eval(g2, d, dist)
             head_cache.trim(1)
 
@@ -1130,7 +1130,8 @@ def compare_blas(model_arg: str | None, *, max_tokens: int = 64, repeats: int = 
 
 
 # -- command line ------------------------------------------------------------------------------------
-def _int_list(text: str) -> list[int]:
+def depth_list(text: str) -> list[int]:
+    """"0,1,3" -> [0, 1, 3] (argparse type for --depths; the magic uses it too)."""
     try:
         values = [int(x) for x in text.replace(" ", "").split(",") if x]
     except ValueError:
@@ -1140,7 +1141,8 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
-def _float_list(text: str) -> list[float]:
+def temperature_list(text: str) -> list[float]:
+    """"0,0.6" -> [0.0, 0.6] (argparse type for --temperatures)."""
     try:
         values = [float(x) for x in text.replace(" ", "").split(",") if x]
     except ValueError:
@@ -1157,9 +1159,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         help="a minute or two on 2 cores: 2 prompts, 32 tokens, 1 repeat (figures indicative only)")
     parser.add_argument("--json", metavar="PATH", help="write the report as JSON")
     parser.add_argument("--html", metavar="PATH", help="write the report as standalone HTML (plotly inline)")
-    parser.add_argument("--depths", type=_int_list, default=[0, 1, 2, 3, 4], metavar="LIST",
+    parser.add_argument("--depths", type=depth_list, default=[0, 1, 2, 3, 4], metavar="LIST",
                         help="depths to run, comma-separated (depth 0 always runs; default 0,1,2,3,4)")
-    parser.add_argument("--temperatures", type=_float_list, default=[0.0, 0.6], metavar="LIST",
+    parser.add_argument("--temperatures", type=temperature_list, default=[0.0, 0.6], metavar="LIST",
                         help="temperatures, comma-separated (default 0,0.6)")
     parser.add_argument("--top-p", type=float, default=0.95, help="top-p when sampling (default 0.95)")
     parser.add_argument("--top-k", type=int, default=20, help="top-k when sampling (default 20)")

@@ -21,7 +21,7 @@ import mlx.core as mx
 
 from .errors import MTPNBError
 from .events import Done, Metrics, Result, StepEvent, TokenEvent
-from .sampling import Sampling, accept_greedy, accept_sampled, next_greedy, next_sampled
+from .sampling import Sampling, accept_greedy, accept_sampled, next_greedy, next_sampled, sample
 
 MAX_DEPTH = 8
 
@@ -220,7 +220,7 @@ class _Generation:
         for j in range(self.depth):
             logits = model.draft_logits(g)[0, -1]
             dist = logits if sampling.greedy else sampling.logprobs(logits)
-            index = mx.argmax(dist, axis=-1) if sampling.greedy else mx.random.categorical(dist)
+            index = mx.argmax(dist, axis=-1) if sampling.greedy else sample(dist)
             draft = index if model.draft_vocab is None else model.draft_vocab[index]
             drafts.append(draft)
             dists.append(dist)

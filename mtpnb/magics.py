@@ -21,7 +21,7 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
-from .bench import _float_list as float_list, _int_list as int_list
+from .bench import depth_list, temperature_list
 from .cli import GENERATION_ARGUMENTS, GENERATION_PARAMS, generation_params
 from .engine import GenerationParams
 from .errors import MTPNBError
@@ -182,9 +182,9 @@ class MTPMagics(Magics):
         return self._bind(args.output, results)
 
     @magic_arguments("mtp bench")
-    @argument("--depths", type=int_list, metavar="LIST",
+    @argument("--depths", type=depth_list, metavar="LIST",
               help="depths, comma-separated; depth 0 always runs (default: mtpnb bench's)")
-    @argument("--temperatures", "--temperature", type=float_list, metavar="LIST",
+    @argument("--temperatures", "--temperature", type=temperature_list, metavar="LIST",
               help="temperatures, comma-separated (default: mtpnb bench's)")
     @argument("--repeats", type=int, metavar="N", help="measured repeats of every configuration")
     @argument("--max-tokens", type=int, metavar="N", help="tokens per generation")

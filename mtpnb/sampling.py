@@ -10,6 +10,11 @@ accept d_j while u_j < p_j(d_j) / q_j(d_j); at the first rejection emit a sample
 normalize(max(0, p_j - q_j)) (p_j itself if that mass is ~0); if all are accepted emit a bonus
 sample of p_K+1. The output then follows p exactly, and P(accept d_j) = sum(min(p_j, q_j)).
 Greedy (temperature 0): accept while d_j == argmax p_j, then emit argmax p at the first mismatch.
+
+Cost: MLX's CPU exp and log run at ~20 ns an element, so a pass over an 8k-152k vocabulary is the
+price to count. Filtering with top-k normalizes within the k survivors; the acceptance reads p and
+q at the drafts only and builds the one row it samples from (residual or bonus), drawn by inverse
+CDF (`sample`: one exp pass) instead of Gumbel-max (a uniform and two logs over the vocabulary).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from dataclasses import dataclass
 from functools import partial
 
 import mlx.core as mx
-from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
+from mlx_lm.sample_utils import apply_min_p, apply_top_p
 
 from .errors import MTPNBError
 
@@ -54,26 +59,24 @@ class Sampling:
         """Normalized log-probabilities of the distribution sampled from, [..., V]; called as the
         compiled `self.logprobs`."""
         logprobs = logits.astype(mx.float32)
+        if 0 < self.top_k < logits.shape[-1]:
+            return self._top_k_first(logprobs)
         logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
-        if 0 < self.top_k < logits.shape[-1] and (self.top_p < 1 or self.min_p > 0):
-            logprobs = self._filter_top_k_first(logprobs)
-        else:
-            if self.top_p < 1:
-                logprobs = apply_top_p(logprobs, self.top_p)
-            if self.min_p > 0:
-                logprobs = apply_min_p(logprobs, self.min_p)
-            if 0 < self.top_k < logits.shape[-1]:
-                logprobs = apply_top_k(logprobs, self.top_k)
+        if self.top_p < 1:
+            logprobs = apply_top_p(logprobs, self.top_p)
+        if self.min_p > 0:
+            logprobs = apply_min_p(logprobs, self.min_p)
         logprobs = logprobs * (1 / self.temperature)
         return logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
 
-
-    def _filter_top_k_first(self, logprobs: mx.array) -> mx.array:
-        """top-p, min-p and top-k, exactly as mlx-lm's chain applies them, without sorting the
-        whole vocabulary: each filter keeps a prefix of the tokens ranked by probability (top-p
-        judged on the full distribution's mass), so their combination is the shortest prefix, and
-        it lies within the k best tokens."""
+    def _top_k_first(self, logprobs: mx.array) -> mx.array:
+        """top-p, min-p and top-k, exactly as mlx-lm's chain applies them, then the temperature,
+        without sorting or re-normalizing the whole vocabulary: each filter keeps a prefix of the
+        tokens ranked by probability (top-p judged on the full distribution's mass), so their
+        combination is the shortest prefix, and it lies within the k best tokens."""
         k = self.top_k
+        if self.top_p < 1:  # the one pass over the vocabulary that top-p's mass needs
+            logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
         index = mx.argpartition(-logprobs, kth=k - 1, axis=-1)[..., :k]
         best = mx.take_along_axis(logprobs, index, axis=-1)
         order = mx.argsort(-best, axis=-1)
@@ -82,10 +85,12 @@ class Sampling:
         if self.top_p < 1:
             mass_before = mx.cumsum(mx.exp(best), axis=-1, inclusive=False)
             keep = keep & (mass_before < self.top_p)
-        if self.min_p > 0:
+        if self.min_p > 0:  # relative to the best token: no normalization needed
             keep = keep & (best >= best[..., :1] + math.log(self.min_p))
+        best = mx.where(keep, best * (1 / self.temperature), -mx.inf)
+        best = best - mx.logsumexp(best, axis=-1, keepdims=True)
         filtered = mx.full(logprobs.shape, -mx.inf, dtype=logprobs.dtype)
-        return mx.put_along_axis(filtered, index, mx.where(keep, best, -mx.inf), axis=-1)
+        return mx.put_along_axis(filtered, index, best, axis=-1)
 
 
 @partial(mx.compile, inputs=mx.random.state, outputs=mx.random.state)
@@ -94,18 +99,38 @@ def accept_sampled(p_logprobs: mx.array, q_logprobs: mx.array, drafts: mx.array)
     (n_accepted [...], next_token [...], p_drafts [..., K], q_drafts [..., K], p_next [...]).
     Leading batch dimensions are independent trials (the tests run 1e5 of them at once)."""
     K = drafts.shape[-1]
-    p = mx.exp(p_logprobs)
-    p_drafts = _at(p[..., :K, :], drafts)
+    p_drafts = mx.exp(_at(p_logprobs[..., :K, :], drafts))
     q_drafts = mx.exp(_at(q_logprobs, drafts))
     accepted = mx.random.uniform(shape=drafts.shape) * q_drafts < p_drafts
     n_accepted = _leading_true(accepted)
-    # Candidates for every possible stopping point: residuals 1..K, then the bonus from p_K+1.
-    residual = mx.maximum(p[..., :K, :] - mx.exp(q_logprobs), 0)
-    mass = residual.sum(axis=-1, keepdims=True)
-    residual = mx.where(mass > RESIDUAL_EPS, residual / mx.maximum(mass, RESIDUAL_EPS), p[..., :K, :])
-    candidates = mx.concatenate([mx.log(residual), p_logprobs[..., K:, :]], axis=-2)
-    next_token = _at(mx.random.categorical(candidates), n_accepted)
-    return n_accepted, next_token, p_drafts, q_drafts, _at(_at_row(p, n_accepted), next_token)
+    # Only the row where acceptance stopped is sampled from: the residual max(0, p - q) of the first
+    # rejected draft, or p_K+1 itself for the bonus (there q is zero).
+    p_row = mx.exp(_at_row(p_logprobs, n_accepted))
+    weights = p_row
+    if K:
+        q_row = mx.exp(_at_row(q_logprobs, mx.minimum(n_accepted, K - 1)))
+        residual = mx.where((n_accepted < K)[..., None], mx.maximum(p_row - q_row, 0), p_row)
+        weights = mx.where(residual.sum(axis=-1, keepdims=True) > RESIDUAL_EPS, residual, p_row)
+    next_token = _sample_weights(weights)
+    return n_accepted, next_token, p_drafts, q_drafts, _at(p_row, next_token)
+
+
+@partial(mx.compile, inputs=mx.random.state, outputs=mx.random.state)
+def sample(logprobs: mx.array) -> mx.array:
+    """A token drawn from normalized log-probabilities [..., V] -> [...] (inverse CDF)."""
+    return _sample_weights(mx.exp(logprobs))
+
+
+def _sample_weights(weights: mx.array) -> mx.array:
+    """Inverse-CDF draw from non-negative weights [..., V] (any scale) -> token ids [...]. The first
+    index whose running sum exceeds u * total has a positive weight (float addition is monotone, and
+    adding a zero weight leaves the sum unchanged); u * total rounding up to the total is clamped to
+    the last positive weight."""
+    cdf = mx.cumsum(weights, axis=-1)
+    x = mx.random.uniform(shape=cdf.shape[:-1] + (1,)) * cdf[..., -1:]
+    token = mx.sum(cdf <= x, axis=-1)
+    last_positive = weights.shape[-1] - 1 - mx.argmax(weights[..., ::-1] > 0, axis=-1)
+    return mx.minimum(token, last_positive).astype(mx.uint32)
 
 
 @mx.compile
@@ -139,8 +164,9 @@ def next_greedy(logits: mx.array):
 @partial(mx.compile, inputs=mx.random.state, outputs=mx.random.state)
 def next_sampled(logprobs: mx.array):
     """Plain decoding's step, normalized logprobs [..., V] -> lazy (token [...], its probability [...])."""
-    token = mx.random.categorical(logprobs)
-    return token, mx.exp(_at(logprobs, token))
+    probs = mx.exp(logprobs)
+    token = _sample_weights(probs)
+    return token, _at(probs, token)
 
 
 def _leading_true(flags: mx.array) -> mx.array:

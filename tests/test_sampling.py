@@ -14,7 +14,7 @@ import pytest
 from scipy.stats import binomtest, chisquare
 
 from mtpnb.errors import MTPNBError
-from mtpnb.sampling import Sampling, accept_greedy, accept_sampled
+from mtpnb.sampling import Sampling, accept_greedy, accept_sampled, next_sampled, sample
 
 V, K, N = 8, 3, 100_000
 
@@ -100,6 +100,19 @@ def test_no_drafts_samples_from_p():
     n, token, *_ = accept_sampled(lp, lp[:, :0], mx.zeros((N, 0), dtype=mx.int32))
     assert np.all(np.array(n) == 0)
     assert _chi2_pvalue(np.array(token), p) > 1e-3
+
+
+def test_sample_follows_p_and_never_draws_a_zero():
+    """The inverse-CDF sampler (drafts, plain decoding, residuals): p's frequencies, no zero-p token,
+    zeros at both ends of the vocabulary included."""
+    mx.random.seed(11)
+    p = _dist(0, 1, 0, 4, 2, 0, 3, 0)
+    lp = mx.broadcast_to(_log(p), (N, V))
+    assert _chi2_pvalue(np.array(sample(lp)), p) > 1e-3
+    tokens, probs = next_sampled(lp)
+    assert _chi2_pvalue(np.array(tokens), p) > 1e-3
+    np.testing.assert_allclose(np.array(probs), p[np.array(tokens)], rtol=1e-5)
+    assert np.all(np.array(sample(_log(np.eye(V)[[0, V - 1]]))) == [0, V - 1])  # one-hot at either end
 
 
 def test_processed_distribution_filters_then_tempers():
