@@ -7,8 +7,9 @@ What one run does, in one process on one loaded model:
 
 1. Cost model. With the trunk's caches warm at a realistic context length (a code prompt plus half the
    generation), it times a trunk forward of M tokens, t_verify(M), for M = 1..D+1 (t_1 = t_verify(1) is
-   one plain decode step's forward), one head step with its drafting op (argmax at greedy; the processed
-   log-probabilities and a categorical draw when sampling), t_draft, and the acceptance of K drafts with
+   one plain decode step's forward), one draft step as the engine takes it (the head's layer, its logits
+   over the draft vocabulary, then argmax at greedy or the processed log-probabilities and a draw when
+   sampling: `engine.draft_token`), t_draft, and the acceptance of K drafts with
    its host sync, t_accept(K). Every time is wall time around an `mx.eval` barrier, median of repeats.
    The speedup bound of depth D is  E[tokens per verify] / (t_verify(D+1)/t_1 + D * t_draft/t_1)
    with E[tokens per verify] = 1 + mean accepted drafts per verify, measured in the runs.
@@ -58,7 +59,7 @@ import mlx.core as mx
 
 from .errors import MTPNBError
 from .events import Done, TokenEvent
-from .sampling import Sampling, accept_greedy, accept_sampled, sample
+from .sampling import Sampling, accept_greedy, accept_sampled
 
 SCHEMA = "mtpnb.bench/1"
 DESCRIPTION = ("Benchmark MTP depths against plain decoding (depth 0) and mlx-lm on code prompts: decode and "
@@ -241,7 +242,7 @@ def _timed(fn, repeats: int) -> float:
 def measure_costs(model, context_ids: Sequence[int], max_depth: int, samplings: dict[str, Sampling],
                   repeats: int = 9) -> dict:
     """Verify-cost curve, draft-step and acceptance costs with warm caches at len(context_ids) tokens."""
-    from .engine import _rollback, _to_host
+    from .engine import _rollback, _to_host, draft_token
 
     mx.random.seed(0)
     ids = mx.array(list(context_ids))[None]
@@ -293,11 +294,9 @@ def measure_costs(model, context_ids: Sequence[int], max_depth: int, samplings: 
     _rollback(cache, keep=0, discard=max_m)
     draft_logits = mx.stack([verify_logits[0, -1]] * max_depth) if max_depth else verify_logits[0, :0]
     for mode, sampling in samplings.items():
-        def draft_step():
-            g2, lg = model.mtp_forward(g, token, cache=head_cache)
-            lg = lg[0, -1]
-            dist = lg if sampling.greedy else sampling.logprobs(lg)
-            d = mx.argmax(dist, axis=-1) if sampling.greedy else sample(dist)
+        def draft_step():  # the engine's own: head layer, draft-vocabulary logits, the draw
+            g2 = model.head(g, model.embed(token), cache=head_cache)
+            d, dist = draft_token(model, sampling, g2)
             mx.eval(g2, d, dist)
             head_cache.trim(1)
 

@@ -218,10 +218,7 @@ class _Generation:
         g = model.head(pending_hidden, model.embed(mx.array(pending_tokens)[None]), cache=head_cache)[:, -1:]
         drafts, dists = [], []
         for j in range(self.depth):
-            logits = model.draft_logits(g)[0, -1]
-            dist = logits if sampling.greedy else sampling.logprobs(logits)
-            index = mx.argmax(dist, axis=-1) if sampling.greedy else sample(dist)
-            draft = index if model.draft_vocab is None else model.draft_vocab[index]
+            draft, dist = draft_token(model, sampling, g)
             drafts.append(draft)
             dists.append(dist)
             if j + 1 < self.depth:
@@ -366,6 +363,15 @@ def _to_host(decision):
     n_accepted, token, p_drafts, q_drafts, p_token = decision
     mx.eval(n_accepted, token, p_drafts, q_drafts, p_token)
     return n_accepted.item(), token.item(), p_drafts.tolist(), q_drafts.tolist(), p_token.item()
+
+
+def draft_token(model, sampling: Sampling, g: mx.array) -> tuple[mx.array, mx.array]:
+    """One draft from the head's last output g [1, T, H]: (token id, the distribution it was drawn
+    from over the draft vocabulary: log-probs when sampling, raw logits at greedy)."""
+    logits = model.draft_logits(g)[0, -1]
+    dist = logits if sampling.greedy else sampling.logprobs(logits)
+    index = mx.argmax(dist, axis=-1) if sampling.greedy else sample(dist)
+    return (index if model.draft_vocab is None else model.draft_vocab[index]), dist
 
 
 def _plain_to_host(decision):
