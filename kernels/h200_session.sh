@@ -23,7 +23,7 @@ timeout ${T_NCU:-45} $NCU --clock-control none --kernel-name regex:qmv --section
 grep -E "^[0-9]+x|qmv.*\(|Duration|DRAM Throughput|Achieved Occupancy|Registers Per|Dynamic Shared" \
   "$OUT/ncu.txt" | sed -E 's/\(const __nv_bfloat16.*//; s/\(const T6.*//' | head -80
 echo "== tests"
-MTPNB_KERNEL_TEST_LOG=$OUT/kernel_tests.txt timeout ${T_TEST:-100} python3 -m pytest -q -p no:cacheprovider \
+MTPNB_KERNEL_TEST_LOG=$OUT/kernel_tests.txt timeout ${T_TEST:-400} python3 -m pytest -q -p no:cacheprovider \
   tests/test_kernels.py -rs 2>&1 | tail -8 > "$OUT/pytest.txt"
 cat "$OUT/pytest.txt" "$OUT/kernel_tests.txt" 2>/dev/null
 echo "== end"
