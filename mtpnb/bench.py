@@ -242,7 +242,7 @@ def _timed(fn, repeats: int) -> float:
 def measure_costs(model, context_ids: Sequence[int], max_depth: int, samplings: dict[str, Sampling],
                   repeats: int = 9) -> dict:
     """Verify-cost curve, draft-step and acceptance costs with warm caches at len(context_ids) tokens."""
-    from .engine import _rollback, _to_host, draft_token
+    from .engine import _plain_to_host, _rollback, _to_host, draft_token, next_token
 
     mx.random.seed(0)
     ids = mx.array(list(context_ids))[None]
@@ -292,7 +292,7 @@ def measure_costs(model, context_ids: Sequence[int], max_depth: int, samplings: 
     token = ids[:, -1:]
     _, verify_logits = verify(max_m)
     _rollback(cache, keep=0, discard=max_m)
-    draft_logits = mx.stack([verify_logits[0, -1]] * max_depth) if max_depth else verify_logits[0, :0]
+    draft_logits = mx.stack([verify_logits[0, -1]] * max(max_depth, 1))
     for mode, sampling in samplings.items():
         def draft_step():  # the engine's own: head layer, draft-vocabulary logits, the draw
             g2 = model.head(g, model.embed(token), cache=head_cache)
@@ -307,12 +307,15 @@ def measure_costs(model, context_ids: Sequence[int], max_depth: int, samplings: 
         accept_ms = []
         for k in range(max_depth + 1):
             lg = verify_logits[0, : k + 1]
-            q = draft_logits[:k] if sampling.greedy or not k else sampling.logprobs(draft_logits[:k])
-            drafts = mx.argmax(q, axis=-1).astype(mx.int32) if k else mx.zeros((0,), dtype=mx.int32)
-            mx.eval(q, drafts)
+            if k:  # (no empty arrays: MLX's CUDA backend faults on some zero-size kernels)
+                q = draft_logits[:k] if sampling.greedy else sampling.logprobs(draft_logits[:k])
+                drafts = mx.argmax(q, axis=-1).astype(mx.int32)
+                mx.eval(q, drafts)
 
             def accept():
-                if sampling.greedy:
+                if not k:  # no drafts: plain decoding's choice
+                    _plain_to_host(next_token(sampling, lg[0]))
+                elif sampling.greedy:
                     _to_host(accept_greedy(lg, q, drafts))
                 else:
                     _to_host(accept_sampled(sampling.logprobs(lg), q, drafts))

@@ -151,7 +151,7 @@ class _Generation:
         model = self.model
         cache, head_cache = model.make_cache(), model.make_head_cache()
         hidden, logits = model.forward(mx.array(self.prompt_ids)[None], cache=cache)
-        _, token, _, _, p_token = _to_host(self._accept(logits[0, -1:], None, mx.zeros((0,), dtype=mx.int32)))
+        token, p_token = _plain_to_host(next_token(self.sampling, logits[0, -1]))
         self.ttft = time.perf_counter() - self.start
         pending_hidden = hidden
         pending_tokens = self.prompt_ids[1:] + [token]
@@ -186,7 +186,7 @@ class _Generation:
         model = self.model
         cache = model.make_cache(rollback=False)
         _, logits = model.forward(mx.array(self.prompt_ids)[None], cache=cache)
-        decision = self._next(logits[0, -1])
+        decision = next_token(self.sampling, logits[0, -1])
         step = 0
         while True:
             t0 = time.perf_counter()
@@ -194,7 +194,7 @@ class _Generation:
                 token, p_token = _plain_to_host(decision)
                 self.ttft = time.perf_counter() - self.start
             _, logits = model.forward(decision[0].reshape(1, 1), cache=cache)
-            queued = self._next(logits[0, 0])
+            queued = next_token(self.sampling, logits[0, 0])
             mx.async_eval(queued)
             if step:
                 token, p_token = _plain_to_host(decision)
@@ -202,12 +202,6 @@ class _Generation:
             if (yield from self._emit(step, [], [], [], 0, token, p_token, 0.0, wait)):
                 return
             decision, step = queued, step + 1
-
-    def _next(self, logits):
-        """Plain decoding's choice from one row of logits: lazy (token, its probability)."""
-        if self.sampling.greedy:
-            return next_greedy(logits)
-        return next_sampled(self.sampling.logprobs(logits))
 
     def _draft(self, pending_hidden, pending_tokens, head_cache):
         """Run the head depth times; return drafts [K] and what they were drawn from [K, V]
@@ -231,10 +225,8 @@ class _Generation:
 
     def _accept(self, logits, draft_dists, drafts):
         if self.sampling.greedy:
-            return accept_greedy(logits, draft_dists if draft_dists is not None else logits[:0], drafts)
-        p = self.sampling.logprobs(logits)
-        q = draft_dists if draft_dists is not None else p[:0]
-        return accept_sampled(p, q, drafts)
+            return accept_greedy(logits, draft_dists, drafts)
+        return accept_sampled(self.sampling.logprobs(logits), draft_dists, drafts)
 
     # -- output -----------------------------------------------------------------------------------
     def _emit(self, step, drafts, p_drafts, q_drafts, n_accepted, token, p_token, draft_s, verify_s):
@@ -363,6 +355,14 @@ def _to_host(decision):
     n_accepted, token, p_drafts, q_drafts, p_token = decision
     mx.eval(n_accepted, token, p_drafts, q_drafts, p_token)
     return n_accepted.item(), token.item(), p_drafts.tolist(), q_drafts.tolist(), p_token.item()
+
+
+def next_token(sampling: Sampling, logits: mx.array) -> tuple[mx.array, mx.array]:
+    """Plain decoding's choice from one row of logits (also the first token after a prefill):
+    lazy (token, its probability under the target)."""
+    if sampling.greedy:
+        return next_greedy(logits)
+    return next_sampled(sampling.logprobs(logits))
 
 
 def draft_token(model, sampling: Sampling, g: mx.array) -> tuple[mx.array, mx.array]:

@@ -143,6 +143,24 @@ def test_event_probabilities_are_the_targets(echo_models, depth, sampling):
         assert {"accepted", "rejected"} <= {e.kind for e in res.events}
 
 
+def test_no_acceptance_without_drafts(hybrid_model, monkeypatch):
+    """The first token after a prefill is plain decoding's choice, never an acceptance of zero drafts:
+    MLX's CUDA backend faults on the zero-size arrays that would take (seen on an H200)."""
+    from mtpnb import engine
+
+    for name in ("accept_greedy", "accept_sampled"):
+        original = getattr(engine, name)
+
+        def checked(p, q, drafts, original=original):
+            assert drafts.shape[-1] > 0 and q.shape[-2] > 0
+            return original(p, q, drafts)
+
+        monkeypatch.setattr(engine, name, checked)
+    for sampling in ({}, {"temperature": 0.8, "seed": 1}):
+        for depth in (0, 1, 3):
+            assert len(hybrid_model.generate("x = ", depth=depth, max_tokens=12, **sampling).tokens) > 0
+
+
 def test_metrics_names_are_the_documented_ones(hybrid_model):
     names = set(hybrid_model.generate("x", depth=2, max_tokens=5).metrics.to_dict())
     for required in ("ttft_s", "prefill_tok_s", "decode_tok_s", "end_to_end_tok_s", "decode_tok_s_first32",
