@@ -178,10 +178,12 @@ def median(values) -> float | None:
 def parity(ratios: Sequence[float], goal: float = PARITY_GOAL, level: float = 0.9, resamples: int = 2000) -> dict:
     """mtpnb depth 0 / mlx-lm from paired runs (the same prompt, one right after the other): the median
     ratio, a percentile-bootstrap interval for it (seeded: the same data give the same report) and
-    whether the goal is met, missed, or not separable from it at this run's noise."""
-    ratios = sorted(r for r in ratios if r)
-    if not ratios:
+    whether the goal is met, missed, or not separable from it at this run's noise. `pairs` keeps the
+    ratios in run order (repeats alternate which engine runs first)."""
+    in_order = [r for r in ratios if r]
+    if not in_order:
         return {}
+    ratios = sorted(in_order)
     rng = random.Random(0)
     medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples))
     lo = medians[int((1 - level) / 2 * resamples)]
@@ -197,7 +199,7 @@ def parity(ratios: Sequence[float], goal: float = PARITY_GOAL, level: float = 0.
         verdict, text = "undecided", (f"not separable from {goal}x at this run's noise: {interval} "
                                       "(pairs range {:.2f}-{:.2f}); more --repeats or --prompts narrow it".format(
                                           ratios[0], ratios[-1]))
-    return {"ratio": mid, "interval": [lo, hi], "level": level, "pairs": ratios, "goal": goal,
+    return {"ratio": mid, "interval": [lo, hi], "level": level, "pairs": in_order, "goal": goal,
             "verdict": verdict, "text": text}
 
 
