@@ -66,6 +66,7 @@ DESCRIPTION = ("Benchmark MTP depths against plain decoding (depth 0) and mlx-lm
                "end-to-end tok/s, TTFT, acceptance, the verify-cost curve and the speedup bound; JSON + HTML.")
 FULL = {"prompts": 6, "max_tokens": 128, "repeats": 3, "warmup": 1, "cost_repeats": 9}
 PARITY_GOAL = 0.97  # mtpnb depth 0 / mlx-lm plain decoding, the issue's floor
+MIN_PARITY_PAIRS = 6  # fewer paired runs than this get no verdict (quick mode has 2)
 QUICK = {"prompts": 2, "max_tokens": 32, "repeats": 1, "warmup": 1, "cost_repeats": 5}
 FALLBACK_HELDOUT = ("bisect", "calendar", "colorsys", "difflib", "fractions", "graphlib", "heapq", "json",
                     "pprint", "shlex", "statistics", "string", "textwrap")
@@ -190,7 +191,9 @@ def parity(ratios: Sequence[float], goal: float = PARITY_GOAL, level: float = 0.
     hi = medians[int((1 + level) / 2 * resamples) - 1]
     mid = statistics.median(ratios)
     interval = f"{mid:.3f}x, {100 * level:.0f}% interval {lo:.3f}-{hi:.3f} over {len(ratios)} paired runs"
-    if lo >= goal:
+    if len(ratios) < MIN_PARITY_PAIRS:
+        verdict, text = "undecided", f"too few pairs for a verdict: {interval} (a default run has 18)"
+    elif lo >= goal:
         verdict, text = "met", f"at least {goal}x: {interval}"
     elif hi < goal:
         verdict, text = "missed", (f"below {goal}x: {interval}; the phase profile's depth-0 rows show where "
