@@ -21,7 +21,7 @@ import mlx.core as mx
 
 from .errors import MTPNBError
 from .events import Done, Metrics, Result, StepEvent, TokenEvent
-from .sampling import Sampling, accept_greedy, accept_sampled, next_greedy, next_sampled, sample
+from .sampling import Sampling, accept_greedy, accept_sampled, next_greedy, sample
 
 MAX_DEPTH = 8
 
@@ -362,7 +362,7 @@ def next_token(sampling: Sampling, logits: mx.array) -> tuple[mx.array, mx.array
     lazy (token, its probability under the target)."""
     if sampling.greedy:
         return next_greedy(logits)
-    return next_sampled(sampling.logprobs(logits))
+    return sample(sampling.logprobs(logits))
 
 
 def draft_token(model, sampling: Sampling, g: mx.array) -> tuple[mx.array, mx.array]:
@@ -370,7 +370,7 @@ def draft_token(model, sampling: Sampling, g: mx.array) -> tuple[mx.array, mx.ar
     from over the draft vocabulary: log-probs when sampling, raw logits at greedy)."""
     logits = model.draft_logits(g)[0, -1]
     dist = logits if sampling.greedy else sampling.logprobs(logits)
-    index = mx.argmax(dist, axis=-1) if sampling.greedy else sample(dist)
+    index = mx.argmax(dist, axis=-1) if sampling.greedy else sample(dist)[0]
     return (index if model.draft_vocab is None else model.draft_vocab[index]), dist
 
 

@@ -116,9 +116,12 @@ def accept_sampled(p_logprobs: mx.array, q_logprobs: mx.array, drafts: mx.array)
 
 
 @partial(mx.compile, inputs=mx.random.state, outputs=mx.random.state)
-def sample(logprobs: mx.array) -> mx.array:
-    """A token drawn from normalized log-probabilities [..., V] -> [...] (inverse CDF)."""
-    return _sample_weights(mx.exp(logprobs))
+def sample(logprobs: mx.array):
+    """A draw from normalized log-probabilities [..., V] (inverse CDF) -> lazy (token [...], its
+    probability [...]): plain decoding's step when sampling, and the head's drafts."""
+    probs = mx.exp(logprobs)
+    token = _sample_weights(probs)
+    return token, _at(probs, token)
 
 
 def _sample_weights(weights: mx.array) -> mx.array:
@@ -159,14 +162,6 @@ def next_greedy(logits: mx.array):
     logits = logits.astype(mx.float32)
     token = mx.argmax(logits, axis=-1)
     return token, mx.exp(_at(logits, token) - mx.logsumexp(logits, axis=-1))
-
-
-@partial(mx.compile, inputs=mx.random.state, outputs=mx.random.state)
-def next_sampled(logprobs: mx.array):
-    """Plain decoding's step, normalized logprobs [..., V] -> lazy (token [...], its probability [...])."""
-    probs = mx.exp(logprobs)
-    token = _sample_weights(probs)
-    return token, _at(probs, token)
 
 
 def _leading_true(flags: mx.array) -> mx.array:
