@@ -1,12 +1,12 @@
-"""The MTP head of Qwen3.5 / Qwen3.6 / Qwen3-Next checkpoints, on MLX.
+"""The MTP head of Qwen3.5 / Qwen3.6 (dense and MoE) checkpoints, on MLX.
 
     e = pre_fc_norm_embedding(embed(x[t+1]));  h = pre_fc_norm_hidden(H[t])
     z = layer(fc([e, h]));  g = norm(z);  logits = lm_head(g)
 
 H is the trunk's output after its final norm. Step j > 1 feeds the previous step's `g` back as
 the hidden state (as vLLM does), with the embedding of the previous draft. The layer is one
-gated full-attention decoder layer of the Qwen3.5 family, reused from mlx-lm, with its own
-KV cache.
+gated full-attention decoder layer of the Qwen3.5 family, reused from mlx-lm (its MLP a sparse
+MoE when the config has experts), with its own KV cache.
 """
 
 from __future__ import annotations
@@ -43,9 +43,7 @@ def head_args(text_config: dict) -> qwen3_5.TextModelArgs:
         rope.setdefault("type", "default")
         cfg["rope_parameters"] = rope
         cfg.pop("rope_scaling", None)
-    args = qwen3_5.TextModelArgs.from_dict(cfg)
-    args.num_experts = 0  # dense head; MoE heads are not supported yet
-    return args
+    return qwen3_5.TextModelArgs.from_dict(cfg)  # num_experts > 0: the layer's MLP is a sparse MoE
 
 
 class MTPHead(nn.Module):

@@ -156,3 +156,137 @@ def _to_hf_layout(weights: dict, family: str) -> dict:
             v = v - 1.0
         out[k] = v
     return out
+
+
+# -- checkpoints written by transformers' own classes (needs torch + transformers) ---------------
+
+HF_FAMILIES = ("qwen3_5_moe",)
+
+
+def hf_tiny_config(family: str, *, vocab_size: int = 259, tie: bool = False):
+    """A tiny transformers config of `family` with its MTP layer(s) declared, float32."""
+    import transformers
+
+    common = dict(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6, tie_word_embeddings=tie,
+                  max_position_embeddings=4096, eos_token_id=0, pad_token_id=0, bos_token_id=None,
+                  initializer_range=0.02)
+    moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+    if family == "qwen3_5_moe":
+        config = transformers.Qwen3_5MoeTextConfig(
+            **common, **moe, shared_expert_intermediate_size=48,
+            layer_types=["linear_attention", "full_attention"] * 2,
+            linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=32, linear_value_head_dim=16,
+            linear_conv_kernel_dim=4,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
+            mtp_num_hidden_layers=1, mtp_use_dedicated_embeddings=False,
+        )
+        config.architectures = ["Qwen3_5MoeForCausalLM"]
+    else:
+        raise ValueError(f"unknown family {family!r}; transformers-written checkpoints exist for {HF_FAMILIES}")
+    config._attn_implementation = "sdpa"
+    return config
+
+
+def hf_classes(family: str):
+    """transformers' (causal LM class, decoder layer class, index of a full-attention layer) of a family."""
+    if family == "qwen3_5_moe":
+        from transformers import Qwen3_5MoeForCausalLM
+        from transformers.models.qwen3_5_moe.modeling_qwen3_5_moe import Qwen3_5MoeDecoderLayer
+
+        return Qwen3_5MoeForCausalLM, Qwen3_5MoeDecoderLayer, 1
+    raise ValueError(f"unknown family {family!r}")
+
+
+def make_hf_checkpoint(path, *, family: str = "qwen3_5_moe", experts: str = "per_expert", head: str = "random",
+                       seed: int = 0, vocab_size: int = 259, tie: bool | None = None,
+                       logit_scale: float = 1.0) -> Path:
+    """Write a random float32 checkpoint with transformers' own classes (`save_pretrained`), plus the MTP
+    layer's tensors in the family's published layout, and mtpnb's byte tokenizer.
+
+    experts: "per_expert" (what transformers' save_pretrained writes: `experts.{e}.gate_proj.weight`...)
+        or "fused" (trunk and head experts as the published BF16 checkpoints hold them:
+        `experts.gate_up_proj` [E, 2I, H], `experts.down_proj` [E, H, I]).
+    head: "random", or "echo" (the MTP layer passes the hidden state through, so the head re-predicts
+        the trunk's last token: drafts are right exactly while the output repeats itself).
+    tie: tied embeddings (by default only with the echo head: a random trunk with tied embeddings
+        tends to repeat tokens; with logit_scale ~0.1 not always, so every acceptance count occurs).
+    logit_scale: multiplies the embeddings.
+    Norm weights are spread around their neutral value so a wrong convention shows.
+    """
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    config = hf_tiny_config(family, vocab_size=vocab_size, tie=head == "echo" if tie is None else tie)
+    causal_lm, decoder_layer, attention_layer = hf_classes(family)
+    model = causal_lm(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.add_(0.2 * torch.randn_like(p))
+        model.get_input_embeddings().weight.mul_(logit_scale)
+    model.save_pretrained(path)
+
+    hidden = config.hidden_size
+    layer = decoder_layer(config, layer_idx=attention_layer)
+    mtp = {f"layers.0.{k}": torch.randn_like(v) * (0.2 if k.endswith("norm.weight") else 0.1)
+           for k, v in layer.state_dict().items()}
+    mtp.update({"fc.weight": torch.randn(hidden, 2 * hidden) * 0.1, "norm.weight": torch.randn(hidden) * 0.2,
+                "pre_fc_norm_embedding.weight": torch.randn(hidden) * 0.2,
+                "pre_fc_norm_hidden.weight": torch.randn(hidden) * 0.2})
+    if head == "echo":
+        mtp["fc.weight"] = torch.cat([torch.zeros(hidden, hidden), torch.eye(hidden)], dim=1)
+        for k in mtp:
+            if k.endswith(("o_proj.weight", "experts.down_proj", "shared_expert.down_proj.weight")):
+                mtp[k] = torch.zeros_like(mtp[k])
+            elif k.endswith("norm.weight"):
+                mtp[k] = torch.zeros_like(mtp[k])  # (1 + w) convention: scale 1
+    elif head != "random":
+        raise ValueError(f"unknown head {head!r}")
+    weights = load_file(path / "model.safetensors")
+    weights.update({f"mtp.{k}": v.contiguous() for k, v in mtp.items()})
+    weights = fuse_experts(weights) if experts == "fused" else split_experts(weights)
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    write_byte_tokenizer(path)
+    return path
+
+
+def split_experts(weights: dict) -> dict:
+    """Fused 3-D experts (torch) -> one tensor per expert and projection, as save_pretrained writes them."""
+    out = {}
+    for k, v in weights.items():
+        if k.endswith(".experts.gate_up_proj"):
+            mlp, mid = k.removesuffix(".gate_up_proj"), v.shape[1] // 2
+            for e in range(v.shape[0]):
+                out[f"{mlp}.{e}.gate_proj.weight"] = v[e, :mid].contiguous()
+                out[f"{mlp}.{e}.up_proj.weight"] = v[e, mid:].contiguous()
+        elif k.endswith(".experts.down_proj"):
+            for e in range(v.shape[0]):
+                out[f"{k.removesuffix('.down_proj')}.{e}.down_proj.weight"] = v[e].contiguous()
+        else:
+            out[k] = v
+    return out
+
+
+def fuse_experts(weights: dict) -> dict:
+    """Per-expert tensors (torch) -> fused 3-D `experts.gate_up_proj` / `experts.down_proj` (no `.weight`)."""
+    import re
+
+    import torch
+
+    weights = split_experts(weights)
+    per_expert = re.compile(r"^(.+\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+    groups, out = {}, {}
+    for k, v in weights.items():
+        if m := per_expert.match(k):
+            groups.setdefault(m[1], {}).setdefault(m[3], {})[int(m[2])] = v
+        else:
+            out[k] = v
+    for experts, projs in groups.items():
+        stack = {n: torch.stack([e[i] for i in range(len(e))]) for n, e in projs.items()}
+        out[f"{experts}.gate_up_proj"] = torch.cat([stack["gate_proj"], stack["up_proj"]], dim=1).contiguous()
+        out[f"{experts}.down_proj"] = stack["down_proj"].contiguous()
+    return out

@@ -1,0 +1,43 @@
+"""Qwen3.5 / Qwen3.6 (dense and MoE) trunks, and all-attention trunks (qwen3, llama) carrying the same head.
+
+The head's tensors are `mtp.*` at the top level of the checkpoint (see mtpnb.head); a MoE
+checkpoint's head layer has a sparse-MoE MLP (router `mlp.gate`, routed experts, `shared_expert`
+and `shared_expert_gate`), its experts per expert or fused 3-D like the trunk's.
+"""
+
+from __future__ import annotations
+
+from ..head import MTP_NORM_SUFFIXES, MTPHead, head_args
+
+MODEL_TYPES = {
+    "qwen3_5": "qwen3_5",
+    "qwen3_5_text": "qwen3_5",
+    "qwen3_5_moe": "qwen3_5_moe",
+    "qwen3_5_moe_text": "qwen3_5_moe",
+    "qwen3": "qwen3",
+    "llama": "llama",
+}
+
+
+def sanitize_trunk(weights: dict) -> dict:
+    """mlx-lm's qwen3_5_moe reads fused 3-D experts only; transformers writes them per expert."""
+    from . import stack_experts
+
+    return stack_experts(weights)
+
+
+def is_head_weight(key: str, text_config: dict) -> bool:
+    return key.startswith("mtp.")
+
+
+def head_weights(weights: dict, text_config: dict, shift_norms: bool) -> dict:
+    """`mtp.*` tensors -> the head's parameter names, norms brought to MLX's x_hat * w."""
+    from . import stack_experts
+
+    if shift_norms:
+        weights = {k: v + 1.0 if k.endswith(MTP_NORM_SUFFIXES) and v.ndim == 1 else v for k, v in weights.items()}
+    return stack_experts({k.removeprefix("mtp."): v for k, v in weights.items()})
+
+
+def build_head(text_config: dict) -> MTPHead:
+    return MTPHead(head_args(text_config))
