@@ -154,15 +154,16 @@ def read_config(path: Path) -> dict:
         raise MTPNBError(
             f"model_type {model_type!r} is not supported; mtpnb runs {', '.join(sorted(FAMILIES))}"
         )
-    _check_layer_types(text_config)
+    family_of(config)[0].normalize_config(text_config)
+    _check_layer_types(config, text_config)
     return config
 
 
-def _check_layer_types(text_config: dict) -> None:
-    """mlx-lm's qwen3_5 reads `full_attention_interval` and ignores `layer_types`: derive the one
-    from the other, and refuse patterns it cannot express."""
+def _check_layer_types(config: dict, text_config: dict) -> None:
+    """mlx-lm's qwen3_5 and qwen3_next read `full_attention_interval` and ignore `layer_types`: derive
+    the one from the other, and refuse patterns they cannot express."""
     types = text_config.get("layer_types")
-    if not types or not text_config.get("model_type", "").startswith("qwen3_5"):
+    if not types or not family_of(config)[0].is_hybrid(text_config):
         return
     if "full_attention" not in types:
         raise MTPNBError("layer_types has no full_attention layer; mtpnb needs the Qwen3.5 hybrid pattern")
@@ -253,8 +254,8 @@ def _head_norms_need_shift(config: dict, text_config: dict, hf_layout: bool) -> 
         return False
     if "quantization" in config:  # quantized means converted to MLX layout, norms with it
         return False
-    if text_config.get("model_type", "").startswith("qwen3_5"):
-        return hf_layout  # an MLX conversion of a Qwen3.5 checkpoint shifts the head with the trunk
+    if family_of(config)[0].is_hybrid(text_config):
+        return hf_layout  # an MLX conversion of a hybrid checkpoint shifts the head with the trunk
     return True
 
 

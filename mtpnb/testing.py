@@ -160,7 +160,7 @@ def _to_hf_layout(weights: dict, family: str) -> dict:
 
 # -- checkpoints written by transformers' own classes (needs torch + transformers) ---------------
 
-HF_FAMILIES = ("qwen3_5_moe",)
+HF_FAMILIES = ("qwen3_5_moe", "qwen3_next")
 
 
 def hf_tiny_config(family: str, *, vocab_size: int = 259, tie: bool = False):
@@ -182,6 +182,16 @@ def hf_tiny_config(family: str, *, vocab_size: int = 259, tie: bool = False):
             mtp_num_hidden_layers=1, mtp_use_dedicated_embeddings=False,
         )
         config.architectures = ["Qwen3_5MoeForCausalLM"]
+    elif family == "qwen3_next":
+        config = transformers.Qwen3NextConfig(
+            **common, **moe, shared_expert_intermediate_size=48, norm_topk_prob=True,
+            layer_types=["linear_attention", "full_attention"] * 2,
+            linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=32, linear_value_head_dim=16,
+            linear_conv_kernel_dim=4,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
+        )
+        config.num_nextn_predict_layers = 1  # Qwen3-Next's name for the count of MTP layers
+        config.architectures = ["Qwen3NextForCausalLM"]
     else:
         raise ValueError(f"unknown family {family!r}; transformers-written checkpoints exist for {HF_FAMILIES}")
     config._attn_implementation = "sdpa"
@@ -195,6 +205,11 @@ def hf_classes(family: str):
         from transformers.models.qwen3_5_moe.modeling_qwen3_5_moe import Qwen3_5MoeDecoderLayer
 
         return Qwen3_5MoeForCausalLM, Qwen3_5MoeDecoderLayer, 1
+    if family == "qwen3_next":
+        from transformers import Qwen3NextForCausalLM
+        from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextDecoderLayer
+
+        return Qwen3NextForCausalLM, Qwen3NextDecoderLayer, 1
     raise ValueError(f"unknown family {family!r}")
 
 

@@ -20,7 +20,7 @@ from conftest import assert_rollback_matches_fresh_prefill
 torch = pytest.importorskip("torch", reason="needs the train extra (torch + transformers)")
 pytestmark = pytest.mark.torch
 
-CASES = [("qwen3_5_moe", "per_expert"), ("qwen3_5_moe", "fused")]
+CASES = [("qwen3_5_moe", "per_expert"), ("qwen3_5_moe", "fused"), ("qwen3_next", "per_expert")]
 PROMPT = [5, 17, 99, 3, 42, 250, 7]
 PROMPTS = (PROMPT, [100, 3, 44])
 IDS = [5, 17, 99, 3, 42, 250, 7, 7, 128, 64, 33, 2, 19, 200, 45, 9, 77, 130]
@@ -71,7 +71,8 @@ def test_greedy_equals_transformers_generate_at_every_depth(hf_checkpoints, fami
 
 
 class QwenMTPReference:
-    """The Qwen3.5/3.6 MTP layer from its published formula (vLLM's qwen3_5_mtp.py), in torch:
+    """The Qwen3.5/3.6 and Qwen3-Next MTP layer from its published formula (vLLM's qwen3_5_mtp.py and
+    qwen3_next_mtp.py), in torch:
 
         e = RMSNorm_(1+w)(embed(x[t+1]));  h = RMSNorm_(1+w)(H[t])   # H: trunk state after its final norm
         z = decoder_layer(fc(cat[e, h]))   # transformers' own full-attention layer of the family, causal
@@ -129,19 +130,24 @@ def test_head_logits_match_a_torch_reference(hf_checkpoints, family, experts):
     assert np.abs(np.array(mx_head1)).max() > 1e-2  # the comparison is not between two near-zero arrays
 
 
-@pytest.mark.parametrize("family", ["qwen3_5_moe"])
-def test_rollback_for_every_keep_count(hf_checkpoints, family):
+@pytest.mark.parametrize("family, stepwise", [("qwen3_5_moe", True), ("qwen3_next", True), ("qwen3_next", False)])
+def test_rollback_for_every_keep_count(hf_checkpoints, monkeypatch, family, stepwise):
+    """Both Gated DeltaNet designs (per-step states kept during the verify; replay from the tape,
+    Metal's path) on each family's own Gated DeltaNet layout."""
+    from mtpnb import rollback
+
+    monkeypatch.setattr(rollback, "_stepwise", lambda: stepwise)
     assert_rollback_matches_fresh_prefill(load(hf_checkpoints(family, experts="per_expert")))
 
 
-@pytest.mark.parametrize("family", ["qwen3_5_moe"])
+@pytest.mark.parametrize("family, experts", [("qwen3_5_moe", "fused"), ("qwen3_next", "per_expert")])
 @pytest.mark.parametrize("bits", [4, 8])
-def test_quantized_moe_loading(hf_checkpoints, tmp_path, family, bits):
+def test_quantized_moe_loading(hf_checkpoints, tmp_path, family, experts, bits):
     """Experts (trunk and head) are quantized, the routers kept at 8 bits as mlx-lm does; the saved
     folder loads back to the same model; greedy decoding is the same at every depth."""
     import mlx.nn as nn
 
-    path = hf_checkpoints(family, experts="fused", head="echo")
+    path = hf_checkpoints(family, experts=experts, head="echo")
     model = load(path, quantize=bits, group_size=32)
     head_layer = model.head.layers[0].mlp
     assert head_layer.switch_mlp.gate_proj.bits == bits and head_layer.gate.bits == 8

@@ -5,7 +5,9 @@ provides:
     sanitize_trunk(weights) -> weights   what the trunk needs before mlx-lm's own sanitize
     head_weights(weights, text_config)   the head's tensors among a checkpoint's, under the head's names
     build_head(text_config)              the head module (MTPHead or a family's own)
-    norms_to_shift(text_config)          the head's parameter suffixes stored as w for x_hat * (1 + w)
+    is_head_weight(key, text_config)     whether a checkpoint tensor belongs to the head
+    is_hybrid(text_config)               Gated DeltaNet layers (conv1d's shape tells the HF layout)
+    normalize_config(text_config)        fill in what mlx-lm's ModelArgs need from transformers' config
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ from collections import defaultdict
 import mlx.core as mx
 
 from ..errors import MTPNBError
-from . import qwen
+from . import qwen, qwen3_next
 
-FAMILIES = {model_type: family for family in (qwen,) for model_type in family.MODEL_TYPES}
+FAMILIES = {model_type: family for family in (qwen, qwen3_next) for model_type in family.MODEL_TYPES}
 
 
 def family_of(config: dict):

@@ -17,6 +17,16 @@ MODEL_TYPES = {
     "qwen3": "qwen3",
     "llama": "llama",
 }
+HYBRID_TYPES = ("qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text")
+
+
+def is_hybrid(text_config: dict) -> bool:
+    """Gated DeltaNet layers (Qwen3.5 and its MoE): conv1d's shape tells the Hugging Face layout."""
+    return text_config.get("model_type") in HYBRID_TYPES
+
+
+def normalize_config(text_config: dict) -> None:
+    pass
 
 
 def sanitize_trunk(weights: dict) -> dict:
