@@ -1,4 +1,6 @@
-"""The MTP head of Qwen3.5 / Qwen3.6 (dense and MoE) checkpoints, on MLX.
+"""The MTP heads on MLX: Qwen3.5 / Qwen3.6 / Qwen3-Next (MTPHead) and DeepSeek-V3 / GLM-4.5 (NextNHead).
+
+Qwen:
 
     e = pre_fc_norm_embedding(embed(x[t+1]));  h = pre_fc_norm_hidden(H[t])
     z = layer(fc([e, h]));  g = norm(z);  logits = lm_head(g)
@@ -67,3 +69,42 @@ class MTPHead(nn.Module):
         mask = create_attention_mask(z, cache)
         z = self.layers[0](z, mask=mask, cache=cache)
         return self.norm(z)
+
+    def pre_logits(self, g: mx.array) -> mx.array:
+        """What lm_head reads: g itself (already normed)."""
+        return g
+
+
+class NextNHead(nn.Module):
+    """The MTP layer of DeepSeek-V3 and GLM-4.5 (their papers' "MTP module"; vLLM's deepseek_mtp.py):
+
+        z = layer(eh_proj(cat[enorm(embed(x[t+1])), hnorm(H[t])]))     # norms plain: x_hat * w
+        logits = lm_head(shared_head.norm(z))
+
+    H is the trunk's output after its final norm; step j > 1 feeds the previous step's z, *before*
+    shared_head.norm (as vLLM does). The layer is mlx-lm's decoder layer of the family, its own
+    KV cache (MLA's compressed latent for DeepSeek). vLLM zeroes the embedding at position 0 of the
+    head's input; that row only informs later drafts (never the output), and it is kept here."""
+
+    def __init__(self, hidden: int, eps: float, layer: nn.Module):
+        super().__init__()
+        self.enorm = nn.RMSNorm(hidden, eps=eps)
+        self.hnorm = nn.RMSNorm(hidden, eps=eps)
+        self.eh_proj = nn.Linear(2 * hidden, hidden, bias=False)
+        self.layers = [layer]
+        self.shared_head = SharedHead(hidden, eps)
+
+    def __call__(self, hidden: mx.array, embeddings: mx.array, cache=None) -> mx.array:
+        """hidden, embeddings: [B, T, H] -> z: [B, T, H] (pre-norm: feeds the next step)."""
+        z = self.eh_proj(mx.concatenate([self.enorm(embeddings), self.hnorm(hidden)], axis=-1))
+        mask = create_attention_mask(z, cache, return_array=True)
+        return self.layers[0](z, mask, cache)
+
+    def pre_logits(self, z: mx.array) -> mx.array:
+        return self.shared_head.norm(z)
+
+
+class SharedHead(nn.Module):
+    def __init__(self, hidden: int, eps: float):
+        super().__init__()
+        self.norm = nn.RMSNorm(hidden, eps=eps)

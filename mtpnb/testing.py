@@ -160,7 +160,7 @@ def _to_hf_layout(weights: dict, family: str) -> dict:
 
 # -- checkpoints written by transformers' own classes (needs torch + transformers) ---------------
 
-HF_FAMILIES = ("qwen3_5_moe", "qwen3_next")
+HF_FAMILIES = ("qwen3_5_moe", "qwen3_next", "deepseek_v3", "glm4_moe")
 
 
 def hf_tiny_config(family: str, *, vocab_size: int = 259, tie: bool = False):
@@ -192,6 +192,25 @@ def hf_tiny_config(family: str, *, vocab_size: int = 259, tie: bool = False):
         )
         config.num_nextn_predict_layers = 1  # Qwen3-Next's name for the count of MTP layers
         config.architectures = ["Qwen3NextForCausalLM"]
+    elif family == "deepseek_v3":
+        common.update(num_hidden_layers=3, num_key_value_heads=4)
+        del common["head_dim"]
+        config = transformers.DeepseekV3Config(
+            **common, **moe, intermediate_size=96, n_shared_experts=1, n_routed_experts=4, n_group=2, topk_group=1,
+            routed_scaling_factor=2.5, first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=32,
+            qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, num_nextn_predict_layers=1,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        )
+        config.architectures = ["DeepseekV3ForCausalLM"]
+    elif family == "glm4_moe":
+        common.update(num_hidden_layers=3)
+        config = transformers.Glm4MoeConfig(
+            **common, **moe, intermediate_size=96, n_shared_experts=1, n_routed_experts=4, n_group=1, topk_group=1,
+            routed_scaling_factor=1.0, first_k_dense_replace=1, use_qk_norm=True, attention_bias=True,
+            num_nextn_predict_layers=1,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+        )
+        config.architectures = ["Glm4MoeForCausalLM"]
     else:
         raise ValueError(f"unknown family {family!r}; transformers-written checkpoints exist for {HF_FAMILIES}")
     config._attn_implementation = "sdpa"
@@ -199,7 +218,8 @@ def hf_tiny_config(family: str, *, vocab_size: int = 259, tie: bool = False):
 
 
 def hf_classes(family: str):
-    """transformers' (causal LM class, decoder layer class, index of a full-attention layer) of a family."""
+    """transformers' (causal LM class, decoder layer class, index of the MTP layer's kind of layer) of a
+    family: a full-attention layer for the Qwen families, the layer after the trunk for DeepSeek/GLM."""
     if family == "qwen3_5_moe":
         from transformers import Qwen3_5MoeForCausalLM
         from transformers.models.qwen3_5_moe.modeling_qwen3_5_moe import Qwen3_5MoeDecoderLayer
@@ -210,6 +230,16 @@ def hf_classes(family: str):
         from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextDecoderLayer
 
         return Qwen3NextForCausalLM, Qwen3NextDecoderLayer, 1
+    if family == "deepseek_v3":
+        from transformers import DeepseekV3ForCausalLM
+        from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3DecoderLayer
+
+        return DeepseekV3ForCausalLM, DeepseekV3DecoderLayer, 3  # the MTP layer follows the 3 trunk layers
+    if family == "glm4_moe":
+        from transformers import Glm4MoeForCausalLM
+        from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeDecoderLayer
+
+        return Glm4MoeForCausalLM, Glm4MoeDecoderLayer, 3
     raise ValueError(f"unknown family {family!r}")
 
 
@@ -235,7 +265,11 @@ def make_hf_checkpoint(path, *, family: str = "qwen3_5_moe", experts: str = "per
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    config = hf_tiny_config(family, vocab_size=vocab_size, tie=head == "echo" if tie is None else tie)
+    if head not in ("random", "echo"):
+        raise ValueError(f"unknown head {head!r}")
+    tie = head == "echo" if tie is None else tie
+    nextn = family in ("deepseek_v3", "glm4_moe")  # mlx-lm's classes always have an lm_head: tie by copy
+    config = hf_tiny_config(family, vocab_size=vocab_size, tie=tie and not nextn)
     causal_lm, decoder_layer, attention_layer = hf_classes(family)
     model = causal_lm(config).eval()
     with torch.no_grad():
@@ -243,30 +277,62 @@ def make_hf_checkpoint(path, *, family: str = "qwen3_5_moe", experts: str = "per
             if name.endswith("norm.weight"):
                 p.add_(0.2 * torch.randn_like(p))
         model.get_input_embeddings().weight.mul_(logit_scale)
+        if tie and nextn:
+            model.lm_head.weight.copy_(model.get_input_embeddings().weight)
     model.save_pretrained(path)
 
-    hidden = config.hidden_size
     layer = decoder_layer(config, layer_idx=attention_layer)
-    mtp = {f"layers.0.{k}": torch.randn_like(v) * (0.2 if k.endswith("norm.weight") else 0.1)
-           for k, v in layer.state_dict().items()}
-    mtp.update({"fc.weight": torch.randn(hidden, 2 * hidden) * 0.1, "norm.weight": torch.randn(hidden) * 0.2,
-                "pre_fc_norm_embedding.weight": torch.randn(hidden) * 0.2,
-                "pre_fc_norm_hidden.weight": torch.randn(hidden) * 0.2})
-    if head == "echo":
-        mtp["fc.weight"] = torch.cat([torch.zeros(hidden, hidden), torch.eye(hidden)], dim=1)
-        for k in mtp:
-            if k.endswith(("o_proj.weight", "experts.down_proj", "shared_expert.down_proj.weight")):
-                mtp[k] = torch.zeros_like(mtp[k])
-            elif k.endswith("norm.weight"):
-                mtp[k] = torch.zeros_like(mtp[k])  # (1 + w) convention: scale 1
-    elif head != "random":
-        raise ValueError(f"unknown head {head!r}")
+    layer_weights = {k: torch.randn_like(v) * (0.2 if k.endswith("norm.weight") else 0.1)
+                     for k, v in layer.state_dict().items()}
+    if nextn:
+        mtp = _nextn_head(config, layer_weights, model, head, prefix=f"model.layers.{attention_layer}.")
+    else:
+        mtp = _qwen_head(config, layer_weights, head, prefix="mtp.")
     weights = load_file(path / "model.safetensors")
-    weights.update({f"mtp.{k}": v.contiguous() for k, v in mtp.items()})
+    weights.update({k: v.contiguous() for k, v in mtp.items()})
     weights = fuse_experts(weights) if experts == "fused" else split_experts(weights)
     save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
     write_byte_tokenizer(path)
     return path
+
+
+def _qwen_head(config, layer_weights: dict, head: str, prefix: str) -> dict:
+    """`mtp.*`: fc, the three norms stored as w for x_hat * (1 + w), and the decoder layer."""
+    import torch
+
+    hidden = config.hidden_size
+    mtp = {f"layers.0.{k}": v for k, v in layer_weights.items()}
+    mtp.update({"fc.weight": torch.randn(hidden, 2 * hidden) * 0.1, "norm.weight": torch.randn(hidden) * 0.2,
+                "pre_fc_norm_embedding.weight": torch.randn(hidden) * 0.2,
+                "pre_fc_norm_hidden.weight": torch.randn(hidden) * 0.2})
+    if head == "echo":  # fc passes the hidden state through, the layer adds nothing, norms scale by 1
+        mtp["fc.weight"] = torch.cat([torch.zeros(hidden, hidden), torch.eye(hidden)], dim=1)
+        for k in mtp:
+            if k.endswith(("o_proj.weight", "experts.down_proj", "shared_expert.down_proj.weight", "norm.weight")):
+                mtp[k] = torch.zeros_like(mtp[k])
+    return {prefix + k: v for k, v in mtp.items()}
+
+
+def _nextn_head(config, layer_weights: dict, model, head: str, prefix: str) -> dict:
+    """`model.layers.{N}.*`: enorm, hnorm, eh_proj, shared_head.{norm, head}, embed_tokens (copies of
+    the trunk's, as published) and the decoder layer; plain norms (x_hat * w)."""
+    import torch
+
+    hidden = config.hidden_size
+    mtp = {k: (1.0 + v if k.endswith("norm.weight") else v) for k, v in layer_weights.items()}
+    mtp.update({"eh_proj.weight": torch.randn(hidden, 2 * hidden) * 0.1,
+                "enorm.weight": 1.0 + torch.randn(hidden) * 0.2, "hnorm.weight": 1.0 + torch.randn(hidden) * 0.2,
+                "shared_head.norm.weight": 1.0 + torch.randn(hidden) * 0.2,
+                "shared_head.head.weight": model.lm_head.weight.detach().clone(),
+                "embed_tokens.weight": model.get_input_embeddings().weight.detach().clone()})
+    if head == "echo":
+        mtp["eh_proj.weight"] = torch.cat([torch.zeros(hidden, hidden), torch.eye(hidden)], dim=1)
+        for k in mtp:
+            if k.endswith(("o_proj.weight", "experts.down_proj", "shared_experts.down_proj.weight")):
+                mtp[k] = torch.zeros_like(mtp[k])
+            elif k.endswith("norm.weight"):
+                mtp[k] = torch.ones_like(mtp[k])
+    return {prefix + k: v for k, v in mtp.items()}
 
 
 def split_experts(weights: dict) -> dict:

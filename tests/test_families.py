@@ -20,7 +20,8 @@ from conftest import assert_rollback_matches_fresh_prefill
 torch = pytest.importorskip("torch", reason="needs the train extra (torch + transformers)")
 pytestmark = pytest.mark.torch
 
-CASES = [("qwen3_5_moe", "per_expert"), ("qwen3_5_moe", "fused"), ("qwen3_next", "per_expert")]
+CASES = [("qwen3_5_moe", "per_expert"), ("qwen3_5_moe", "fused"), ("qwen3_next", "per_expert"),
+         ("deepseek_v3", "per_expert"), ("glm4_moe", "per_expert")]
 PROMPT = [5, 17, 99, 3, 42, 250, 7]
 PROMPTS = (PROMPT, [100, 3, 44])
 IDS = [5, 17, 99, 3, 42, 250, 7, 7, 128, 64, 33, 2, 19, 200, 45, 9, 77, 130]
@@ -70,14 +71,11 @@ def test_greedy_equals_transformers_generate_at_every_depth(hf_checkpoints, fami
     assert {0, 1, 2, 3, 4} <= set(accepted), accepted  # rejections, partial and full acceptance
 
 
-class QwenMTPReference:
-    """The Qwen3.5/3.6 and Qwen3-Next MTP layer from its published formula (vLLM's qwen3_5_mtp.py and
-    qwen3_next_mtp.py), in torch:
+class Reference:
+    """A family's MTP layer from its published formula, in torch, on transformers' trunk and decoder
+    layer of the family (fed transformers' in-memory fused experts)."""
 
-        e = RMSNorm_(1+w)(embed(x[t+1]));  h = RMSNorm_(1+w)(H[t])   # H: trunk state after its final norm
-        z = decoder_layer(fc(cat[e, h]))   # transformers' own full-attention layer of the family, causal
-        g = RMSNorm_(1+w)(z);  logits = lm_head(g)                   # g feeds the next step
-    """
+    prefix = "mtp."
 
     def __init__(self, path, family):
         from safetensors.torch import load_file
@@ -86,35 +84,81 @@ class QwenMTPReference:
         from mtpnb.testing import fuse_experts, hf_classes
 
         self.hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        tensors = fuse_experts(load_file(path / "model.safetensors"))  # transformers' in-memory form
-        self.w = {k.removeprefix("mtp."): v for k, v in tensors.items() if k.startswith("mtp.")}
         _, layer_class, index = hf_classes(family)
+        self.prefix = self.prefix.format(index=index)
+        tensors = fuse_experts(load_file(path / "model.safetensors"))
+        self.w = {k.removeprefix(self.prefix): v for k, v in tensors.items() if k.startswith(self.prefix)}
         self.layer = layer_class(self.hf.config, layer_idx=index).eval()
-        self.layer.load_state_dict({k.removeprefix("layers.0."): v for k, v in self.w.items() if k.startswith("layers.0.")})
+        self.layer.load_state_dict(self.layer_weights())
         self.eps = self.hf.config.rms_norm_eps
 
-    def norm(self, x, name):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * (1.0 + self.w[f"{name}.weight"])
+    def rms(self, x, name):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
 
     def trunk(self, ids):
         hidden = self.hf.model(input_ids=ids).last_hidden_state
         return hidden, self.hf.lm_head(hidden)
 
+    def run_layer(self, z):
+        positions = self.hf.model.rotary_emb(z, torch.arange(z.shape[1])[None])
+        return self.layer(z, position_embeddings=positions, attention_mask=None)  # SDPA: causal
+
+
+class QwenReference(Reference):
+    """Qwen3.5/3.6 MoE and Qwen3-Next (vLLM's qwen3_5_mtp.py, qwen3_next_mtp.py):
+
+        e = RMSNorm_(1+w)(embed(x[t+1]));  h = RMSNorm_(1+w)(H[t])   # H: trunk state after its final norm
+        z = decoder_layer(fc(cat[e, h]));  g = RMSNorm_(1+w)(z)      # g feeds the next step
+        logits = lm_head(g)
+    """
+
+    def layer_weights(self):
+        return {k.removeprefix("layers.0."): v for k, v in self.w.items() if k.startswith("layers.0.")}
+
+    def norm(self, x, name):
+        return self.rms(x, name) * (1.0 + self.w[f"{name}.weight"])
+
     def step(self, hidden, next_ids):
         e = self.norm(self.hf.model.embed_tokens(next_ids), "pre_fc_norm_embedding")
         h = self.norm(hidden, "pre_fc_norm_hidden")
-        z = torch.nn.functional.linear(torch.cat([e, h], dim=-1), self.w["fc.weight"])
-        positions = self.hf.model.rotary_emb(z, torch.arange(z.shape[1])[None])
-        z = self.layer(z, position_embeddings=positions, attention_mask=None)
-        g = self.norm(z, "norm")
+        g = self.norm(self.run_layer(torch.nn.functional.linear(torch.cat([e, h], dim=-1), self.w["fc.weight"])), "norm")
         return g, self.hf.lm_head(g)
+
+
+class NextNReference(Reference):
+    """DeepSeek-V3 and GLM-4.5 (the DeepSeek-V3 report's MTP module; vLLM's deepseek_mtp.py):
+
+        e = RMSNorm_w(embed(x[t+1]));  h = RMSNorm_w(H[t])          # enorm, hnorm: plain w
+        z = decoder_layer(eh_proj(cat[e, h]))                        # z feeds the next step
+        logits = shared_head.head(RMSNorm_w(z))                      # shared_head.norm
+    """
+
+    prefix = "model.layers.{index}."
+    HEAD_PARTS = ("enorm.", "hnorm.", "eh_proj.", "shared_head.", "embed_tokens.")
+
+    def layer_weights(self):
+        return {k: v for k, v in self.w.items() if not k.startswith(self.HEAD_PARTS)}
+
+    def norm(self, x, name):
+        return self.rms(x, name) * self.w[f"{name}.weight"]
+
+    def step(self, hidden, next_ids):
+        e = self.norm(self.hf.model.embed_tokens(next_ids), "enorm")
+        h = self.norm(hidden, "hnorm")
+        z = self.run_layer(torch.nn.functional.linear(torch.cat([e, h], dim=-1), self.w["eh_proj.weight"]))
+        logits = torch.nn.functional.linear(self.norm(z, "shared_head.norm"), self.w["shared_head.head.weight"])
+        return z, logits
+
+
+REFERENCES = {"qwen3_5_moe": QwenReference, "qwen3_next": QwenReference,
+              "deepseek_v3": NextNReference, "glm4_moe": NextNReference}
 
 
 @pytest.mark.parametrize("family, experts", CASES)
 def test_head_logits_match_a_torch_reference(hf_checkpoints, family, experts):
     """Trunk and two head steps over a sequence, mtpnb on MLX vs the torch reference, within 1e-4."""
     path = hf_checkpoints(family, experts=experts)
-    ref = QwenMTPReference(path, family)
+    ref = REFERENCES[family](path, family)
     ids = torch.tensor([IDS])
     with torch.no_grad():
         hidden, logits = ref.trunk(ids[:, :-2])
@@ -130,31 +174,40 @@ def test_head_logits_match_a_torch_reference(hf_checkpoints, family, experts):
     assert np.abs(np.array(mx_head1)).max() > 1e-2  # the comparison is not between two near-zero arrays
 
 
-@pytest.mark.parametrize("family, stepwise", [("qwen3_5_moe", True), ("qwen3_next", True), ("qwen3_next", False)])
+@pytest.mark.parametrize("family, stepwise", [("qwen3_5_moe", True), ("qwen3_next", True), ("qwen3_next", False),
+                                              ("deepseek_v3", True), ("glm4_moe", True)])
 def test_rollback_for_every_keep_count(hf_checkpoints, monkeypatch, family, stepwise):
     """Both Gated DeltaNet designs (per-step states kept during the verify; replay from the tape,
-    Metal's path) on each family's own Gated DeltaNet layout."""
+    Metal's path) on each family's own Gated DeltaNet layout; MLA's compressed-latent cache
+    (DeepSeek-V3) and GQA's (GLM-4.5) trimmed in the trunk and the head."""
     from mtpnb import rollback
 
     monkeypatch.setattr(rollback, "_stepwise", lambda: stepwise)
     assert_rollback_matches_fresh_prefill(load(hf_checkpoints(family, experts="per_expert")))
 
 
-@pytest.mark.parametrize("family, experts", [("qwen3_5_moe", "fused"), ("qwen3_next", "per_expert")])
+@pytest.mark.parametrize("family, experts", [("qwen3_5_moe", "fused"), ("qwen3_next", "per_expert"),
+                                             ("deepseek_v3", "per_expert"), ("glm4_moe", "per_expert")])
 @pytest.mark.parametrize("bits", [4, 8])
 def test_quantized_moe_loading(hf_checkpoints, tmp_path, family, experts, bits):
-    """Experts (trunk and head) are quantized, the routers kept at 8 bits as mlx-lm does; the saved
-    folder loads back to the same model; greedy decoding is the same at every depth."""
-    import mlx.nn as nn
-
+    """Experts (trunk and head) are quantized, the head's router as the trunk's (8 bits, or a float
+    MoEGate for DeepSeek, as mlx-lm does); the saved folder loads back to the same model; greedy
+    decoding is the same at every depth."""
     path = hf_checkpoints(family, experts=experts, head="echo")
     model = load(path, quantize=bits, group_size=32)
-    head_layer = model.head.layers[0].mlp
-    assert head_layer.switch_mlp.gate_proj.bits == bits and head_layer.gate.bits == 8
-    trunk_experts = [m for _, m in model.trunk.named_modules() if type(m).__name__ == "QuantizedSwitchLinear"]
-    assert len(trunk_experts) == 3 * 4 and all(m.bits == bits for m in trunk_experts)
+
+    def kinds(module):
+        """The routed experts' layer types and bits."""
+        return {(type(m).__name__, getattr(m, "bits", None)) for _, m in module.named_modules()
+                if type(m).__name__.endswith("SwitchLinear")}
+
+    def router(head_or_layer):
+        return (type(head_or_layer.mlp.gate).__name__, getattr(head_or_layer.mlp.gate, "bits", None))
+
+    assert kinds(model.trunk) == kinds(model.head) == {("QuantizedSwitchLinear", bits)}
+    assert router(model.head.layers[0]) == router(model._inner.layers[-1])
     again = load(mtpnb.save(model, tmp_path / "q"))
-    assert isinstance(again.head.layers[0].mlp.gate, nn.QuantizedLinear) and again.head.layers[0].mlp.gate.bits == 8
+    assert router(again.head.layers[0]) == router(model.head.layers[0]) and kinds(again.head) == kinds(model.head)
     hidden, logits = model.forward(mx.array([PROMPT]))
     hidden2, logits2 = again.forward(mx.array([PROMPT]))
     np.testing.assert_array_equal(np.array(logits), np.array(logits2))
