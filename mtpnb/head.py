@@ -1,4 +1,5 @@
-"""The MTP heads on MLX: Qwen3.5 / Qwen3.6 / Qwen3-Next (MTPHead) and DeepSeek-V3 / GLM-4.5 (NextNHead).
+"""The MTP heads on MLX: Qwen3.5 / Qwen3.6 / Qwen3-Next (MTPHead), DeepSeek-V3 / GLM-4.5 (NextNHead)
+and MiMo (MiMoHead).
 
 Qwen:
 
@@ -102,6 +103,32 @@ class NextNHead(nn.Module):
 
     def pre_logits(self, z: mx.array) -> mx.array:
         return self.shared_head.norm(z)
+
+
+class MiMoHead(nn.Module):
+    """The MTP layer of Xiaomi MiMo (vLLM's mimo_mtp.py):
+
+        g = final_layernorm(layer(input_proj(cat[hidden_layernorm(H[t]), token_layernorm(embed(x[t+1]))])))
+        logits = lm_head(g)                                   # norms plain: x_hat * w; hidden first
+
+    g feeds the next step, as the Qwen heads' does (vLLM runs MiMo's head one step deep only). The
+    layer is mlx-lm's MiMo (Qwen2-shaped) transformer block."""
+
+    def __init__(self, hidden: int, eps: float, layer: nn.Module):
+        super().__init__()
+        self.token_layernorm = nn.RMSNorm(hidden, eps=eps)
+        self.hidden_layernorm = nn.RMSNorm(hidden, eps=eps)
+        self.input_proj = nn.Linear(2 * hidden, hidden, bias=False)
+        self.layers = [layer]
+        self.final_layernorm = nn.RMSNorm(hidden, eps=eps)
+
+    def __call__(self, hidden: mx.array, embeddings: mx.array, cache=None) -> mx.array:
+        z = self.input_proj(mx.concatenate([self.hidden_layernorm(hidden), self.token_layernorm(embeddings)], axis=-1))
+        mask = create_attention_mask(z, cache)
+        return self.final_layernorm(self.layers[0](z, mask, cache))
+
+    def pre_logits(self, g: mx.array) -> mx.array:
+        return g
 
 
 class SharedHead(nn.Module):

@@ -11,14 +11,14 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
-from .head import MTPHead, NextNHead
+from .head import MiMoHead, MTPHead, NextNHead
 from .rollback import RollbackArraysCache
 
 
 @dataclass
 class Model:
     trunk: nn.Module  # the mlx-lm model (its `mtp.*` weights stripped)
-    head: MTPHead | NextNHead | None
+    head: MTPHead | NextNHead | MiMoHead | None
     tokenizer: Any  # mlx_lm TokenizerWrapper
     config: dict
     path: Path

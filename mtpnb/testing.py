@@ -160,7 +160,10 @@ def _to_hf_layout(weights: dict, family: str) -> dict:
 
 # -- checkpoints written by transformers' own classes (needs torch + transformers) ---------------
 
-HF_FAMILIES = ("qwen3_5_moe", "qwen3_next", "deepseek_v3", "glm4_moe")
+HF_FAMILIES = ("qwen3_5_moe", "qwen3_next", "deepseek_v3", "glm4_moe", "mimo")
+# transformers has no MiMo class (MiMo ships remote code): its trunk is Qwen2's, written by Qwen2ForCausalLM
+# under MiMo's model_type.
+CONFIG_AS = {"mimo": {"model_type": "mimo", "architectures": ["MiMoForCausalLM"], "num_nextn_predict_layers": 1}}
 
 
 def hf_tiny_config(family: str, *, vocab_size: int = 259, tie: bool = False):
@@ -211,6 +214,9 @@ def hf_tiny_config(family: str, *, vocab_size: int = 259, tie: bool = False):
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
         )
         config.architectures = ["Glm4MoeForCausalLM"]
+    elif family == "mimo":
+        common.update(num_hidden_layers=3, intermediate_size=96)
+        config = transformers.Qwen2Config(**common, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     else:
         raise ValueError(f"unknown family {family!r}; transformers-written checkpoints exist for {HF_FAMILIES}")
     config._attn_implementation = "sdpa"
@@ -240,6 +246,11 @@ def hf_classes(family: str):
         from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeDecoderLayer
 
         return Glm4MoeForCausalLM, Glm4MoeDecoderLayer, 3
+    if family == "mimo":
+        from transformers import Qwen2ForCausalLM
+        from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
+
+        return Qwen2ForCausalLM, Qwen2DecoderLayer, 0  # mtp_layers.0
     raise ValueError(f"unknown family {family!r}")
 
 
@@ -249,6 +260,7 @@ def make_hf_checkpoint(path, *, family: str = "qwen3_5_moe", experts: str = "per
     """Write a random float32 checkpoint with transformers' own classes (`save_pretrained`), plus the MTP
     layer's tensors in the family's published layout, and mtpnb's byte tokenizer.
 
+    family: one of HF_FAMILIES.
     experts: "per_expert" (what transformers' save_pretrained writes: `experts.{e}.gate_proj.weight`...)
         or "fused" (trunk and head experts as the published BF16 checkpoints hold them:
         `experts.gate_up_proj` [E, 2I, H], `experts.down_proj` [E, H, I]).
@@ -268,7 +280,7 @@ def make_hf_checkpoint(path, *, family: str = "qwen3_5_moe", experts: str = "per
     if head not in ("random", "echo"):
         raise ValueError(f"unknown head {head!r}")
     tie = head == "echo" if tie is None else tie
-    nextn = family in ("deepseek_v3", "glm4_moe")  # mlx-lm's classes always have an lm_head: tie by copy
+    nextn = family in ("deepseek_v3", "glm4_moe", "mimo")  # mlx-lm's classes always have an lm_head: tie by copy
     config = hf_tiny_config(family, vocab_size=vocab_size, tie=tie and not nextn)
     causal_lm, decoder_layer, attention_layer = hf_classes(family)
     model = causal_lm(config).eval()
@@ -284,7 +296,9 @@ def make_hf_checkpoint(path, *, family: str = "qwen3_5_moe", experts: str = "per
     layer = decoder_layer(config, layer_idx=attention_layer)
     layer_weights = {k: torch.randn_like(v) * (0.2 if k.endswith("norm.weight") else 0.1)
                      for k, v in layer.state_dict().items()}
-    if nextn:
+    if family == "mimo":
+        mtp = _mimo_head(config, layer_weights, head, prefix="model.mtp_layers.0.")
+    elif nextn:
         mtp = _nextn_head(config, layer_weights, model, head, prefix=f"model.layers.{attention_layer}.")
     else:
         mtp = _qwen_head(config, layer_weights, head, prefix="mtp.")
@@ -292,6 +306,9 @@ def make_hf_checkpoint(path, *, family: str = "qwen3_5_moe", experts: str = "per
     weights.update({k: v.contiguous() for k, v in mtp.items()})
     weights = fuse_experts(weights) if experts == "fused" else split_experts(weights)
     save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    if family in CONFIG_AS:
+        written = json.loads((path / "config.json").read_text())
+        (path / "config.json").write_text(json.dumps({**written, **CONFIG_AS[family]}, indent=2))
     write_byte_tokenizer(path)
     return path
 
@@ -329,6 +346,26 @@ def _nextn_head(config, layer_weights: dict, model, head: str, prefix: str) -> d
         mtp["eh_proj.weight"] = torch.cat([torch.zeros(hidden, hidden), torch.eye(hidden)], dim=1)
         for k in mtp:
             if k.endswith(("o_proj.weight", "experts.down_proj", "shared_experts.down_proj.weight")):
+                mtp[k] = torch.zeros_like(mtp[k])
+            elif k.endswith("norm.weight"):
+                mtp[k] = torch.ones_like(mtp[k])
+    return {prefix + k: v for k, v in mtp.items()}
+
+
+def _mimo_head(config, layer_weights: dict, head: str, prefix: str) -> dict:
+    """`model.mtp_layers.0.*`: token_layernorm, hidden_layernorm, input_proj (over cat[hidden, embedding]),
+    final_layernorm and the decoder layer's own names; plain norms (x_hat * w)."""
+    import torch
+
+    hidden = config.hidden_size
+    mtp = {k: (1.0 + v if k.endswith("norm.weight") else v) for k, v in layer_weights.items()}
+    mtp.update({"input_proj.weight": torch.randn(hidden, 2 * hidden) * 0.1,
+                **{f"{n}.weight": 1.0 + torch.randn(hidden) * 0.2
+                   for n in ("token_layernorm", "hidden_layernorm", "final_layernorm")}})
+    if head == "echo":
+        mtp["input_proj.weight"] = torch.cat([torch.eye(hidden), torch.zeros(hidden, hidden)], dim=1)
+        for k in mtp:
+            if k.endswith(("o_proj.weight", "mlp.down_proj.weight")):
                 mtp[k] = torch.zeros_like(mtp[k])
             elif k.endswith("norm.weight"):
                 mtp[k] = torch.ones_like(mtp[k])

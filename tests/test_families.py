@@ -21,7 +21,7 @@ torch = pytest.importorskip("torch", reason="needs the train extra (torch + tran
 pytestmark = pytest.mark.torch
 
 CASES = [("qwen3_5_moe", "per_expert"), ("qwen3_5_moe", "fused"), ("qwen3_next", "per_expert"),
-         ("deepseek_v3", "per_expert"), ("glm4_moe", "per_expert")]
+         ("deepseek_v3", "per_expert"), ("glm4_moe", "per_expert"), ("mimo", "dense")]
 PROMPT = [5, 17, 99, 3, 42, 250, 7]
 PROMPTS = (PROMPT, [100, 3, 44])
 IDS = [5, 17, 99, 3, 42, 250, 7, 7, 128, 64, 33, 2, 19, 200, 45, 9, 77, 130]
@@ -52,10 +52,10 @@ def load(path, **kwargs):
 def test_greedy_equals_transformers_generate_at_every_depth(hf_checkpoints, family, experts):
     """Echo head on a trunk that often repeats itself: drafts are right while the output repeats, so
     verifies keep every count of tokens."""
-    from transformers import AutoModelForCausalLM
+    from mtpnb.testing import hf_classes
 
     path = hf_checkpoints(family, experts=experts, head="echo", logit_scale=0.08)
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    hf = hf_classes(family)[0].from_pretrained(path, dtype=torch.float32).eval()
     model = load(path)
     n = 32
     accepted = collections.Counter()
@@ -79,12 +79,11 @@ class Reference:
 
     def __init__(self, path, family):
         from safetensors.torch import load_file
-        from transformers import AutoModelForCausalLM
 
         from mtpnb.testing import fuse_experts, hf_classes
 
-        self.hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        _, layer_class, index = hf_classes(family)
+        causal_lm, layer_class, index = hf_classes(family)
+        self.hf = causal_lm.from_pretrained(path, dtype=torch.float32).eval()
         self.prefix = self.prefix.format(index=index)
         tensors = fuse_experts(load_file(path / "model.safetensors"))
         self.w = {k.removeprefix(self.prefix): v for k, v in tensors.items() if k.startswith(self.prefix)}
@@ -150,8 +149,26 @@ class NextNReference(Reference):
         return z, logits
 
 
+class MiMoReference(NextNReference):
+    """MiMo (vLLM's mimo_mtp.py), its trunk and layer transformers' Qwen2 (transformers has no MiMo class):
+
+        z = decoder_layer(input_proj(cat[RMSNorm_w(H[t]), RMSNorm_w(embed(x[t+1]))]))   # hidden first
+        g = final_layernorm(z);  logits = lm_head(g)                                     # g feeds the next step
+    """
+
+    prefix = "model.mtp_layers.0."
+    HEAD_PARTS = ("token_layernorm.", "hidden_layernorm.", "input_proj.", "final_layernorm.")
+
+    def step(self, hidden, next_ids):
+        e = self.norm(self.hf.model.embed_tokens(next_ids), "token_layernorm")
+        h = self.norm(hidden, "hidden_layernorm")
+        z = self.run_layer(torch.nn.functional.linear(torch.cat([h, e], dim=-1), self.w["input_proj.weight"]))
+        g = self.norm(z, "final_layernorm")
+        return g, self.hf.lm_head(g)
+
+
 REFERENCES = {"qwen3_5_moe": QwenReference, "qwen3_next": QwenReference,
-              "deepseek_v3": NextNReference, "glm4_moe": NextNReference}
+              "deepseek_v3": NextNReference, "glm4_moe": NextNReference, "mimo": MiMoReference}
 
 
 @pytest.mark.parametrize("family, experts", CASES)
@@ -175,7 +192,7 @@ def test_head_logits_match_a_torch_reference(hf_checkpoints, family, experts):
 
 
 @pytest.mark.parametrize("family, stepwise", [("qwen3_5_moe", True), ("qwen3_next", True), ("qwen3_next", False),
-                                              ("deepseek_v3", True), ("glm4_moe", True)])
+                                              ("deepseek_v3", True), ("glm4_moe", True), ("mimo", True)])
 def test_rollback_for_every_keep_count(hf_checkpoints, monkeypatch, family, stepwise):
     """Both Gated DeltaNet designs (per-step states kept during the verify; replay from the tape,
     Metal's path) on each family's own Gated DeltaNet layout; MLA's compressed-latent cache
@@ -183,14 +200,14 @@ def test_rollback_for_every_keep_count(hf_checkpoints, monkeypatch, family, step
     from mtpnb import rollback
 
     monkeypatch.setattr(rollback, "_stepwise", lambda: stepwise)
-    assert_rollback_matches_fresh_prefill(load(hf_checkpoints(family, experts="per_expert")))
+    assert_rollback_matches_fresh_prefill(load(hf_checkpoints(family)))
 
 
 @pytest.mark.parametrize("family, experts", [("qwen3_5_moe", "fused"), ("qwen3_next", "per_expert"),
-                                             ("deepseek_v3", "per_expert"), ("glm4_moe", "per_expert")])
+                                             ("deepseek_v3", "per_expert"), ("glm4_moe", "per_expert"), ("mimo", "dense")])
 @pytest.mark.parametrize("bits", [4, 8])
-def test_quantized_moe_loading(hf_checkpoints, tmp_path, family, experts, bits):
-    """Experts (trunk and head) are quantized, the head's router as the trunk's (8 bits, or a float
+def test_quantized_loading(hf_checkpoints, tmp_path, family, experts, bits):
+    """The head is quantized with the trunk; experts (trunk and head) are quantized, the head's router as the trunk's (8 bits, or a float
     MoEGate for DeepSeek, as mlx-lm does); the saved folder loads back to the same model; greedy
     decoding is the same at every depth."""
     path = hf_checkpoints(family, experts=experts, head="echo")
@@ -204,10 +221,13 @@ def test_quantized_moe_loading(hf_checkpoints, tmp_path, family, experts, bits):
     def router(head_or_layer):
         return (type(head_or_layer.mlp.gate).__name__, getattr(head_or_layer.mlp.gate, "bits", None))
 
-    assert kinds(model.trunk) == kinds(model.head) == {("QuantizedSwitchLinear", bits)}
-    assert router(model.head.layers[0]) == router(model._inner.layers[-1])
     again = load(mtpnb.save(model, tmp_path / "q"))
-    assert router(again.head.layers[0]) == router(model.head.layers[0]) and kinds(again.head) == kinds(model.head)
+    if experts == "dense":
+        assert {type(m).__name__ for _, m in again.head.named_modules()} >= {"QuantizedLinear"}
+    else:
+        assert kinds(model.trunk) == kinds(model.head) == {("QuantizedSwitchLinear", bits)}
+        assert router(model.head.layers[0]) == router(model._inner.layers[-1])
+        assert router(again.head.layers[0]) == router(model.head.layers[0]) and kinds(again.head) == kinds(model.head)
     hidden, logits = model.forward(mx.array([PROMPT]))
     hidden2, logits2 = again.forward(mx.array([PROMPT]))
     np.testing.assert_array_equal(np.array(logits), np.array(logits2))

@@ -18,9 +18,9 @@ from collections import defaultdict
 import mlx.core as mx
 
 from ..errors import MTPNBError
-from . import deepseek, qwen, qwen3_next
+from . import deepseek, mimo, qwen, qwen3_next
 
-FAMILIES = {model_type: family for family in (qwen, qwen3_next, deepseek) for model_type in family.MODEL_TYPES}
+FAMILIES = {model_type: family for family in (qwen, qwen3_next, deepseek, mimo) for model_type in family.MODEL_TYPES}
 
 
 def family_of(config: dict):
