@@ -235,3 +235,18 @@ def test_quantized_loading(hf_checkpoints, tmp_path, family, experts, bits):
     np.testing.assert_array_equal(np.array(g), np.array(again.mtp_forward(hidden2[:, :-1], mx.array([PROMPT[1:]]))[1]))
     plain = model.generate(PROMPT, depth=0, max_tokens=24).tokens
     assert all(again.generate(PROMPT, depth=d, max_tokens=24).tokens == plain for d in (0, 1, 3))
+
+
+@pytest.mark.parametrize("family, key", [("qwen3_5_moe", "mtp_num_hidden_layers"), ("qwen3_next", "num_nextn_predict_layers"),
+                                         ("deepseek_v3", "num_nextn_predict_layers")])
+def test_several_mtp_layers_are_refused_not_dropped(hf_checkpoints, tmp_path, family, key):
+    import json
+    import shutil
+
+    path = tmp_path / "several"
+    shutil.copytree(hf_checkpoints(family, experts="per_expert"), path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, key: 2}))
+    with pytest.raises(mtpnb.MTPNBError, match=f"{key} is 2: mtpnb runs one MTP layer") as e:
+        mtpnb.load(path)
+    assert "\n" not in str(e.value)

@@ -20,7 +20,8 @@ import re
 from dataclasses import replace
 from types import SimpleNamespace
 
-from ..errors import MTPNBError
+from .common import refuse_several_layers
+
 from ..head import NextNHead
 
 MODEL_TYPES = {"deepseek_v3": "deepseek_v3", "glm4_moe": "glm4_moe"}
@@ -39,12 +40,7 @@ def normalize_config(text_config: dict) -> None:
     text_config.setdefault("rope_scaling", rope if rope.get("rope_type", "default") != "default" else None)
     if text_config.get("model_type") == "glm4_moe":
         text_config.setdefault("partial_rotary_factor", rope.get("partial_rotary_factor", 0.5))
-    layers = text_config.get("num_nextn_predict_layers", 1)
-    if layers != 1:
-        raise MTPNBError(
-            f"num_nextn_predict_layers is {layers}: mtpnb runs one MTP layer of this family so far "
-            "(the published DeepSeek-V3 and GLM-4.5 checkpoints have 1)"
-        )
+    refuse_several_layers(text_config, "num_nextn_predict_layers")
 
 
 def sanitize_trunk(weights: dict) -> dict:

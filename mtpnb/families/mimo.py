@@ -15,6 +15,7 @@ import re
 
 from ..errors import MTPNBError
 from ..head import MiMoHead
+from .common import refuse_several_layers
 
 MODEL_TYPES = {"mimo": "mimo"}
 PREFIX = "model.mtp_layers."
@@ -29,6 +30,7 @@ def normalize_config(text_config: dict) -> None:
     """transformers 5 writes rope settings in `rope_parameters`; mlx-lm's ModelArgs wants them flat."""
     rope = text_config.get("rope_parameters") or {}
     text_config.setdefault("rope_theta", rope.get("rope_theta", 10000.0))
+    refuse_several_layers(text_config, "num_nextn_predict_layers")
 
 
 def sanitize_trunk(weights: dict) -> dict:

@@ -8,6 +8,7 @@ and `shared_expert_gate`), its experts per expert or fused 3-D like the trunk's.
 from __future__ import annotations
 
 from ..head import MTP_NORM_SUFFIXES, MTPHead, head_args
+from .common import refuse_several_layers, stack_experts
 
 MODEL_TYPES = {
     "qwen3_5": "qwen3_5",
@@ -26,13 +27,11 @@ def is_hybrid(text_config: dict) -> bool:
 
 
 def normalize_config(text_config: dict) -> None:
-    pass
+    refuse_several_layers(text_config, "mtp_num_hidden_layers")
 
 
 def sanitize_trunk(weights: dict) -> dict:
     """mlx-lm's qwen3_5_moe reads fused 3-D experts only; transformers writes them per expert."""
-    from . import stack_experts
-
     return stack_experts(weights)
 
 
@@ -42,8 +41,6 @@ def is_head_weight(key: str, text_config: dict) -> bool:
 
 def head_weights(weights: dict, text_config: dict, shift_norms: bool) -> dict:
     """`mtp.*` tensors -> the head's parameter names, norms brought to MLX's x_hat * w."""
-    from . import stack_experts
-
     if shift_norms:
         weights = {k: v + 1.0 if k.endswith(MTP_NORM_SUFFIXES) and v.ndim == 1 else v for k, v in weights.items()}
     return stack_experts({k.removeprefix("mtp."): v for k, v in weights.items()})

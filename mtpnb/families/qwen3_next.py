@@ -9,6 +9,7 @@ mlx-lm's qwen3_next sanitize stacks the trunk's per-expert weights and shifts it
 from __future__ import annotations
 
 from . import qwen
+from .common import refuse_several_layers
 
 MODEL_TYPES = {"qwen3_next": "qwen3_next"}
 
@@ -24,6 +25,8 @@ def normalize_config(text_config: dict) -> None:
     text_config.setdefault("partial_rotary_factor", rope.get("partial_rotary_factor", 0.25))
     text_config.setdefault("decoder_sparse_step", 1)
     text_config.setdefault("mlp_only_layers", [])
+    refuse_several_layers(text_config, "num_nextn_predict_layers")
+    refuse_several_layers(text_config, "mtp_num_hidden_layers")
 
 
 def sanitize_trunk(weights: dict) -> dict:
