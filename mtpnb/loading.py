@@ -30,7 +30,7 @@ from mlx_lm.utils import load_tokenizer, make_shards, quantize_model, save_confi
 
 from . import rollback
 from .errors import MTPNBError
-from .families import FAMILIES, family_of, mlx_module
+from .families import FAMILIES, NOT_YET, family_of, mlx_module
 from .model import Model
 
 MTP_SIDECARS = ("mtp.safetensors", "model-mtp.safetensors")
@@ -151,6 +151,8 @@ def read_config(path: Path) -> dict:
     model_type = config.get("model_type")
     text_config = config.get("text_config", config)
     if family_of(config)[0] is None:
+        if (name := NOT_YET.get(model_type) or NOT_YET.get(text_config.get("model_type"))) is not None:
+            raise MTPNBError(f"{name} ({model_type}) is not supported yet; mtpnb runs {', '.join(sorted(FAMILIES))}")
         raise MTPNBError(
             f"model_type {model_type!r} is not supported; mtpnb runs {', '.join(sorted(FAMILIES))}"
         )

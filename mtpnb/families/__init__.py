@@ -15,6 +15,9 @@ from __future__ import annotations
 from . import deepseek, mimo, qwen, qwen3_next
 
 FAMILIES = {model_type: family for family in (qwen, qwen3_next, deepseek, mimo) for model_type in family.MODEL_TYPES}
+# Later generations whose MTP layers mtpnb does not implement (their trunks differ: sparse attention,
+# sliding windows): named in the refusal so a user knows it is the family, not the checkpoint.
+NOT_YET = {"mimo_v2_flash": "MiMo-V2-Flash", "deepseek_v32": "DeepSeek-V3.2"}
 
 
 def family_of(config: dict):
