@@ -189,7 +189,8 @@ def _model_classes(config: dict):
 
     class Trunk(module.Model):
         def sanitize(self, weights):
-            weights = family.sanitize_trunk({k: v for k, v in weights.items() if not family.is_head_weight(k, text_config)})
+            weights = {k: v for k, v in weights.items() if not family.is_head_weight(k, text_config)}
+            weights = family.sanitize_trunk(weights)
             return super().sanitize(weights) if hasattr(super(), "sanitize") else weights
 
     Trunk.__name__ = Trunk.__qualname__ = module.Model.__name__

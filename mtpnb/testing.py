@@ -175,24 +175,18 @@ def hf_tiny_config(family: str, *, vocab_size: int = 259, tie: bool = False):
                   max_position_embeddings=4096, eos_token_id=0, pad_token_id=0, bos_token_id=None,
                   initializer_range=0.02)
     moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+    hybrid = dict(  # Qwen3.5 MoE and Qwen3-Next: Gated DeltaNet / gated attention, a shared expert
+        shared_expert_intermediate_size=48, layer_types=["linear_attention", "full_attention"] * 2,
+        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=32, linear_value_head_dim=16,
+        linear_conv_kernel_dim=4,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
+    )
     if family == "qwen3_5_moe":
         config = transformers.Qwen3_5MoeTextConfig(
-            **common, **moe, shared_expert_intermediate_size=48,
-            layer_types=["linear_attention", "full_attention"] * 2,
-            linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=32, linear_value_head_dim=16,
-            linear_conv_kernel_dim=4,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
-            mtp_num_hidden_layers=1, mtp_use_dedicated_embeddings=False,
-        )
+            **common, **moe, **hybrid, mtp_num_hidden_layers=1, mtp_use_dedicated_embeddings=False)
         config.architectures = ["Qwen3_5MoeForCausalLM"]
     elif family == "qwen3_next":
-        config = transformers.Qwen3NextConfig(
-            **common, **moe, shared_expert_intermediate_size=48, norm_topk_prob=True,
-            layer_types=["linear_attention", "full_attention"] * 2,
-            linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=32, linear_value_head_dim=16,
-            linear_conv_kernel_dim=4,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
-        )
+        config = transformers.Qwen3NextConfig(**common, **moe, **hybrid, norm_topk_prob=True)
         config.num_nextn_predict_layers = 1  # Qwen3-Next's name for the count of MTP layers
         config.architectures = ["Qwen3NextForCausalLM"]
     elif family == "deepseek_v3":

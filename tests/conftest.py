@@ -36,7 +36,8 @@ def load_quietly(path, **kw):
         return mtpnb.load(path, **kw)
 
 
-def assert_rollback_matches_fresh_prefill(model, prompt=(11, 42, 7, 99, 3, 150), verify=(21, 33, 8, 77, 120), follow=64):
+def assert_rollback_matches_fresh_prefill(model, prompt=(11, 42, 7, 99, 3, 150), verify=(21, 33, 8, 77, 120),
+                                          follow=64):
     """After keeping m of D+1 verified tokens (every m), trunk and head caches give the next logits
     of a fresh prefill of the committed tokens (float32, atol 1e-5)."""
     import mlx.core as mx

@@ -204,12 +204,13 @@ def test_rollback_for_every_keep_count(hf_checkpoints, monkeypatch, family, step
 
 
 @pytest.mark.parametrize("family, experts", [("qwen3_5_moe", "fused"), ("qwen3_next", "per_expert"),
-                                             ("deepseek_v3", "per_expert"), ("glm4_moe", "per_expert"), ("mimo", "dense")])
+                                             ("deepseek_v3", "per_expert"), ("glm4_moe", "per_expert"),
+                                             ("mimo", "dense")])
 @pytest.mark.parametrize("bits", [4, 8])
 def test_quantized_loading(hf_checkpoints, tmp_path, family, experts, bits):
-    """The head is quantized with the trunk; experts (trunk and head) are quantized, the head's router as the trunk's (8 bits, or a float
-    MoEGate for DeepSeek, as mlx-lm does); the saved folder loads back to the same model; greedy
-    decoding is the same at every depth."""
+    """The head is quantized with the trunk; experts (trunk and head) are quantized, the head's router
+    as the trunk's (8 bits, or a float MoEGate for DeepSeek, as mlx-lm does); the saved folder loads
+    back to the same model; greedy decoding is the same at every depth."""
     path = hf_checkpoints(family, experts=experts, head="echo")
     model = load(path, quantize=bits, group_size=32)
 
@@ -237,7 +238,8 @@ def test_quantized_loading(hf_checkpoints, tmp_path, family, experts, bits):
     assert all(again.generate(PROMPT, depth=d, max_tokens=24).tokens == plain for d in (0, 1, 3))
 
 
-@pytest.mark.parametrize("family, key", [("qwen3_5_moe", "mtp_num_hidden_layers"), ("qwen3_next", "num_nextn_predict_layers"),
+@pytest.mark.parametrize("family, key", [("qwen3_5_moe", "mtp_num_hidden_layers"),
+                                         ("qwen3_next", "num_nextn_predict_layers"),
                                          ("deepseek_v3", "num_nextn_predict_layers")])
 def test_several_mtp_layers_are_refused_not_dropped(hf_checkpoints, tmp_path, family, key):
     import json
