@@ -580,3 +580,71 @@ def test_connect_errors_and_cancel(server, local):
 def test_the_server_logs_requests_but_never_the_key(server):
     log = server.log()
     assert "POST /v1/completions" in log and KEY not in log
+
+
+# -- Prometheus ---------------------------------------------------------------------------------------------------
+def scrape(server, query="?format=prometheus", accept=None) -> dict:
+    """{(sample name, labels minus model_name): value}, parsed by prometheus_client's own parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    conn = http.client.HTTPConnection(server.host, server.port, timeout=60)
+    conn.request("GET", "/metrics" + query, headers={"Authorization": f"Bearer {KEY}", **({"Accept": accept} if accept else {})})
+    resp = conn.getresponse()
+    text = resp.read().decode()
+    conn.close()
+    assert resp.status == 200, text
+    assert resp.getheader("Content-Type").startswith("text/plain; version=0.0.4")
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = {k: v for k, v in s.labels.items() if k != "model_name"}
+            assert s.labels.get("model_name", MODEL_NAME) == MODEL_NAME or family.name == "mtpnb:http_errors"
+            samples[(s.name, tuple(sorted(labels.items())))] = s.value
+    return samples
+
+
+def test_prometheus_metrics_count_what_the_engine_did(server, local, name, monkeypatch):
+    pytest.importorskip("prometheus_client")
+    monkeypatch.setitem(globals(), "MODEL_NAME", name)
+    before = scrape(server)
+    runs = [("The quick brown fox", dict(max_tokens=40, temperature=1.0, seed=7, depth=3)),
+            ("hello", dict(max_tokens=12, depth=0)), ("abc", dict(max_tokens=20, depth=2))]
+    refs = [local.generate(prompt, **params) for prompt, params in runs]
+    for prompt, params in runs:
+        body = {"prompt": prompt, "max_tokens": params["max_tokens"], "mtp_depth": params["depth"],
+                "temperature": params.get("temperature", 0), "seed": params.get("seed")}
+        assert request(server, "POST", "/v1/completions", body)[0] == 200
+    assert_error(*request(server, "POST", "/v1/completions", {"prompt": "x", "mtp_depth": 99}), 400)
+    after = scrape(server, "", accept="text/plain;version=0.0.4;q=0.9,*/*;q=0.1")  # as a scraper asks
+
+    def delta(sample, **labels):
+        key = (sample, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    steps = [s for r in refs for s in r.steps if s.drafted]
+    assert delta("mtpnb:spec_decode_num_drafts_total") == len(steps) > 0
+    assert delta("mtpnb:spec_decode_num_draft_tokens_total") == sum(r.metrics.drafted_tokens for r in refs)
+    accepted = sum(r.metrics.accepted_drafts for r in refs)
+    assert delta("mtpnb:spec_decode_num_accepted_tokens_total") == accepted
+    per_pos = [delta("mtpnb:spec_decode_num_accepted_tokens_per_pos_total", position=str(p)) for p in range(3)]
+    assert per_pos == [sum(s.accepted > p for s in steps) for p in range(3)] and sum(per_pos) == accepted
+    assert ("mtpnb:spec_decode_num_accepted_tokens_per_pos_total", (("position", "2"),)) in after  # zeros show
+    assert delta("mtpnb:generation_tokens_total") == sum(r.metrics.generated_tokens for r in refs)
+    assert delta("mtpnb:prompt_tokens_total") == sum(r.metrics.prompt_tokens for r in refs)
+    assert delta("mtpnb:time_to_first_token_seconds_count") == 3
+    assert delta("mtpnb:e2e_request_latency_seconds_count") == 3
+    assert delta("mtpnb:request_time_per_output_token_seconds_count") == 3
+    assert delta("mtpnb:request_success_total", finished_reason="length") == 3
+    assert delta("mtpnb:http_errors_total", status="400") == 1
+    assert after[("mtpnb:num_requests_waiting", ())] == 0 and after[("mtpnb:num_requests_running", ())] == 0
+    # the JSON view stays the default (mtpnb.connect reads it); OpenMetrics on request; bad formats refused
+    assert request(server, "GET", "/metrics")[1]["model"] == name
+    assert request(server, "GET", "/metrics", headers={"Accept": "application/json, text/plain"})[1]["model"] == name
+    for how in ({"headers": {"Accept": "application/openmetrics-text; version=1.0.0"}}, {}):
+        conn = http.client.HTTPConnection(server.host, server.port, timeout=60)
+        path = "/metrics" if how else "/metrics?format=openmetrics"
+        conn.request("GET", path, headers={"Authorization": f"Bearer {KEY}", **how.get("headers", {})})
+        resp = conn.getresponse()
+        text = resp.read().decode()
+        assert resp.getheader("Content-Type").startswith("application/openmetrics-text") and text.endswith("# EOF\n")
+    assert_error(*request(server, "GET", "/metrics?format=xml"), 400, contains="unknown metrics format")

@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 
 from ..errors import MTPNBError
 from ..events import Done, StepEvent, TokenEvent
+from . import prometheus
 from .protocol import SERVER_DEFAULTS, APIError, Encoder, dumps, parse_body, parse_request
 from .worker import Job, Stats, Worker
 
@@ -143,7 +144,7 @@ class Handler(BaseHTTPRequestHandler):
             if path == "/models":
                 return self._json(200, {"object": "list", "data": [app.model_card()]})
             if path == "/metrics":
-                return self._json(200, app.metrics())
+                return self._metrics()
             return self._generate("chat" if path == "/chat/completions" else "completion")
         except APIError as e:
             app.stats.count(f"http_{e.status}")
@@ -297,6 +298,25 @@ class Handler(BaseHTTPRequestHandler):
         except (OSError, ValueError):
             return True
 
+    def _metrics(self) -> None:
+        """JSON (mtpnb.connect's view) or Prometheus' exposition, by content negotiation."""
+        app = self.server.app
+        try:
+            accept = prometheus.negotiate(urlsplit(self.path).query, self.headers.get("Accept"))
+        except ValueError as e:
+            raise APIError(400, str(e), param="format") from None
+        if accept is None:
+            return self._json(200, app.metrics())
+        if app.prometheus is None:
+            raise APIError(501, prometheus.INSTALL, code="not_installed")
+        data, content_type = app.prometheus.render(accept, model_name=app.model_name, waiting=app.worker.queue.qsize(),
+                                                   running=int(app.worker.current is not None))
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
     # -- responses ------------------------------------------------------------------------------------
     def _json(self, status: int, body: dict, close: bool = False) -> None:
         data = dumps(body)
@@ -361,7 +381,8 @@ class Server:
         self.max_tokens_limit = max_tokens_limit
         self.max_body_bytes = max_body_bytes
         self.socket_timeout = socket_timeout
-        self.stats = Stats()
+        self.prometheus = prometheus.PrometheusMetrics.create()
+        self.stats = Stats(prometheus=self.prometheus)
         self.worker = Worker(model, max_queue=max_queue, max_prompt_tokens=max_prompt_tokens,
                              load_options=load_options, stats=self.stats)
         self._max_prompt_tokens = max_prompt_tokens

@@ -32,7 +32,8 @@ class Job:
 class Stats:
     """Counters and the metrics of recent generations, for /metrics."""
 
-    def __init__(self, keep: int = 100):
+    def __init__(self, keep: int = 100, prometheus=None):
+        self.prometheus = prometheus  # a prometheus.PrometheusMetrics fed alongside, or None
         self.lock = threading.Lock()
         self.started = time.time()
         self.recent: collections.deque = collections.deque(maxlen=keep)
@@ -41,8 +42,11 @@ class Stats:
     def count(self, name: str, n: int = 1) -> None:
         with self.lock:
             self.counts[name] += n
+        if self.prometheus is not None and name.startswith("http_"):  # "http_<status>": a refused request
+            self.prometheus.http_error(int(name[len("http_"):]))
 
-    def record(self, job: Job, metrics: dict | None, finish_reason: str, wait_s: float) -> None:
+    def record(self, job: Job, metrics: dict | None, finish_reason: str, wait_s: float, result=None) -> None:
+        """A request left the worker: `result` (an mtpnb.Result) when it finished, else None."""
         req = job.request
         with self.lock:
             self.counts["completed" if finish_reason not in ("cancelled", "error") else finish_reason] += 1
@@ -53,6 +57,8 @@ class Stats:
             self.recent.append({"id": req.id, "endpoint": req.endpoint, "created": req.created,
                                 "stream": req.stream, "queue_wait_s": round(wait_s, 4),
                                 "finish_reason": finish_reason, "metrics": metrics})
+        if self.prometheus is not None:
+            self.prometheus.finish(req.model, finish_reason, result, wait_s)
 
     def snapshot(self) -> dict:
         with self.lock:
@@ -201,7 +207,7 @@ class Worker:
             log.info("%s cancelled (client gone)", req.id)
         else:
             m = result.metrics
-            self.stats.record(job, m.to_dict(), m.finish_reason, wait_s)
+            self.stats.record(job, m.to_dict(), m.finish_reason, wait_s, result)
             log.info("%s %s: %d+%d tokens, %s, %.2fs (queued %.2fs)%s", req.id, req.endpoint, m.prompt_tokens,
                      m.generated_tokens, m.finish_reason, m.total_s, wait_s,
                      f", acceptance {m.acceptance_rate:.0%}" if m.depth and m.drafted_tokens else "")
