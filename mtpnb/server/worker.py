@@ -20,7 +20,7 @@ log = logging.getLogger("mtpnb.server")
 class Job:
     def __init__(self, request):
         self.request = request
-        # ("start", prompt tokens) ("event", TokenEvent | StepEvent | Done) ("error", APIError) ("end", None)
+        # ("start", prompt token ids) ("event", TokenEvent | StepEvent | Done) ("error", APIError) ("end", None)
         self.out: queue.SimpleQueue = queue.SimpleQueue()
         self.cancelled = threading.Event()
         self.enqueued = time.monotonic()
@@ -170,7 +170,12 @@ class Worker:
             return
         model = self.model
         try:
-            ids = model.engine.encode(req.prompt, chat=req.chat, reasoning=req.params.get("reasoning"))
+            if req.tools and not model.tokenizer.has_tool_calling:
+                raise APIError(400, f"{model.name}'s chat template does not render tools (mlx-lm finds no tool-call "
+                                    "format in it): send the request without tools", code="tools_not_supported",
+                               param="tools")
+            ids = model.engine.encode(req.prompt, chat=req.chat, reasoning=req.params.get("reasoning"),
+                                      tools=req.tools)
             if self.max_prompt_tokens and len(ids) > self.max_prompt_tokens:
                 raise APIError(400, f"the prompt has {len(ids)} tokens, above this server's limit of "
                                     f"{self.max_prompt_tokens} (mtpnb serve --max-prompt-tokens)",
@@ -187,7 +192,7 @@ class Worker:
             log.exception("request %s: the engine failed to start", req.id)
             self._fail(job, APIError(500, f"the generation failed to start: {_one_line(e)}"), wait_s)
             return
-        job.out.put(("start", len(ids)))
+        job.out.put(("start", ids))
         result = None
         try:
             for event in events:
