@@ -10,6 +10,7 @@ Extension fields (the official SDK keeps unknown fields in `model_extra`):
 Request
     mtp_depth     int 0..8   drafts per verify (default: the server's --depth); 0 = plain decoding
     mtp_events    bool       token events in a non-streamed response (default false)
+    seed          int        sampling seed, as in the OpenAI API (same seed, same parameters: same output)
 Stream
     content_block_delta.delta.mtp / .mtp_steps   the token events (mtpnb.TokenEvent.to_dict(): every
                   token the verify steps decided, rejected drafts included, with its kind) and the step
@@ -50,7 +51,7 @@ def parse_request(data: dict, *, model_name: str, defaults: dict, max_tokens_lim
     chat = {"messages": _messages(data), "stream": data.get("stream")}
     if "model" in data:
         chat["model"] = data["model"]
-    for name in ("max_tokens", "temperature", "top_p", "top_k", "mtp_depth", "mtp_events"):
+    for name in ("max_tokens", "temperature", "top_p", "top_k", "mtp_depth", "mtp_events", "seed"):
         if name in data:
             chat[name] = data[name]
     stop = data.get("stop_sequences")
