@@ -25,6 +25,11 @@ Non-streamed response
 
 The streamed text (`delta.content` / `text`) is the concatenation of the output tokens' pieces; the
 engine holds back tokens whose text may begin a stop string, so it always equals the final text.
+
+Tools (chat): `tools` (function tools) are rendered by the model's chat template; `tool_choice` "auto"
+(default) or "none" (the tools are then not shown). The model's calls leave the content and arrive as
+`tool_calls` (streamed: one delta per call, whole, with its index), finish_reason "tool_calls"; earlier
+calls and `role: tool` results in `messages` are rendered back by the template. See tools.py.
 """
 
 from __future__ import annotations
