@@ -85,6 +85,28 @@ def test_the_splitter_gives_back_what_is_not_a_call():
     assert splitter.feed(CALL_TEXT) + splitter.finish() == [Segment("text", CALL_TEXT)]
 
 
+def test_the_default_model_renders_tools_as_qwen_does():
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    from mtpnb.train.tokenizer import CHAT_TEMPLATE
+
+    tokenizer = load_tokenizer(DEFAULT_MODEL_DIR)
+    assert tokenizer.chat_template == CHAT_TEMPLATE  # the shipped model's is the one training writes
+    assert tokenizer.has_tool_calling and tokenizer.tool_parser.__module__ == "mlx_lm.tool_parsers.qwen3_coder"
+    messages = [{"role": "user", "content": QUESTION},
+                {"role": "assistant", "content": "", "tool_calls": [
+                    {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+                {"role": "tool", "content": WEATHER}]
+    text = tokenizer.apply_chat_template(messages, tools=TOOLS, tokenize=False, add_generation_prompt=True)
+    assert text.startswith("<|im_start|>system\n# Tools\n\nYou have access to the following functions:\n\n<tools>\n"
+                           + json.dumps(TOOLS[0]) + "\n</tools>")
+    assert f"<|im_start|>assistant\n{CALL_TEXT}<|im_end|>\n" in text
+    assert f"<|im_start|>user\n<tool_response>\n{WEATHER}\n</tool_response><|im_end|>\n" in text
+    plain = [{"role": "user", "content": "hi"}]  # without tools: ChatML, as before
+    assert tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=True, enable_thinking=True) == \
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
 # -- a model that calls tools ---------------------------------------------------------------------------------------
 def conversation(model, *, turn: int, thinking: bool = False) -> list[int]:
     """The prompt the server renders for turn 1 (the question) or turn 2 (after the tool's result)."""
@@ -337,6 +359,7 @@ def test_anthropic_keys_and_errors(server, claude):
     for extra, expected in [
         ({"messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]}, "'image' blocks"),
         ({"messages": [{"role": "robot", "content": "x"}]}, "role must be 'user' or 'assistant'"),
+        ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "Sure"}]}, "prefilled"),
         ({"stop_sequences": "END"}, "stop_sequences must be a list"),
         ({"tools": ANTHROPIC_TOOLS, "tool_choice": {"type": "any"}}, "cannot force a call"),
         ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "server tools"),

@@ -102,6 +102,9 @@ def _messages(data: dict) -> list[dict]:
         role = m.get("role") if isinstance(m, dict) else None
         if role not in ("user", "assistant"):
             raise APIError(400, f"messages[{i}].role must be 'user' or 'assistant'", param="messages")
+        if role == "assistant" and i == len(messages) - 1:
+            raise APIError(400, "the last message is the assistant's: continuing a prefilled answer is not supported "
+                                "(end with a user message)", param="messages")
         content = m.get("content")
         if isinstance(content, str):
             out.append({"role": role, "content": content})
@@ -277,15 +280,16 @@ class Encoder:
         return out
 
     def _stop(self, result) -> tuple[str, str | None]:
-        """stop_reason and stop_sequence: the engine stops at EOS or a stop string; the tokens decoded past
-        the text say which."""
+        """stop_reason and stop_sequence. The engine stops at EOS or at the earliest stop string, cutting
+        the text where it begins: the output tokens decoded past the text say which one."""
         if result.metrics.finish_reason == "length":
             return "max_tokens", None
         if any(block["type"] == "tool_use" for block in self.content):
             return "tool_use", None
         if self.req.stop and result.tokens:
-            tail = self.tokenizer.decode(result.tokens)[len(result.text):]
-            for s in sorted(self.req.stop, key=lambda s: tail.find(s) if s in tail else len(tail)):
-                if s in tail:
-                    return "stop_sequence", s
+            decoded = self.tokenizer.decode(result.tokens)
+            start = max(0, len(result.text) - 2)  # leeway: alone, the first token may decode a little differently
+            found = [(decoded.find(s, start), s) for s in self.req.stop if decoded.find(s, start) >= 0]
+            if found:
+                return "stop_sequence", min(found)[1]
         return "end_turn", None
