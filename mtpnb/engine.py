@@ -13,56 +13,31 @@ State between steps (n = committed tokens so far, x_n the newest, not yet fed to
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field, fields
 
 import mlx.core as mx
 
 from .errors import MTPNBError
 from .events import Done, Metrics, Result, StepEvent, TokenEvent
+from .metrics import compute_metrics
+from .params import GenerationParams
+from .rollback import rollback_cache
+from .runtime import runtime
 from .sampling import Sampling, accept_greedy, accept_sampled, next_greedy, sample
-
-MAX_DEPTH = 8
-
-
-@dataclass(frozen=True)
-class GenerationParams:
-    depth: int = 3  # drafts per verify; 0 = plain autoregressive decoding
-    max_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()  # stop strings (EOS always stops)
-    chat: bool = False  # apply the chat template to a text prompt
-    reasoning: bool | None = None  # chat templates with a thinking switch: on / off / template default
-    sampling: Sampling = field(init=False)
-
-    def __post_init__(self):
-        if isinstance(self.depth, bool) or not isinstance(self.depth, int) or not 0 <= self.depth <= MAX_DEPTH:
-            raise MTPNBError(f"depth must be an integer from 0 (plain decoding) to {MAX_DEPTH}, not {self.depth!r}")
-        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise MTPNBError(f"max_tokens must be an integer >= 1, not {self.max_tokens!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
-            raise MTPNBError(f"seed must be a non-negative integer or None, not {self.seed!r}")
-        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
-        if not all(isinstance(s, str) and s for s in stop):
-            raise MTPNBError("stop must be a string or a list of non-empty strings")
-        object.__setattr__(self, "stop", stop)
-        object.__setattr__(self, "sampling", Sampling(self.temperature, self.top_p, self.top_k, self.min_p))
-
-    @classmethod
-    def names(cls) -> list[str]:
-        return [f.name for f in fields(cls) if f.init]
 
 
 class Engine:
-    """Runs generations on one Model. Not re-entrant: one generation at a time per engine."""
+    """Runs generations on one Model. Not re-entrant: one generation at a time per engine.
 
-    def __init__(self, model):
+    Threads: a generation started on the main thread runs there; one started on any other thread
+    runs on the MLX runtime's thread (mtpnb.runtime), its events handed back as they come, so
+    generations from threads never overlap and MLX's per-thread streams never outlive the process."""
+
+    def __init__(self, model, *, profile: bool = False):
         self.model = model
+        self.profile = profile  # phase timings on every StepEvent, with eval barriers (the bench's profile)
 
     def generate(self, prompt, **params) -> Result:
         for event in self.stream(prompt, **params):
@@ -73,15 +48,15 @@ class Engine:
     def stream(self, prompt, **params) -> Iterator[TokenEvent | StepEvent | Done]:
         """Yield events as tokens are decided. Validates everything before the first yield;
         closing the iterator early cancels the generation (the engine stays usable)."""
-        unknown = sorted(set(params) - set(GenerationParams.names()))
-        if unknown:
-            raise MTPNBError(f"unknown parameter {unknown[0]!r}; known: {', '.join(GenerationParams.names())}")
-        gp = GenerationParams(**params)
+        gp = GenerationParams.of(**params)
         ids = self.encode(prompt, chat=gp.chat, reasoning=gp.reasoning)
         vocab = self.model.text_config.get("vocab_size")
         if vocab and max(ids) >= vocab:
             raise MTPNBError(f"token id {max(ids)} is outside the model's vocabulary of {vocab}")
-        return _Generation(self.model, ids, gp).run()
+        events = _Generation(self.model, ids, gp, self.profile).run()
+        if threading.current_thread() is threading.main_thread() or runtime().on_thread():
+            return events
+        return runtime().iterate(events)  # another thread's generation runs on the MLX thread (mtpnb.runtime)
 
     def encode(self, prompt, *, chat: bool = False, reasoning: bool | None = None) -> list[int]:
         """Prompt (text, token ids, or chat messages) -> token ids."""
@@ -113,11 +88,12 @@ class Engine:
 class _Generation:
     """One generation's state and loop (created per call; holds its own caches)."""
 
-    def __init__(self, model, prompt_ids: list[int], params: GenerationParams):
+    def __init__(self, model, prompt_ids: list[int], params: GenerationParams, profile: bool = False):
         self.model = model
+        self.profile = profile
         self.prompt_ids = prompt_ids
         self.params = params
-        self.sampling = params.sampling
+        self.sampling = Sampling(*params.sampling_settings)
         self.depth = params.depth if model.has_mtp else 0
         self.eos = set(model.tokenizer.eos_token_ids or ())
         self.detokenizer = model.tokenizer.detokenizer
@@ -128,9 +104,6 @@ class _Generation:
         self.steps: list[StepEvent] = []
         self.finish_reason = ""
         self._held: list[TokenEvent] = []  # queued events not yet yielded (see _release)
-        depth = max(self.depth, 1)
-        self.reached = [0] * depth  # verify steps whose draft at position j was tested
-        self.accepted_at = [0] * depth
 
     # -- the loop ---------------------------------------------------------------------------------
     def run(self) -> Iterator[TokenEvent | StepEvent | Done]:
@@ -151,7 +124,7 @@ class _Generation:
         model = self.model
         cache, head_cache = model.make_cache(), model.make_head_cache()
         hidden, logits = model.forward(mx.array(self.prompt_ids)[None], cache=cache)
-        token, p_token = _plain_to_host(next_token(self.sampling, logits[0, -1]))
+        token, p_token = token_to_host(next_token(self.sampling, logits[0, -1]))
         self.ttft = time.perf_counter() - self.start
         pending_hidden = hidden
         pending_tokens = self.prompt_ids[1:] + [token]
@@ -162,19 +135,28 @@ class _Generation:
             step += 1
             t0 = time.perf_counter()
             drafts, draft_dists = self._draft(pending_hidden, pending_tokens, head_cache)
-            mx.eval(drafts, draft_dists)
+            if self.profile:  # a barrier only the timing needs: otherwise the verify's sync computes them
+                mx.eval(drafts, draft_dists)
             t1 = time.perf_counter()
             verify_in = mx.concatenate([mx.array([token], dtype=mx.int32), drafts.astype(mx.int32)])[None]
             hidden, logits = model.forward(verify_in, cache=cache)
-            n_accepted, token, p_drafts, q_drafts, p_token = _to_host(self._accept(logits[0], draft_dists, drafts))
+            if self.profile:
+                mx.eval(hidden, logits)
+            t_forward = time.perf_counter()
+            n_accepted, token, p_drafts, q_drafts, p_token = to_host(self._accept(logits[0], draft_dists, drafts))
             draft_ids = drafts.tolist()
             t2 = time.perf_counter()
             K = len(draft_ids)
-            _rollback(cache, keep=n_accepted + 1, discard=K - n_accepted)
+            rollback_cache(cache, keep=n_accepted + 1, discard=K - n_accepted)
             head_cache.trim(K - 1)
+            phases = None
+            if self.profile:
+                phases = {"verify_forward_s": t_forward - t1, "accept_sync_s": t2 - t_forward,
+                          "rollback_s": time.perf_counter() - t2}
             pending_hidden = hidden[:, : n_accepted + 1]
             pending_tokens = draft_ids[:n_accepted] + [token]
-            if (yield from self._emit(step, draft_ids, p_drafts, q_drafts, n_accepted, token, p_token, t1 - t0, t2 - t1)):
+            if (yield from self._emit(step, draft_ids, p_drafts, q_drafts, n_accepted, token, p_token, t1 - t0, t2 - t1,
+                                      phases)):
                 return
 
     def _decode_plain(self):
@@ -191,15 +173,23 @@ class _Generation:
         while True:
             t0 = time.perf_counter()
             if step == 0:  # the first token reaches the consumer before anything is queued
-                token, p_token = _plain_to_host(decision)
+                token, p_token = token_to_host(decision)
                 self.ttft = time.perf_counter() - self.start
+            t_forward = time.perf_counter()
             _, logits = model.forward(decision[0].reshape(1, 1), cache=cache)
+            if self.profile:  # serializes the pipeline: the phases say where the work goes, not how fast
+                mx.eval(logits)
+            t_queued = time.perf_counter()
             queued = next_token(self.sampling, logits[0, 0])
             mx.async_eval(queued)
             if step:
-                token, p_token = _plain_to_host(decision)
+                token, p_token = token_to_host(decision)
             wait = self.ttft if step == 0 else time.perf_counter() - t0
-            if (yield from self._emit(step, [], [], [], 0, token, p_token, 0.0, wait)):
+            phases = None
+            if self.profile:  # step 0's token is the prefill's: its sync is the TTFT's
+                phases = {"verify_forward_s": t_queued - t_forward,
+                          "accept_sync_s": time.perf_counter() - t_queued if step else 0.0, "rollback_s": 0.0}
+            if (yield from self._emit(step, [], [], [], 0, token, p_token, 0.0, wait, phases)):
                 return
             decision, step = queued, step + 1
 
@@ -229,28 +219,25 @@ class _Generation:
         return accept_sampled(self.sampling.logprobs(logits), draft_dists, drafts)
 
     # -- output -----------------------------------------------------------------------------------
-    def _emit(self, step, drafts, p_drafts, q_drafts, n_accepted, token, p_token, draft_s, verify_s):
+    def _emit(self, step, drafts, p_drafts, q_drafts, n_accepted, token, p_token, draft_s, verify_s, phases=None):
         """Yield the step's events; return True when the generation is finished."""
         K = len(drafts)
         before = len(self.tokens)
         finished = False
         for j, d in enumerate(drafts[:n_accepted]):
-            self.reached[j] += 1
-            self.accepted_at[j] += 1
             finished = self._commit(d, "accepted", step, j + 1, p_drafts[j], q_drafts[j])
             if finished:
                 break
         accepted = len(self.tokens) - before  # drafts kept in the output (the end may cut the step)
         if not finished:
             for j in range(n_accepted, K):
-                if j == n_accepted:
-                    self.reached[j] += 1
                 self._queue(TokenEvent(drafts[j], self._piece(drafts[j]), "rejected", step, j + 1, p_drafts[j], q_drafts[j]))
             kind = "plain" if K == 0 else ("bonus" if n_accepted == K else "correction")
             finished = self._commit(token, kind, step, 0 if kind == "plain" else n_accepted + 1, p_token, None)
         yield from self._release(finished)
         now = time.perf_counter()
-        event = StepEvent(step, K, accepted, len(self.tokens) - before, draft_s, verify_s, now - self.start, len(self.tokens))
+        event = StepEvent(step, K, accepted, len(self.tokens) - before, draft_s, verify_s, now - self.start,
+                          len(self.tokens), phases)
         self.steps.append(event)
         yield event
         return finished
@@ -322,35 +309,18 @@ class _Generation:
         return Result(list(self.tokens), self.text, self.events, self.steps, self._metrics())
 
     def _metrics(self) -> Metrics:
-        m = Metrics(depth=self.depth, prompt_tokens=len(self.prompt_ids), generated_tokens=len(self.tokens))
-        m.finish_reason = self.finish_reason
-        m.total_s = self.end - self.start
-        ttft = getattr(self, "ttft", m.total_s)
-        m.ttft_s = ttft
-        m.prefill_tok_s = len(self.prompt_ids) / ttft if ttft > 0 else 0.0
-        if len(self.tokens) > 1 and m.total_s > ttft:
-            m.decode_tok_s = (len(self.tokens) - 1) / (m.total_s - ttft)
-        m.end_to_end_tok_s = len(self.tokens) / m.total_s if m.total_s > 0 else 0.0
-        m.decode_tok_s_first32 = _first_tokens_rate(self.steps, ttft, 32)
-        verify_steps = self.steps[1:]
-        m.verify_calls = len(verify_steps)
-        m.drafted_tokens = sum(s.drafted for s in verify_steps)
-        m.accepted_drafts = sum(s.accepted for s in verify_steps)
-        m.rejected_drafts = m.drafted_tokens - m.accepted_drafts
-        m.correction_tokens = sum(1 for e in self.events if e.kind == "correction")
-        m.bonus_tokens = sum(1 for e in self.events if e.kind == "bonus")
-        m.acceptance_rate = m.accepted_drafts / m.drafted_tokens if m.drafted_tokens else 0.0
-        if self.depth:
-            m.acceptance_by_position = [a / r if r else 0.0 for a, r in zip(self.accepted_at, self.reached)]
-        m.mean_tokens_per_verify = sum(s.emitted for s in verify_steps) / len(verify_steps) if verify_steps else 0.0
-        m.draft_s = sum(s.draft_s for s in verify_steps)
-        m.verify_s = sum(s.verify_s for s in verify_steps)
-        m.active_memory_mb = mx.get_active_memory() / 2**20
-        m.peak_memory_mb = mx.get_peak_memory() / 2**20
-        return m
+        active_mb, peak_mb = memory_mb()
+        return compute_metrics(self.events, self.steps, depth=self.depth, prompt_tokens=len(self.prompt_ids),
+                               ttft_s=getattr(self, "ttft", self.end - self.start), total_s=self.end - self.start,
+                               finish_reason=self.finish_reason, active_memory_mb=active_mb, peak_memory_mb=peak_mb)
 
 
-def _to_host(decision):
+def memory_mb() -> tuple[float, float]:
+    """MLX's active memory and its peak since the current generation started, in MB."""
+    return mx.get_active_memory() / 2**20, mx.get_peak_memory() / 2**20
+
+
+def to_host(decision):
     """One synchronisation: the acceptance decision as Python values."""
     n_accepted, token, p_drafts, q_drafts, p_token = decision
     mx.eval(n_accepted, token, p_drafts, q_drafts, p_token)
@@ -374,24 +344,7 @@ def draft_token(model, sampling: Sampling, g: mx.array) -> tuple[mx.array, mx.ar
     return (index if model.draft_vocab is None else model.draft_vocab[index]), dist
 
 
-def _plain_to_host(decision):
+def token_to_host(decision):
     token, p_token = decision
     mx.eval(token, p_token)
     return token.item(), p_token.item()
-
-
-def _rollback(cache, keep: int, discard: int) -> None:
-    """Forget the last `discard` of the `keep + discard` tokens the trunk just ran on."""
-    for c in cache:
-        if hasattr(c, "rollback"):
-            c.rollback(keep)
-        elif discard:
-            c.trim(discard)
-
-
-def _first_tokens_rate(steps: list[StepEvent], ttft: float, n: int) -> float:
-    """Decode tok/s over the first n generated tokens (the first comes from the prefill)."""
-    for s in steps[1:]:
-        if s.generated >= min(n, steps[-1].generated):
-            return (s.generated - 1) / (s.elapsed_s - ttft) if s.elapsed_s > ttft and s.generated > 1 else 0.0
-    return 0.0

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 from .errors import MTPNBError
 from .events import Done, Metrics, Result, StepEvent, TokenEvent
+from .params import GenerationParams
 
 KEY_ENV = "MTPNB_API_KEY"
 # GenerationParams name -> request field
@@ -97,12 +98,7 @@ class RemoteModel:
 
     # -- requests -------------------------------------------------------------------------------------
     def _request(self, prompt, params: dict) -> tuple[str, dict]:
-        from .engine import GenerationParams  # the same checks and messages as a local model
-
-        unknown = sorted(set(params) - set(GenerationParams.names()))
-        if unknown:
-            raise MTPNBError(f"unknown parameter {unknown[0]!r}; known: {', '.join(GenerationParams.names())}")
-        GenerationParams(**params)
+        GenerationParams.of(**params)  # the same checks and messages as a local model
         chat = bool(params.get("chat"))
         body: dict[str, Any] = {"model": self.name, "stream": True}
         for name, field in FIELDS.items():
