@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import mlx.core as mx
 
 from .errors import MTPNBError
-from .events import Done, Metrics, Result, StepEvent, TokenEvent
+from .events import Done, Metrics, Result, StepEvent, TokenEvent, final_result
 from .metrics import compute_metrics
 from .params import GenerationParams
 from .rollback import rollback_cache
@@ -40,10 +40,7 @@ class Engine:
         self.profile = profile  # phase timings on every StepEvent, with eval barriers (the bench's profile)
 
     def generate(self, prompt, **params) -> Result:
-        for event in self.stream(prompt, **params):
-            if isinstance(event, Done):
-                return event.result
-        raise AssertionError("stream ended without a result")
+        return final_result(self.stream(prompt, **params))
 
     def stream(self, prompt, **params) -> Iterator[TokenEvent | StepEvent | Done]:
         """Yield events as tokens are decided. Validates everything before the first yield;

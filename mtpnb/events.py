@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Iterable
 from typing import Any
+
+from .errors import MTPNBError
 
 # The kind of every token a generation shows.
 #   accepted   a draft token the target kept (part of the output)
@@ -151,3 +154,11 @@ class Done:
     """Last event of a stream: the whole result."""
 
     result: Result
+
+
+def final_result(events: Iterable) -> Result:
+    """The Result that ends a stream of events (its Done); the rest of the events are consumed."""
+    for event in events:
+        if isinstance(event, Done):
+            return event.result
+    raise MTPNBError("the stream ended without a result")

@@ -21,7 +21,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .errors import MTPNBError
-from .events import Done, Metrics, Result, StepEvent, TokenEvent
+from .events import Done, Metrics, Result, StepEvent, TokenEvent, final_result
 from .params import GenerationParams
 
 KEY_ENV = "MTPNB_API_KEY"
@@ -70,10 +70,7 @@ class RemoteModel:
         return dict(self._info)
 
     def generate(self, prompt, **params) -> Result:
-        for event in self.stream(prompt, **params):
-            if isinstance(event, Done):
-                return event.result
-        raise MTPNBError("the stream ended without a result")
+        return final_result(self.stream(prompt, **params))
 
     def stream(self, prompt, **params) -> Iterator[TokenEvent | StepEvent | Done]:
         """Like Model.stream: validates and sends before the first event; yields the events."""

@@ -69,6 +69,16 @@ class Task:
             raise self._exception
         return self._result
 
+    def settle(self, timeout: float | None = None, *, on_interrupt: Callable[[], None] | None = None) -> None:
+        """Wait until the work has ended (or `timeout` seconds), whatever its outcome. A KeyboardInterrupt
+        (a notebook's interrupt button) calls on_interrupt() (a stop), then still waits for the end."""
+        try:
+            wait_interruptibly(self._done, timeout)
+        except KeyboardInterrupt:
+            if on_interrupt is not None:
+                on_interrupt()
+            wait_interruptibly(self._done, None)
+
     def add_done_callback(self, fn: Callable[["Task"], None]) -> None:
         """Call fn(task) once it is done: on the runtime thread, or at once if it already is.
         fn must not wait for a later task: that one would wait for fn."""

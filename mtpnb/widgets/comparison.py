@@ -115,15 +115,8 @@ class Comparison(widgets.VBox):
     def wait(self, timeout: float | None = None) -> tuple[Result, Result] | None:
         """Block until both runs have finished; return (depth-0 result, depth-D result), or None if
         either was stopped or failed. A KeyboardInterrupt stops the comparison and still waits."""
-        if self._task is None:
-            return self.results
-        try:
-            self._task.wait(timeout)
-        except TimeoutError:
-            pass
-        except KeyboardInterrupt:
-            self.stop()
-            self._task.wait()
+        if self._task is not None:
+            self._task.settle(timeout, on_interrupt=self.stop)
         return self.results
 
     @property

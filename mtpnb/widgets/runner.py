@@ -106,15 +106,8 @@ class Generation:
     def wait(self, timeout: float | None = None) -> Result | None:
         """Block until the generation has finished (or `timeout` seconds); return its Result.
         A KeyboardInterrupt (the kernel's interrupt button) stops the generation and still waits."""
-        if self._task is None:
-            return self.result
-        try:
-            self._task.wait(timeout)
-        except TimeoutError:
-            pass
-        except KeyboardInterrupt:
-            self.stop()
-            self._task.wait()
+        if self._task is not None:
+            self._task.settle(timeout, on_interrupt=self.stop)
         return self.result
 
     @property
