@@ -172,7 +172,8 @@ GENERATION_ARGUMENTS = (
 )
 MODEL_ARGUMENTS = (
     (("--quantize",), {"type": int, "choices": (4, 8), "help": "quantize the weights at load (bits)"}),
-    (("--dtype",), {"choices": ("float32", "bfloat16", "float16"), "help": "dtype of the float weights"}),
+    (("--dtype",), {"choices": ("float32", "bfloat16", "float16"), "help": "dtype of the float weights (default: float32 on the CPU, "
+                                                                   "the stored one on a GPU)"}),
     (("--revision",), {"metavar": "R", "help": "hub revision of the model"}),
 )
 MODEL_OPTIONS = ("quantize", "dtype", "revision")  # mtpnb.load's keyword arguments, one per flag above
