@@ -14,6 +14,7 @@ from typing import Any
 
 import mlx.core as mx
 
+from ..detokenizer import Detokenizer
 from ..engine import Engine
 from ..events import Done, TokenEvent
 from .costs import median_time
@@ -119,19 +120,17 @@ def _record(n, t0, first, last, end, peak_mb, result) -> dict:
     }
 
 
-def detokenize_seconds(tokenizer, result, repeats: int = 3) -> float:
-    """Time the detokenization work a generation did: the streaming detokenizer over its output tokens
-    and `decode([t])` for every rejected draft (median of repeats)."""
+def detokenize_seconds(tokenizer, prompt_ids, result, repeats: int = 3) -> float:
+    """Time the detokenization work a generation did: the engine's Detokenizer over its output tokens
+    (in the context of the prompt) and `decode([t])` for every rejected draft (median of repeats)."""
     output = [e.token for e in result.events if e.kind != "rejected"]
     rejected = [e.token for e in result.events if e.kind == "rejected"]
 
     def replay():
-        detok = tokenizer.detokenizer
-        detok.reset()
+        detokenizer = Detokenizer(tokenizer, context=prompt_ids)
         for t in output:
-            detok.add_token(t)
-            detok.last_segment  # noqa: B018  (what the engine reads per token)
-        detok.finalize()
+            detokenizer.add(t)
+        detokenizer.flush()
         for t in rejected:
             tokenizer.decode([t])
 
@@ -160,7 +159,7 @@ def phase_profile(model, ids, depth: int, sampler: Sampler, max_tokens: int, see
         "verify_forward": phase("verify_forward_s"),
         "accept_sync": phase("accept_sync_s"),
         "rollback": phase("rollback_s"),
-        "detokenize": detokenize_seconds(model.tokenizer, result),
+        "detokenize": detokenize_seconds(model.tokenizer, ids, result),
     }
     totals["python"] = max(wall - sum(totals.values()), 0.0)
     n_steps = len(verify_steps)
