@@ -1,6 +1,10 @@
-"""The decode loop: prefill, draft with the MTP head, verify in one trunk forward, accept exactly,
-roll back, stream events. Depth 0 (plain autoregressive decoding, the baseline) shares the prefill,
-the target distribution (`Sampling`) and the stopping (`_emit`), and is pipelined as mlx-lm does.
+"""The engine: the decode loop over arrays (prefill, draft with the MTP head, verify in one trunk
+forward, accept exactly, roll back), which yields a small `Step` record per verify, and `Engine`,
+which runs it through the stream layer (mtpnb.stream: text, stop strings, events, the Result), as
+mlx-lm's `generate_step` / `stream_generate` are split. Depth 0 (plain autoregressive decoding, the
+baseline) shares the prefill, the target distribution (`Sampling`) and the stream layer, and is
+pipelined as mlx-lm does. `Engine(model, profile=True)` times every phase behind an eval barrier
+(the bench's phase profile); otherwise no sync exists for timing alone.
 
 State between steps (n = committed tokens so far, x_n the newest, not yet fed to the trunk):
 - the trunk's caches hold positions < n;
@@ -19,14 +23,13 @@ from collections.abc import Iterator
 
 import mlx.core as mx
 
-from .detokenizer import Detokenizer
 from .errors import MTPNBError
-from .events import Done, Metrics, Result, StepEvent, TokenEvent, final_result
-from .metrics import compute_metrics
+from .events import Done, Result, StepEvent, TokenEvent, final_result
 from .params import GenerationParams
 from .rollback import rollback_cache
 from .runtime import runtime
 from .sampling import Sampling, accept_greedy, accept_sampled, next_greedy, sample
+from .stream import GenerationStream, Step
 
 
 class Engine:
@@ -51,10 +54,22 @@ class Engine:
         vocab = self.model.text_config.get("vocab_size")
         if vocab and max(ids) >= vocab:
             raise MTPNBError(f"token id {max(ids)} is outside the model's vocabulary of {vocab}")
-        events = _Generation(self.model, ids, gp, self.profile).run()
+        events = self._generation(ids, gp)
         if threading.current_thread() is threading.main_thread() or runtime().on_thread():
             return events
         return runtime().iterate(events)  # another thread's generation runs on the MLX thread (mtpnb.runtime)
+
+    def _generation(self, ids: list[int], params: GenerationParams) -> Iterator[TokenEvent | StepEvent | Done]:
+        """The loop's steps through the stream layer (runs when first iterated)."""
+        model = self.model
+        if params.seed is not None:
+            mx.random.seed(params.seed)
+        mx.reset_peak_memory()
+        depth = params.depth if model.has_mtp else 0
+        loop = DecodeLoop(model, ids, Sampling(*params.sampling_settings), depth, self.profile)
+        text = GenerationStream(model.tokenizer, ids, params, depth=depth,
+                                eos=set(model.tokenizer.eos_token_ids or ()), memory=memory_mb)
+        yield from text.run(loop.steps())
 
     def encode(self, prompt, *, chat: bool = False, reasoning: bool | None = None) -> list[int]:
         """Prompt (text, token ids, or chat messages) -> token ids."""
@@ -83,51 +98,31 @@ class Engine:
         return list(ids)
 
 
-class _Generation:
-    """One generation's state and loop (created per call; holds its own caches)."""
+class DecodeLoop:
+    """One generation's decode loop over arrays (created per call; holds its own caches): yields a
+    Step per verify (per token at depth 0), the decision on the host."""
 
-    def __init__(self, model, prompt_ids: list[int], params: GenerationParams, profile: bool = False):
+    def __init__(self, model, prompt_ids: list[int], sampling: Sampling, depth: int, profile: bool = False):
         self.model = model
-        self.profile = profile
         self.prompt_ids = prompt_ids
-        self.params = params
-        self.sampling = Sampling(*params.sampling_settings)
-        self.depth = params.depth if model.has_mtp else 0
-        self.eos = set(model.tokenizer.eos_token_ids or ())
-        self.detokenizer = Detokenizer(model.tokenizer, context=prompt_ids)
+        self.sampling = sampling
+        self.depth = depth
+        self.profile = profile
         self.vocab_size = model.text_config["vocab_size"]
-        self.tokens: list[int] = []
-        self.text = ""
-        self.events: list[TokenEvent] = []
-        self.steps: list[StepEvent] = []
-        self.finish_reason = ""
-        self._held: list[TokenEvent] = []  # queued events not yet yielded (see _release)
 
-    # -- the loop ---------------------------------------------------------------------------------
-    def run(self) -> Iterator[TokenEvent | StepEvent | Done]:
-        if self.params.seed is not None:
-            mx.random.seed(self.params.seed)
-        mx.reset_peak_memory()
-        self.start = time.perf_counter()
-        self.finish_reason = "cancelled"
-        try:
-            yield from (self._decode() if self.depth else self._decode_plain())
-        finally:
-            self.end = time.perf_counter()
-        yield Done(self._result())
+    def steps(self) -> Iterator[Step]:
+        return self._speculative() if self.depth else self._plain()
 
-    def _decode(self):
-        """Depth >= 1: draft, verify, accept, roll back (plain decoding is `_decode_plain`)."""
+    def _speculative(self) -> Iterator[Step]:
+        """Depth >= 1: draft, verify, accept, roll back (plain decoding is `_plain`)."""
         model = self.model
         cache, head_cache = model.make_cache(), model.make_head_cache()
         hidden, logits = model.forward(mx.array(self.prompt_ids)[None], cache=cache)
         token, p_token = token_to_host(next_token(self.sampling, logits[0, -1]))
-        self.ttft = time.perf_counter() - self.start
         pending_hidden = hidden
         pending_tokens = self.prompt_ids[1:] + [token]
+        yield Step(0, [], [], [], 0, token, p_token, first_token_at=time.perf_counter())
         step = 0
-        if (yield from self._emit(step, [], [], [], 0, token, p_token, 0.0, self.ttft)):
-            return
         while True:
             step += 1
             t0 = time.perf_counter()
@@ -152,16 +147,15 @@ class _Generation:
                           "rollback_s": time.perf_counter() - t2}
             pending_hidden = hidden[:, : n_accepted + 1]
             pending_tokens = draft_ids[:n_accepted] + [token]
-            if (yield from self._emit(step, draft_ids, p_drafts, q_drafts, n_accepted, token, p_token, t1 - t0, t2 - t1,
-                                      phases)):
-                return
+            yield Step(step, draft_ids, p_drafts, q_drafts, n_accepted, token, p_token, t1 - t0, t2 - t1, phases)
 
-    def _decode_plain(self):
+    def _plain(self) -> Iterator[Step]:
         """Depth 0, pipelined as mlx-lm's generate_step is: the forward of token n+1 is queued on the
         device (mx.async_eval, its input the still-lazy token n) before the host waits for token n, so
-        building the next graph, the events and the detokenization overlap the device's work instead
-        of leaving it idle. One forward too many at the end, discarded with the cache.
-        StepEvent.verify_s is the wait for token n, the next graph's building included."""
+        building the next graph, the events and the detokenization (the stream layer's work, done
+        while this generator is suspended) overlap the device's work instead of leaving it idle. One
+        forward too many at the end, discarded with the cache.
+        Step.verify_s is the wait for token n, the next graph's building included."""
         model = self.model
         cache = model.make_cache(rollback=False)
         _, logits = model.forward(mx.array(self.prompt_ids)[None], cache=cache)
@@ -169,9 +163,9 @@ class _Generation:
         step = 0
         while True:
             t0 = time.perf_counter()
-            if step == 0:  # the first token reaches the consumer before anything is queued
+            if step == 0:  # the first token reaches the host before anything is queued
                 token, p_token = token_to_host(decision)
-                self.ttft = time.perf_counter() - self.start
+                first_token_at = time.perf_counter()
             t_forward = time.perf_counter()
             _, logits = model.forward(decision[0].reshape(1, 1), cache=cache)
             if self.profile:  # serializes the pipeline: the phases say where the work goes, not how fast
@@ -181,13 +175,14 @@ class _Generation:
             mx.async_eval(queued)
             if step:
                 token, p_token = token_to_host(decision)
-            wait = self.ttft if step == 0 else time.perf_counter() - t0
             phases = None
             if self.profile:  # step 0's token is the prefill's: its sync is the TTFT's
                 phases = {"verify_forward_s": t_queued - t_forward,
                           "accept_sync_s": time.perf_counter() - t_queued if step else 0.0, "rollback_s": 0.0}
-            if (yield from self._emit(step, [], [], [], 0, token, p_token, 0.0, wait, phases)):
-                return
+            if step == 0:
+                yield Step(0, [], [], [], 0, token, p_token, phases=phases, first_token_at=first_token_at)
+            else:
+                yield Step(step, [], [], [], 0, token, p_token, 0.0, time.perf_counter() - t0, phases)
             decision, step = queued, step + 1
 
     def _draft(self, pending_hidden, pending_tokens, head_cache):
@@ -214,117 +209,6 @@ class _Generation:
         if self.sampling.greedy:
             return accept_greedy(logits, draft_dists, drafts)
         return accept_sampled(self.sampling.logprobs(logits), draft_dists, drafts)
-
-    # -- output -----------------------------------------------------------------------------------
-    def _emit(self, step, drafts, p_drafts, q_drafts, n_accepted, token, p_token, draft_s, verify_s, phases=None):
-        """Yield the step's events; return True when the generation is finished."""
-        K = len(drafts)
-        before = len(self.tokens)
-        finished = False
-        for j, d in enumerate(drafts[:n_accepted]):
-            finished = self._commit(d, "accepted", step, j + 1, p_drafts[j], q_drafts[j])
-            if finished:
-                break
-        accepted = len(self.tokens) - before  # drafts kept in the output (the end may cut the step)
-        if not finished:
-            for j in range(n_accepted, K):
-                self._queue(TokenEvent(drafts[j], self._piece(drafts[j]), "rejected", step, j + 1, p_drafts[j], q_drafts[j]))
-            kind = "plain" if K == 0 else ("bonus" if n_accepted == K else "correction")
-            finished = self._commit(token, kind, step, 0 if kind == "plain" else n_accepted + 1, p_token, None)
-        yield from self._release(finished)
-        now = time.perf_counter()
-        event = StepEvent(step, K, accepted, len(self.tokens) - before, draft_s, verify_s, now - self.start,
-                          len(self.tokens), phases)
-        self.steps.append(event)
-        yield event
-        return finished
-
-    def _commit(self, token, kind, step, position, p, q) -> bool:
-        """Add an output token and queue its event; True when the generation must stop."""
-        if token in self.eos:
-            self.finish_reason = "stop"
-            self._end_text()
-            return True
-        self.tokens.append(token)
-        piece = self.detokenizer.add(token)
-        last = len(self.tokens) >= self.params.max_tokens
-        if last:
-            piece += self.detokenizer.flush()
-        self._queue(TokenEvent(token, piece, kind, step, position, p, q))
-        if self._extend_text(piece):
-            return True
-        if last:
-            self.finish_reason = "length"
-            return True
-        return False
-
-    def _end_text(self) -> None:
-        """At EOS: the text the detokenizer held back (a character the EOS left incomplete) goes to
-        the last output token, whose event is still queued (`_release` waits while text is held)."""
-        rest = self.detokenizer.flush()
-        if rest:
-            event = next(e for e in reversed(self._held) if e.kind != "rejected")
-            event.text += rest
-            self._extend_text(rest)
-
-    def _extend_text(self, piece: str) -> bool:
-        """Append an output piece; at a stop string, cut the text there and return True."""
-        self.text += piece
-        stop_at = self._stop_index(len(piece))
-        if stop_at is None:
-            return False
-        self._cut_text(stop_at)
-        self.finish_reason = "stop"
-        return True
-
-    def _queue(self, event: TokenEvent) -> None:
-        self.events.append(event)
-        self._held.append(event)
-
-    def _release(self, finished: bool):
-        """Yield the queued events, unless the text ends with what may be the start of a stop
-        string, or the detokenizer holds text back: those wait, so that a stop string never reaches
-        a consumer and held-back text has a queued event to land on (the events' pieces always add
-        up to the final text)."""
-        if finished or not (self.detokenizer.pending or self._stop_prefix_at_end()):
-            yield from self._held
-            self._held.clear()
-
-    def _stop_prefix_at_end(self) -> bool:
-        return any(self.text.endswith(s[:n]) for s in self.params.stop for n in range(1, len(s)))
-
-    def _cut_text(self, stop_at: int) -> None:
-        """End the text where a stop string starts, trimming the queued events' pieces."""
-        excess = len(self.text) - stop_at
-        self.text = self.text[:stop_at]
-        for event in reversed(self._held):
-            if excess == 0:
-                break
-            if event.kind != "rejected":
-                cut = min(excess, len(event.text))
-                event.text = event.text[: len(event.text) - cut]
-                excess -= cut
-
-    def _stop_index(self, new_chars: int) -> int | None:
-        """Where the earliest stop string that ends in the new text starts, if any."""
-        best = None
-        for s in self.params.stop:
-            i = self.text.find(s, max(0, len(self.text) - new_chars - len(s) + 1))
-            if i >= 0 and (best is None or i < best):
-                best = i
-        return best
-
-    def _piece(self, token: int) -> str:
-        return self.model.tokenizer.decode([token])
-
-    def _result(self) -> Result:
-        return Result(list(self.tokens), self.text, self.events, self.steps, self._metrics())
-
-    def _metrics(self) -> Metrics:
-        active_mb, peak_mb = memory_mb()
-        return compute_metrics(self.events, self.steps, depth=self.depth, prompt_tokens=len(self.prompt_ids),
-                               ttft_s=getattr(self, "ttft", self.end - self.start), total_s=self.end - self.start,
-                               finish_reason=self.finish_reason, active_memory_mb=active_mb, peak_memory_mb=peak_mb)
 
 
 def memory_mb() -> tuple[float, float]:
