@@ -36,8 +36,8 @@ def load_quietly(path, **kw):
         return mtpnb.load(path, **kw)
 
 
-class LiveServer:
-    """`python -m mtpnb.server` in a subprocess, on 127.0.0.1 and a free port."""
+class ServerProcess:
+    """`python -m mtpnb.server ARGS` in a subprocess, on 127.0.0.1 and a free port: .url, .host, .port."""
 
     def __init__(self, args, log_path):
         import os

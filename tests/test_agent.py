@@ -161,7 +161,7 @@ def teach(path, lessons: list[tuple[list[int], str]], max_steps: int = 200) -> N
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from mtpnb.testing import make_checkpoint
+    from mtpnb.fixtures import make_checkpoint
 
     path = make_checkpoint(tmp_path_factory.mktemp("agent"), family="qwen3", num_layers=1, vocab_size=8192)
     for name in ("tokenizer.json", "tokenizer_config.json"):  # the default model's tokenizer and template
@@ -179,11 +179,11 @@ def local(checkpoint):
 
 @pytest.fixture(scope="module")
 def server(checkpoint, tmp_path_factory):
-    from conftest import LiveServer
+    from conftest import ServerProcess
 
     tmp = tmp_path_factory.mktemp("agent-serve")
     (tmp / "key").write_text(KEY)
-    live = LiveServer([checkpoint, "--api-key-file", tmp / "key", "--model-name", "tiny-agent", "--depth", 3,
+    live = ServerProcess([checkpoint, "--api-key-file", tmp / "key", "--model-name", "tiny-agent", "--depth", 3,
                        "--reasoning", "off"], tmp / "server.log")
     yield live
     assert live.stop() == 0, live.log()[-2000:]

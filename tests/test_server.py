@@ -46,14 +46,13 @@ def _serve_cmd(*args):
     return [sys.executable, "-m", "mtpnb.server", *map(str, args)]
 
 
-class LiveServer:
-    def __init__(self, proc, url, log_path):
-        self.proc, self.url, self.log_path = proc, url, log_path
-        self.host, self.port = url.split("//")[1].split(":")
-        self.port = int(self.port)
+class InProcess:
+    """The address of an in-process Server, for request()."""
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+    def __init__(self, url):
+        self.url = url
+        self.host, port = url.split("//")[1].split(":")
+        self.port = int(port)
 
 
 @pytest.fixture(scope="module")
@@ -68,40 +67,15 @@ def local(checkpoint):
 
 @pytest.fixture(scope="module")
 def server(checkpoint, tmp_path_factory):
+    from conftest import ServerProcess
+
     tmp = tmp_path_factory.mktemp("serve")
     key_file = tmp / "key"
     key_file.write_text(KEY + "\n")
-    log_path = tmp / "server.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            _serve_cmd(checkpoint, "--port", 0, "--api-key-file", key_file, "--max-tokens-limit", LIMIT,
-                       "--max-body-bytes", BODY_LIMIT, "--max-queue", 32),
-            stdout=subprocess.PIPE, stderr=log, env=_env(), text=True,
-        )
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout] + [lines.put("")], daemon=True).start()
-    url, seen, deadline = None, [], time.monotonic() + 120
-    while url is None and time.monotonic() < deadline:
-        try:
-            line = lines.get(timeout=1.0)
-        except queue.Empty:
-            continue
-        if not line:
-            break
-        seen.append(line)
-        m = re.search(r"listening on (http://\S+)/v1", line)
-        url = m and m.group(1)
-    if url is None:
-        proc.kill()
-        pytest.fail(f"the server did not start: {''.join(seen)} {log_path.read_text()}")
-    live = LiveServer(proc, url, log_path)
+    live = ServerProcess([checkpoint, "--api-key-file", key_file, "--max-tokens-limit", LIMIT,
+                          "--max-body-bytes", BODY_LIMIT, "--max-queue", 32], tmp / "server.log")
     yield live
-    proc.send_signal(signal.SIGINT)
-    try:
-        rc = proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        rc = proc.wait()
+    rc = live.stop()
     assert rc == 0, f"the server exited with {rc}: {live.log()[-2000:]}"
     assert KEY not in live.log()
 
@@ -202,7 +176,7 @@ def test_in_process_refusals_and_a_keyless_loopback_server(checkpoint):
     with pytest.raises(MTPNBError, match="empty"):
         Server(checkpoint, port=0, api_key="  ")
     with Server(checkpoint, port=0) as srv:  # loopback: no key needed
-        live = LiveServer(None, srv.url, None)
+        live = InProcess(srv.url)
         status, body = request(live, "GET", "/v1/models", key=None)
         assert status == 200 and body["data"][0]["id"] == Path(checkpoint).name
         status, body = request(live, "POST", "/v1/completions", {"prompt": "hi", "max_tokens": 3}, key=None)

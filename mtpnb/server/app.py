@@ -324,7 +324,7 @@ class Handler(BaseHTTPRequestHandler):
             return self._json(200, app.metrics())
         if app.prometheus is None:
             raise APIError(501, prometheus.INSTALL, code="not_installed")
-        data, content_type = app.prometheus.render(accept, model_name=app.model_name, waiting=app.worker.queue.qsize(),
+        data, content_type = app.prometheus.render(accept, model_name=app.model_name, waiting=app.worker.queued,
                                                    running=int(app.worker.current is not None))
         self.send_response(200)
         self.send_header("Content-Type", content_type)
