@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 import mtpnb
 from mtpnb import Done, TokenEvent
 from mtpnb.detokenizer import CONTEXT_TOKENS, Detokenizer
-from mtpnb.testing import write_byte_tokenizer
+from mtpnb.fixtures import write_byte_tokenizer
 
 REPLACEMENT = "\ufffd"
 ISSUE_PROMPTS = ["def fibonacci(n):\n    ", "def is_prime(n):\n    ", "x = 1\ny ="]
