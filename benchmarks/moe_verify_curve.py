@@ -75,7 +75,7 @@ def build(shape: dict, bits: int, group_size: int, dtype):
 
 def curve(model, context: int, max_tokens: int, repeats: int) -> list[float]:
     """Median ms of a trunk forward of M tokens after `context` tokens, M = 1..max_tokens (each rolled back)."""
-    from mtpnb.engine import _rollback
+    from mtpnb.rollback import rollback_cache
 
     cache = model.make_cache()
     prompt = mx.random.randint(0, model.text_config["vocab_size"], (1, context))
@@ -86,7 +86,7 @@ def curve(model, context: int, max_tokens: int, repeats: int) -> list[float]:
 
         def forward():
             mx.eval(model.forward(ids, cache=cache))
-            _rollback(cache, keep=0, discard=m)
+            rollback_cache(cache, keep=0, discard=m)
 
         for _ in range(3):  # warm-up: kernel compilation for this shape
             forward()

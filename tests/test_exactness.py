@@ -35,7 +35,7 @@ def model(checkpoints):
 @pytest.mark.torch
 def test_mtp_sampling_on_a_moe_model_matches_plain_sampling_joint():
     pytest.importorskip("torch", reason="needs the train extra (torch + transformers)")
-    from mtpnb.testing import make_hf_checkpoint
+    from mtpnb.fixtures import make_hf_checkpoint
 
     with tempfile.TemporaryDirectory() as folder:
         model = mtpnb.load(make_hf_checkpoint(folder, vocab_size=V, tie=True, logit_scale=2.0, seed=4))

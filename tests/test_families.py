@@ -1,7 +1,7 @@
 """MTP families beyond dense Qwen3.5, each against transformers' own classes.
 
 Every checkpoint here is written by transformers (random float32 weights, tiny dims, a few experts)
-plus the MTP layer's tensors in the family's published layout (mtpnb.testing.make_hf_checkpoint).
+plus the MTP layer's tensors in the family's published layout (mtpnb.fixtures.make_hf_checkpoint).
 Per family: mtpnb's greedy output is transformers' own `generate` output at depth 0 and the same at
 depths 1-4; the head's logits match an independent torch reference of the published formula (built
 on transformers' decoder layer of the family) within 1e-4; rollback gives the logits of a fresh
@@ -29,7 +29,7 @@ IDS = [5, 17, 99, 3, 42, 250, 7, 7, 128, 64, 33, 2, 19, 200, 45, 9, 77, 130]
 
 @pytest.fixture(scope="session")
 def hf_checkpoints(tmp_path_factory):
-    from mtpnb.testing import make_hf_checkpoint
+    from mtpnb.fixtures import make_hf_checkpoint
 
     made = {}
 
@@ -52,7 +52,7 @@ def load(path, **kwargs):
 def test_greedy_equals_transformers_generate_at_every_depth(hf_checkpoints, family, experts):
     """Echo head on a trunk that often repeats itself: drafts are right while the output repeats, so
     verifies keep every count of tokens."""
-    from mtpnb.testing import hf_classes
+    from mtpnb.fixtures import hf_classes
 
     path = hf_checkpoints(family, experts=experts, head="echo", logit_scale=0.08)
     hf = hf_classes(family)[0].from_pretrained(path, dtype=torch.float32).eval()
@@ -80,7 +80,7 @@ class Reference:
     def __init__(self, path, family):
         from safetensors.torch import load_file
 
-        from mtpnb.testing import fuse_experts, hf_classes
+        from mtpnb.fixtures import fuse_experts, hf_classes
 
         causal_lm, layer_class, index = hf_classes(family)
         self.hf = causal_lm.from_pretrained(path, dtype=torch.float32).eval()
