@@ -299,7 +299,8 @@ def test_openai_streaming_completions(client, local, name):
     chunks = list(client.completions.create(model=name, prompt="Once upon a time", max_tokens=25, stream=True))
     assert "".join(c.choices[0].text for c in chunks) == ref.text
     assert chunks[-1].choices[0].finish_reason == ref.metrics.finish_reason
-    assert chunks[-1].usage.completion_tokens == ref.metrics.generated_tokens
+    assert all(c.usage is None for c in chunks)  # OpenAI: usage only with stream_options.include_usage
+    assert chunks[-1].model_extra["mtp"]["generated_tokens"] == ref.metrics.generated_tokens
 
 
 # -- the extension field over raw HTTP --------------------------------------------------------------------------
@@ -328,9 +329,12 @@ def test_raw_stream_carries_every_token_with_its_kind(server, local, name):
     last = chunks[-1]
     assert last["choices"][0]["finish_reason"] == result.metrics.finish_reason
     assert {k: last["mtp"][k] for k in METRIC_COUNTS} == counts_of(result.metrics)
-    assert last["usage"] == {"prompt_tokens": result.metrics.prompt_tokens,
-                             "completion_tokens": result.metrics.generated_tokens,
-                             "total_tokens": result.metrics.prompt_tokens + result.metrics.generated_tokens}
+    assert not any("usage" in c for c in chunks)  # not asked for (stream_options.include_usage)
+    with_usage = sse(server, "/v1/completions", {**body, "stream_options": {"include_usage": True}})[:-1]
+    assert all(c["usage"] is None for c in with_usage[:-1]) and with_usage[-1]["choices"] == []
+    assert with_usage[-1]["usage"] == {"prompt_tokens": result.metrics.prompt_tokens,
+                                       "completion_tokens": result.metrics.generated_tokens,
+                                       "total_tokens": result.metrics.prompt_tokens + result.metrics.generated_tokens}
 
 
 def test_raw_chat_stream_puts_the_extension_in_the_delta(server, local, name):
@@ -430,7 +434,7 @@ def test_oversized_bodies(server):
                  contains=f"limit of {BODY_LIMIT}")
     # A client that announces a huge body and waits for 100-continue is refused before sending it.
     with socket.create_connection((server.host, server.port), timeout=10) as s:
-        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode() +
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer " + KEY.encode() +
                   b"\r\nContent-Type: application/json\r\nContent-Length: 1000000000\r\nExpect: 100-continue\r\n\r\n")
         head = s.recv(4096).decode()
     assert head.startswith("HTTP/1.1 413")
@@ -453,7 +457,7 @@ def test_a_client_that_disconnects_mid_stream_cancels_its_generation(server, loc
     before = _metrics(server)["counts"].get("cancelled", 0)
     with socket.create_connection((server.host, server.port), timeout=30) as s:
         body = json.dumps({"model": name, "prompt": "hello", "max_tokens": LIMIT, "stream": True}).encode()
-        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode() +
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer " + KEY.encode() +
                   b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
         received = b""
         while received.count(b"data: ") < 3:
@@ -472,7 +476,7 @@ def test_a_client_that_leaves_while_queued_is_skipped(server, name):
     before = _metrics(server)["counts"].get("cancelled", 0)
     first = socket.create_connection((server.host, server.port), timeout=30)
     body = json.dumps({"prompt": "hello", "max_tokens": LIMIT, "stream": True}).encode()
-    head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode() +
+    head = (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer " + KEY.encode() +
             b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n")
     first.sendall(head % len(body) + body)
     received = b""

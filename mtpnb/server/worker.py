@@ -11,7 +11,7 @@ import threading
 import time
 
 from ..errors import MTPNBError
-from ..events import Done
+from ..events import Done, TokenEvent
 from .protocol import APIError
 
 log = logging.getLogger("mtpnb.server")
@@ -23,9 +23,11 @@ class Job:
         # ("start", prompt tokens) ("event", TokenEvent | StepEvent | Done) ("error", APIError) ("end", None)
         self.out: queue.SimpleQueue = queue.SimpleQueue()
         self.cancelled = threading.Event()
+        self.shutdown = False  # cancelled by the server's shutdown, not by its client
         self.enqueued = time.monotonic()
 
-    def cancel(self) -> None:
+    def cancel(self, *, shutdown: bool = False) -> None:
+        self.shutdown = self.shutdown or shutdown
         self.cancelled.set()
 
 
@@ -99,15 +101,16 @@ class Worker:
 
     def close(self, timeout: float = 5.0) -> None:
         self.closing = True
-        if self.current is not None:
-            self.current.cancel()
+        current = self.current
+        if current is not None:
+            current.cancel(shutdown=True)
         while True:  # refuse what is still waiting
             try:
                 job = self.queue.get_nowait()
             except queue.Empty:
                 break
             if job is not None:
-                job.cancel()
+                job.cancel(shutdown=True)
                 job.out.put(("error", APIError(503, "the server is shutting down", code="shutting_down")))
         try:
             self.queue.put(None, timeout=timeout)
@@ -182,12 +185,13 @@ class Worker:
             self._fail(job, APIError(500, f"the generation failed to start: {_one_line(e)}"), wait_s)
             return
         job.out.put(("start", len(ids)))
-        result = None
+        result, generated = None, 0
         try:
             for event in events:
                 if job.cancelled.is_set():
                     break
                 job.out.put(("event", event))
+                generated += isinstance(event, TokenEvent) and event.kind != "rejected"
                 if isinstance(event, Done):
                     result = event.result
         except Exception as e:  # noqa: BLE001
@@ -196,6 +200,11 @@ class Worker:
             return
         finally:
             events.close()  # cancels a generation left unfinished
+        if result is None and job.shutdown:
+            self._fail(job, APIError(503, f"the server is shutting down: this generation was cut after {generated} "
+                                          "tokens", code="shutting_down"), wait_s)
+            log.info("%s cut by the shutdown after %d tokens", req.id, generated)
+            return
         if result is None:
             self.stats.record(job, None, "cancelled", wait_s)
             log.info("%s cancelled (client gone)", req.id)
