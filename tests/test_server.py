@@ -6,18 +6,16 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
-import queue
 import re
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from live_server import LiveServer, env, serve_cmd, start
 
 import mtpnb
 from mtpnb import Done, MTPNBError, StepEvent, TokenEvent
@@ -26,34 +24,12 @@ from mtpnb.engine import GenerationParams
 openai = pytest.importorskip("openai")
 
 KEY = "test-key-0123456789abcdef"
-ROOT = Path(mtpnb.__file__).resolve().parent.parent
 LIMIT = 512  # --max-tokens-limit
 BODY_LIMIT = 65536  # --max-body-bytes
 STEP_TIMING = ("draft_s", "verify_s", "elapsed_s")
 METRIC_COUNTS = ("depth", "prompt_tokens", "generated_tokens", "verify_calls", "drafted_tokens", "accepted_drafts",
                  "rejected_drafts", "correction_tokens", "bonus_tokens", "acceptance_rate", "acceptance_by_position",
                  "mean_tokens_per_verify", "finish_reason")
-
-
-def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env["PYTHONWARNINGS"] = "ignore"
-    return env
-
-
-def _serve_cmd(*args):
-    return [sys.executable, "-m", "mtpnb.server", *map(str, args)]
-
-
-class LiveServer:
-    def __init__(self, proc, url, log_path):
-        self.proc, self.url, self.log_path = proc, url, log_path
-        self.host, self.port = url.split("//")[1].split(":")
-        self.port = int(self.port)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
 
 
 @pytest.fixture(scope="module")
@@ -71,37 +47,10 @@ def server(checkpoint, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
     key_file = tmp / "key"
     key_file.write_text(KEY + "\n")
-    log_path = tmp / "server.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            _serve_cmd(checkpoint, "--port", 0, "--api-key-file", key_file, "--max-tokens-limit", LIMIT,
-                       "--max-body-bytes", BODY_LIMIT, "--max-queue", 32),
-            stdout=subprocess.PIPE, stderr=log, env=_env(), text=True,
-        )
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout] + [lines.put("")], daemon=True).start()
-    url, seen, deadline = None, [], time.monotonic() + 120
-    while url is None and time.monotonic() < deadline:
-        try:
-            line = lines.get(timeout=1.0)
-        except queue.Empty:
-            continue
-        if not line:
-            break
-        seen.append(line)
-        m = re.search(r"listening on (http://\S+)/v1", line)
-        url = m and m.group(1)
-    if url is None:
-        proc.kill()
-        pytest.fail(f"the server did not start: {''.join(seen)} {log_path.read_text()}")
-    live = LiveServer(proc, url, log_path)
+    live = start(checkpoint, "--api-key-file", key_file, "--max-tokens-limit", LIMIT, "--max-body-bytes", BODY_LIMIT,
+                 "--max-queue", 32, log_path=tmp / "server.log")
     yield live
-    proc.send_signal(signal.SIGINT)
-    try:
-        rc = proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        rc = proc.wait()
+    rc = live.stop(signal.SIGINT)
     assert rc == 0, f"the server exited with {rc}: {live.log()[-2000:]}"
     assert KEY not in live.log()
 
@@ -184,8 +133,8 @@ def wait_for(predicate, timeout=15.0):
 
 # -- starting ---------------------------------------------------------------------------------------------
 def test_refuses_a_public_address_without_a_key(checkpoint):
-    proc = subprocess.run(_serve_cmd(checkpoint, "--host", "0.0.0.0", "--port", 0), capture_output=True, text=True,
-                          env=_env(), timeout=120)
+    proc = subprocess.run(serve_cmd(checkpoint, "--host", "0.0.0.0", "--port", 0), capture_output=True, text=True,
+                          env=env(), timeout=120)
     assert proc.returncode == 2
     assert proc.stdout == ""
     lines = [line for line in proc.stderr.splitlines() if line.strip()]

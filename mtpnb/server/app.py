@@ -338,14 +338,13 @@ class Handler(BaseHTTPRequestHandler):
         if len(lengths) > 1:
             raise APIError(400, "the request has more than one Content-Length header", code="invalid_request")
         digits = lengths[0].strip(" \t")
-        if not re.fullmatch(r"[0-9]{1,19}", digits):
+        if not re.fullmatch(r"[0-9]+", digits):
             raise APIError(400, "the Content-Length header is not a length in plain digits", code="invalid_request")
-        n = int(digits)
         limit = self.server.app.max_body_bytes
-        if n > limit:
-            raise APIError(413, f"the request body is {n} bytes, above this server's limit of {limit} "
-                                "(mtpnb serve --max-body-bytes)", code="request_too_large")
-        return n
+        if len(digits.lstrip("0")) > len(str(limit)) or int(digits) > limit:
+            raise APIError(413, f"the request body is {digits.lstrip('0')[:30]} bytes, above this server's limit of "
+                                f"{limit} (mtpnb serve --max-body-bytes)", code="request_too_large")
+        return int(digits)
 
     def _read_body(self) -> bytes:
         media_type = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
