@@ -373,6 +373,11 @@ class Handler(BaseHTTPRequestHandler):
         """The request line and headers (http.server), then the Host check for every request."""
         if not super().parse_request():
             return False
+        if self.request_version == "HTTP/0.9":  # its answers have no status line: refuse with one
+            self.request_version = "HTTP/1.1"
+            self._json(400, APIError(400, "HTTP/0.9 is not supported: send an HTTP/1.1 request",
+                                     code="bad_request").body(), close=True)
+            return False
         try:
             self._check_host()
         except APIError as e:
