@@ -332,6 +332,9 @@ def test_a_non_ascii_api_key_in_python_too(checkpoint):
 
     with pytest.raises(MTPNBError, match="non-ASCII"):
         Server(checkpoint, port=0, api_key="clé")
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(MTPNBError, match="max_prompt_tokens must be an integer >= 1"):
+            Server(checkpoint, port=0, max_prompt_tokens=bad)
 
 
 # -- 12. the loader's bad sources --------------------------------------------------------------------------------

@@ -547,6 +547,10 @@ class Server:
                             ("max_queue", max_queue), ("max_connections", max_connections)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise MTPNBError(f"{name} must be an integer >= 1, not {value!r}")
+        if max_prompt_tokens is not None and (isinstance(max_prompt_tokens, bool) or not isinstance(
+                max_prompt_tokens, int) or max_prompt_tokens < 1):
+            raise MTPNBError(f"max_prompt_tokens must be an integer >= 1 or None (the model's context), not "
+                             f"{max_prompt_tokens!r}")
         self.host, self.port = host, port
         for name in allowed_hosts:
             if host_name(name) != name.lower().rstrip("."):
