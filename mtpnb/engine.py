@@ -13,6 +13,7 @@ State between steps (n = committed tokens so far, x_n the newest, not yet fed to
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
@@ -25,6 +26,9 @@ from .events import Done, Metrics, Result, StepEvent, TokenEvent
 from .sampling import Sampling, accept_greedy, accept_sampled, next_greedy, sample
 
 MAX_DEPTH = 8
+# Prompt tokens per prefill forward. mlx-lm prefills 2048 at a time, with mx.clear_cache() between
+# chunks; smaller chunks bound how long a cancellation waits (it is checked between them).
+PREFILL_CHUNK = 512
 
 
 @dataclass(frozen=True)
@@ -82,7 +86,11 @@ class Engine:
         vocab = self.model.text_config.get("vocab_size")
         if vocab and max(ids) >= vocab:
             raise MTPNBError(f"token id {max(ids)} is outside the model's vocabulary of {vocab}")
-        return _Generation(self.model, ids, gp).run()
+        context = self.model.text_config.get("max_position_embeddings")
+        if context and len(ids) >= context:
+            raise MTPNBError(f"the prompt has {len(ids)} tokens, past what {self.model.name} reads "
+                             f"({context} positions, max_position_embeddings, the answer included): shorten it")
+        return GenerationStream(_Generation(self.model, ids, gp))
 
     def encode(self, prompt, *, chat: bool = False, reasoning: bool | None = None) -> list[int]:
         """Prompt (text, token ids, or chat messages) -> token ids."""
@@ -111,6 +119,29 @@ class Engine:
         return list(ids)
 
 
+class GenerationStream(Iterator):
+    """A generation's events (what Engine.stream returns). close() ends it, and so does cancel(),
+    which any thread may call while another iterates: the generation checks between prefill chunks
+    and between steps, and ends without a Done."""
+
+    def __init__(self, generation: "_Generation"):
+        self._generation = generation
+        self._events = generation.run()
+
+    def __next__(self):
+        return next(self._events)
+
+    def cancel(self) -> None:
+        self._generation.cancelled.set()
+
+    def close(self) -> None:
+        self.cancel()
+        try:
+            self._events.close()
+        except ValueError:  # running on another thread: it sees the cancellation at its next check
+            pass
+
+
 class _Generation:
     """One generation's state and loop (created per call; holds its own caches)."""
 
@@ -118,6 +149,10 @@ class _Generation:
         self.model = model
         self.prompt_ids = prompt_ids
         self.params = params
+        self.cancelled = threading.Event()
+        context = model.text_config.get("max_position_embeddings")
+        # the answer ends ("length") where the model's context does, if that comes first
+        self.max_tokens = min(params.max_tokens, context - len(prompt_ids)) if context else params.max_tokens
         self.sampling = params.sampling
         self.depth = params.depth if model.has_mtp else 0
         self.eos = set(model.tokenizer.eos_token_ids or ())
@@ -144,14 +179,36 @@ class _Generation:
             yield from (self._decode() if self.depth else self._decode_plain())
         finally:
             self.end = time.perf_counter()
-        yield Done(self._result())
+            mx.clear_cache()  # the buffers of a long prompt go back, not into MLX's cache
+        if not self.cancelled.is_set():
+            yield Done(self._result())
+
+    def _prefill(self, cache, *, hidden: bool):
+        """The trunk over the prompt, PREFILL_CHUNK tokens at a time (mlx-lm's pattern: each chunk's
+        cache state evaluated, then MLX's buffer cache cleared) -> (the hidden states [1, L, H] if
+        asked, the logits at the last position [V]); None when cancelled between chunks."""
+        ids, states, logits = self.prompt_ids, [], None
+        for start in range(0, len(ids), PREFILL_CHUNK):
+            if self.cancelled.is_set():
+                return None
+            h, logits = self.model.forward(mx.array(ids[start:start + PREFILL_CHUNK])[None], cache=cache,
+                                           last_only=True)
+            if hidden:
+                states.append(h)
+            if start + PREFILL_CHUNK < len(ids):
+                mx.eval([c.state for c in cache], states[-1:])
+                mx.clear_cache()
+        return (mx.concatenate(states, axis=1) if hidden else None), logits[0, -1]
 
     def _decode(self):
         """Depth >= 1: draft, verify, accept, roll back (plain decoding is `_decode_plain`)."""
         model = self.model
         cache, head_cache = model.make_cache(), model.make_head_cache()
-        hidden, logits = model.forward(mx.array(self.prompt_ids)[None], cache=cache)
-        token, p_token = _plain_to_host(next_token(self.sampling, logits[0, -1]))
+        prefilled = self._prefill(cache, hidden=True)
+        if prefilled is None:
+            return
+        hidden, last_logits = prefilled
+        token, p_token = _plain_to_host(next_token(self.sampling, last_logits))
         self.ttft = time.perf_counter() - self.start
         pending_hidden = hidden
         pending_tokens = self.prompt_ids[1:] + [token]
@@ -185,8 +242,10 @@ class _Generation:
         StepEvent.verify_s is the wait for token n, the next graph's building included."""
         model = self.model
         cache = model.make_cache(rollback=False)
-        _, logits = model.forward(mx.array(self.prompt_ids)[None], cache=cache)
-        decision = next_token(self.sampling, logits[0, -1])
+        prefilled = self._prefill(cache, hidden=False)
+        if prefilled is None:
+            return
+        decision = next_token(self.sampling, prefilled[1])
         step = 0
         while True:
             t0 = time.perf_counter()
@@ -231,6 +290,8 @@ class _Generation:
     # -- output -----------------------------------------------------------------------------------
     def _emit(self, step, drafts, p_drafts, q_drafts, n_accepted, token, p_token, draft_s, verify_s):
         """Yield the step's events; return True when the generation is finished."""
+        if self.cancelled.is_set():
+            return True
         K = len(drafts)
         before = len(self.tokens)
         finished = False
@@ -263,7 +324,7 @@ class _Generation:
             return True
         self.tokens.append(token)
         piece = self.detokenizer.add(token)
-        last = len(self.tokens) >= self.params.max_tokens
+        last = len(self.tokens) >= self.max_tokens
         if last:
             piece += self.detokenizer.flush()
         self._queue(TokenEvent(token, piece, kind, step, position, p, q))

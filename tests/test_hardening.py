@@ -134,6 +134,65 @@ def test_past_the_limits_a_503_with_retry_after_never_a_reset(small, local):
             assert json.loads(body)["choices"][0]["text"] == expected
 
 
+# -- 2. long prompts: chunked prefill, cancellable between chunks, memory released, context enforced ------
+LONG = [(17 + 31 * i) % 200 + 10 for i in range(1300)]  # three prefill chunks of 512
+
+
+@pytest.mark.parametrize("depth", [0, 3])
+def test_a_chunked_prefill_decides_what_a_whole_one_does(local, monkeypatch, depth):
+    from mtpnb import engine
+
+    chunked = local.generate(LONG, max_tokens=12, depth=depth)
+    monkeypatch.setattr(engine, "PREFILL_CHUNK", len(LONG))
+    assert local.generate(LONG, max_tokens=12, depth=depth).tokens == chunked.tokens
+
+
+def test_a_cancel_during_the_prefill_stops_it_after_the_chunk_in_progress(local, monkeypatch):
+    chunks = []
+    forward = type(local).forward
+
+    def counting(self, ids, cache=None, **kw):
+        chunks.append(ids.shape[1])
+        if len(chunks) == 2:
+            stream.cancel()  # as a handler thread does when its client hangs up
+        return forward(self, ids, cache=cache, **kw)
+
+    monkeypatch.setattr(type(local), "forward", counting)
+    stream = local.stream(LONG, max_tokens=50)
+    assert list(stream) == [] and chunks == [512, 512]  # no third chunk, no token, no Done
+    monkeypatch.undo()
+    assert local.generate("hi", max_tokens=3).metrics.generated_tokens == 3  # the engine is free
+
+
+def test_a_long_prompt_leaves_no_memory_in_mlx_cache(local):
+    import mlx.core as mx
+
+    local.generate(LONG, max_tokens=4)
+    assert mx.get_cache_memory() == 0
+
+
+def test_prompts_past_the_context_are_refused(local, server):
+    context = local.text_config["max_position_embeddings"]
+    with pytest.raises(MTPNBError) as e:
+        local.stream([5] * context)
+    assert f"the prompt has {context} tokens" in str(e.value) and "\n" not in str(e.value)
+    status, headers, body = exchange(server, *post("/v1/completions", {"prompt": [5] * (context + 1)}))
+    assert "above this server's limit" in error_of(status, headers, body, 400, "context_length_exceeded")
+    near = local.generate([5] * (context - 3), max_tokens=50, depth=0)  # the answer ends where the context does
+    assert near.metrics.generated_tokens <= 3 and near.metrics.finish_reason in ("length", "stop")
+
+
+def test_a_client_hanging_up_during_a_prefill_frees_the_worker(server):
+    head, body = post("/v1/completions", {"prompt": LONG * 3, "max_tokens": 200, "stream": True})
+    with socket.create_connection((server.host, server.port), timeout=30) as s:
+        s.sendall(head + body)
+        time.sleep(0.2)
+    status, _, answer = exchange(server, *post("/v1/completions", {"prompt": "hi", "max_tokens": 2}))
+    assert status == 200 and json.loads(answer)["usage"]["completion_tokens"] == 2
+    metrics = json.loads(exchange(server, b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")[2])
+    assert metrics["recent"][-2]["finish_reason"] == "cancelled"
+
+
 # -- 3. and 4. no silently empty answer, no 500: strict JSON ---------------------------------------------
 @pytest.mark.parametrize("raw, says", [
     (b'{"prompt": "hi", "temperature": NaN}', "NaN is not JSON"),

@@ -25,10 +25,14 @@ class Job:
         self.cancelled = threading.Event()
         self.shutdown = False  # cancelled by the server's shutdown, not by its client
         self.enqueued = time.monotonic()
+        self.events = None  # the engine's stream, once it runs
 
     def cancel(self, *, shutdown: bool = False) -> None:
+        """From any thread: the generation stops at its next check (between prefill chunks, between steps)."""
         self.shutdown = self.shutdown or shutdown
         self.cancelled.set()
+        if self.events is not None:
+            self.events.cancel()
 
 
 class Stats:
@@ -173,7 +177,9 @@ class Worker:
                                     f"{self.max_prompt_tokens} (mtpnb serve --max-prompt-tokens)",
                                code="context_length_exceeded")
             params = {k: v for k, v in req.params.items() if k != "reasoning"}
-            events = model.stream(ids, **params)
+            events = job.events = model.stream(ids, **params)
+            if job.cancelled.is_set():  # cancelled while it was being set up
+                events.cancel()
         except MTPNBError as e:
             self._fail(job, APIError(400, str(e), code="invalid_parameter"), wait_s)
             return
