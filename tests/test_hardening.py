@@ -17,7 +17,7 @@ import pytest
 from live_server import start
 
 import mtpnb
-from mtpnb import MTPNBError, cli
+from mtpnb import Done, MTPNBError, cli
 
 openai = pytest.importorskip("openai")
 
@@ -159,7 +159,10 @@ def test_a_cancel_during_the_prefill_stops_it_after_the_chunk_in_progress(local,
 
     monkeypatch.setattr(type(local), "forward", counting)
     stream = local.stream(LONG, max_tokens=50)
-    assert list(stream) == [] and chunks == [512, 512]  # no third chunk, no token, no Done
+    events = list(stream)
+    assert chunks == [512, 512]  # no third chunk
+    assert [type(e) for e in events] == [Done] and events[0].result.metrics.finish_reason == "cancelled"
+    assert events[0].result.tokens == []
     monkeypatch.undo()
     assert local.generate("hi", max_tokens=3).metrics.generated_tokens == 3  # the engine is free
 
@@ -228,7 +231,9 @@ def test_shutdown_cuts_streams_visibly_and_refuses_the_queue(checkpoint, tmp_pat
     live = start(checkpoint, log_path=tmp_path / "server.log")
     try:
         client = openai.OpenAI(base_url=live.url + "/v1", api_key="none", max_retries=0, timeout=60)
-        stream = client.completions.create(model=checkpoint.name, prompt=PROMPT, max_tokens=4000, stream=True)
+        # "hi": this checkpoint answers it in ASCII, so every step streams at once (text that may be an
+        # incomplete character is held back until it is complete)
+        stream = client.completions.create(model=checkpoint.name, prompt="hi", max_tokens=4000, stream=True)
         chunks = [next(stream)]  # generating
         with socket.create_connection((live.host, live.port), timeout=30) as queued:
             queued.sendall(b"".join(post("/v1/completions", {"prompt": PROMPT, "max_tokens": 4})))

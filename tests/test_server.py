@@ -19,7 +19,7 @@ from live_server import LiveServer, env, serve_cmd, start
 
 import mtpnb
 from mtpnb import Done, MTPNBError, StepEvent, TokenEvent
-from mtpnb.engine import GenerationParams
+from mtpnb.params import GenerationParams
 
 openai = pytest.importorskip("openai")
 
