@@ -135,8 +135,10 @@ class Generation:
         status, error = ("cancelled" if self._stop.is_set() else "done"), ""  # stopped while queued
         try:
             for event in () if self._stop.is_set() else self._stream:
-                if isinstance(event, Done):
+                if isinstance(event, Done):  # a Stop during the prefill or a step ends the engine's stream
                     self.result = event.result
+                    if self._stop.is_set():
+                        status = "cancelled"
                     break
                 if isinstance(event, StepEvent):
                     steps.append(event)
