@@ -138,13 +138,26 @@ def run_train(argv: list[str]) -> int:
 
 
 # -- shared pieces ----------------------------------------------------------------------------------------
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def read_prompt(prompt: str | None) -> str:
     """The prompt argument, or standard input for '-' or none (when it is not a terminal)."""
     if prompt is not None and prompt != "-":
         return prompt
     if sys.stdin is None or sys.stdin.isatty():
         raise MTPNBError("give a prompt: mtpnb generate \"TEXT\", or pipe it in on standard input")
-    text = sys.stdin.read()
+    stdin = getattr(sys.stdin, "buffer", None)
+    try:  # UTF-8 whatever the locale says, with a one-line error for other bytes
+        text = stdin.read().decode("utf-8") if stdin is not None else sys.stdin.read()
+    except UnicodeDecodeError as e:
+        raise MTPNBError(f"standard input is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") \
+            from None
     if not text.strip():
         raise MTPNBError("the prompt on standard input is empty")
     return text
@@ -238,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     command = "mtpnb"
     try:
+        for arg in argv:  # bytes that are not UTF-8 arrive as lone surrogates (PEP 383)
+            if not _is_utf8(arg):
+                raise UsageFailure(f"mtpnb: the argument {ascii(arg)} is not valid UTF-8 text")
         args, extra = parser.parse_known_args(argv)
         command = f"mtpnb {args.command}"
         args.verb_argv = argv[argv.index(args.command) + 1:]

@@ -17,6 +17,7 @@ State between steps (n = committed tokens so far, x_n the newest, not yet fed to
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Iterator
@@ -30,6 +31,10 @@ from .rollback import rollback_cache
 from .runtime import runtime
 from .sampling import Sampling, accept_greedy, accept_sampled, next_greedy, sample
 from .stream import GenerationStream, Step
+
+# Prompt tokens per prefill forward. mlx-lm prefills 2048 at a time, with mx.clear_cache() between
+# chunks; smaller chunks bound how long a cancellation waits (it is checked between them).
+PREFILL_CHUNK = 512
 
 
 class Engine:
@@ -46,30 +51,42 @@ class Engine:
     def generate(self, prompt, **params) -> Result:
         return final_result(self.stream(prompt, **params))
 
-    def stream(self, prompt, **params) -> Iterator[TokenEvent | StepEvent | Done]:
+    def stream(self, prompt, **params) -> "Generation":
         """Yield events as tokens are decided. Validates everything before the first yield;
-        closing the iterator early cancels the generation (the engine stays usable)."""
+        closing the iterator early, or cancel() from any thread, cancels the generation (the engine
+        stays usable)."""
         gp = GenerationParams.of(**params)
         ids = self.encode(prompt, chat=gp.chat, reasoning=gp.reasoning)
         vocab = self.model.text_config.get("vocab_size")
         if vocab and max(ids) >= vocab:
             raise MTPNBError(f"token id {max(ids)} is outside the model's vocabulary of {vocab}")
-        events = self._generation(ids, gp)
-        if threading.current_thread() is threading.main_thread() or runtime().on_thread():
-            return events
-        return runtime().iterate(events)  # another thread's generation runs on the MLX thread (mtpnb.runtime)
+        context = self.model.text_config.get("max_position_embeddings")
+        if context and len(ids) >= context:
+            raise MTPNBError(f"the prompt has {len(ids)} tokens, past what {self.model.name} reads "
+                             f"({context} positions, max_position_embeddings, the answer included): shorten it")
+        if context:  # the answer ends ("length") where the model's context does, if that comes first
+            gp = dataclasses.replace(gp, max_tokens=min(gp.max_tokens, context - len(ids)))
+        cancelled = threading.Event()
+        events = self._generation(ids, gp, cancelled)
+        if not (threading.current_thread() is threading.main_thread() or runtime().on_thread()):
+            events = runtime().iterate(events)  # another thread's generation runs on the MLX thread (mtpnb.runtime)
+        return Generation(events, cancelled)
 
-    def _generation(self, ids: list[int], params: GenerationParams) -> Iterator[TokenEvent | StepEvent | Done]:
+    def _generation(self, ids: list[int], params: GenerationParams,
+                    cancelled: threading.Event) -> Iterator[TokenEvent | StepEvent | Done]:
         """The loop's steps through the stream layer (runs when first iterated)."""
         model = self.model
         if params.seed is not None:
             mx.random.seed(params.seed)
         mx.reset_peak_memory()
         depth = params.depth if model.has_mtp else 0
-        loop = DecodeLoop(model, ids, Sampling(*params.sampling_settings), depth, self.profile)
+        loop = DecodeLoop(model, ids, Sampling(*params.sampling_settings), depth, self.profile, cancelled)
         text = GenerationStream(model.tokenizer, ids, params, depth=depth,
                                 eos=set(model.tokenizer.eos_token_ids or ()), memory=memory_mb)
-        yield from text.run(loop.steps())
+        try:
+            yield from text.run(loop.steps())
+        finally:
+            mx.clear_cache()  # the buffers of a long prompt go back, not into MLX's cache
 
     def encode(self, prompt, *, chat: bool = False, reasoning: bool | None = None,
                tools: list | None = None) -> list[int]:
@@ -102,27 +119,76 @@ class Engine:
         return list(ids)
 
 
+class Generation(Iterator):
+    """What Engine.stream returns: the generation's events. close() ends it, and so does cancel(),
+    which any thread may call while another iterates (a server's handler when its client hangs up, a
+    widget's Stop): the decode loop checks between prefill chunks and between steps, and the events
+    end with Done (finish_reason "cancelled")."""
+
+    def __init__(self, events: Iterator, cancelled: threading.Event):
+        self._events = events
+        self._cancelled = cancelled
+
+    def __next__(self):
+        return next(self._events)
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    def close(self) -> None:
+        self.cancel()
+        try:
+            self._events.close()
+        except ValueError:  # running on another thread: it sees the cancellation at its next check
+            pass
+
+
 class DecodeLoop:
     """One generation's decode loop over arrays (created per call; holds its own caches): yields a
-    Step per verify (per token at depth 0), the decision on the host."""
+    Step per verify (per token at depth 0), the decision on the host; ends early once `cancelled`."""
 
-    def __init__(self, model, prompt_ids: list[int], sampling: Sampling, depth: int, profile: bool = False):
+    def __init__(self, model, prompt_ids: list[int], sampling: Sampling, depth: int, profile: bool = False,
+                 cancelled: threading.Event | None = None):
         self.model = model
         self.prompt_ids = prompt_ids
         self.sampling = sampling
         self.depth = depth
         self.profile = profile
+        self.cancelled = cancelled or threading.Event()
         self.vocab_size = model.text_config["vocab_size"]
 
     def steps(self) -> Iterator[Step]:
-        return self._speculative() if self.depth else self._plain()
+        for step in self._speculative() if self.depth else self._plain():
+            if self.cancelled.is_set():
+                return
+            yield step
+
+    def _prefill(self, cache, *, hidden: bool):
+        """The trunk over the prompt, PREFILL_CHUNK tokens at a time (mlx-lm's pattern: each chunk's
+        cache state evaluated, then MLX's buffer cache cleared) -> (the hidden states [1, L, H] if
+        asked, the logits at the last position [V]); None when cancelled between chunks."""
+        ids, states, logits = self.prompt_ids, [], None
+        for start in range(0, len(ids), PREFILL_CHUNK):
+            if self.cancelled.is_set():
+                return None
+            h, logits = self.model.forward(mx.array(ids[start:start + PREFILL_CHUNK])[None], cache=cache,
+                                           last_only=True)
+            if hidden:
+                states.append(h)
+            if start + PREFILL_CHUNK < len(ids):
+                mx.eval([c.state for c in cache], states[-1:])
+                mx.clear_cache()
+        return (mx.concatenate(states, axis=1) if hidden else None), logits[0, -1]
 
     def _speculative(self) -> Iterator[Step]:
         """Depth >= 1: draft, verify, accept, roll back (plain decoding is `_plain`)."""
         model = self.model
         cache, head_cache = model.make_cache(), model.make_head_cache()
-        hidden, logits = model.forward(mx.array(self.prompt_ids)[None], cache=cache)
-        token, p_token = token_to_host(next_token(self.sampling, logits[0, -1]))
+        prefilled = self._prefill(cache, hidden=True)
+        if prefilled is None:
+            return
+        hidden, last_logits = prefilled
+        token, p_token = token_to_host(next_token(self.sampling, last_logits))
         pending_hidden = hidden
         pending_tokens = self.prompt_ids[1:] + [token]
         yield Step(0, [], [], [], 0, token, p_token, first_token_at=time.perf_counter())
@@ -162,8 +228,10 @@ class DecodeLoop:
         Step.verify_s is the wait for token n, the next graph's building included."""
         model = self.model
         cache = model.make_cache(rollback=False)
-        _, logits = model.forward(mx.array(self.prompt_ids)[None], cache=cache)
-        decision = next_token(self.sampling, logits[0, -1])
+        prefilled = self._prefill(cache, hidden=False)
+        if prefilled is None:
+            return
+        decision = next_token(self.sampling, prefilled[1])
         step = 0
         while True:
             t0 = time.perf_counter()

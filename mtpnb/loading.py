@@ -61,6 +61,7 @@ def load(
         raise MTPNBError(f"dtype must be float32, bfloat16 or float16, not {dtype!r}")
     path, name = resolve(source, revision)
     config = read_config(path)
+    _check_tokenizer_files(path)
     text_config = config.get("text_config", config)
     notes: list[str] = []
 
@@ -97,6 +98,12 @@ def load(
 
 def resolve(source, revision: str | None = None) -> tuple[Path, str]:
     """A local folder, or a hub repo downloaded into huggingface_hub's cache -> (folder, display name)."""
+    if source is not None and not isinstance(source, (str, os.PathLike)):
+        raise MTPNBError(f"load() takes a model folder, a hub repo id or None (the default model), not "
+                         f"{type(source).__name__}")
+    if isinstance(source, str) and not source.strip():
+        raise MTPNBError("the model source is empty: give a model folder, a hub repo id, or None for the default "
+                         "model")
     if source is None:
         if not (DEFAULT_MODEL_DIR / "config.json").exists():
             raise MTPNBError(
@@ -148,6 +155,10 @@ def read_config(path: Path) -> dict:
         raise MTPNBError(f"{path} has no config.json: is it a model folder?") from None
     except json.JSONDecodeError as e:
         raise MTPNBError(f"{path / 'config.json'} is not valid JSON ({e.msg}, line {e.lineno})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise MTPNBError(f"cannot read {path / 'config.json'}: {_one_line(e)}") from None
+    if not isinstance(config, dict) or not isinstance(config.get("text_config", {}), dict):
+        raise MTPNBError(f"{path / 'config.json'} is not a model config (a JSON object of settings)")
     model_type = config.get("model_type")
     text_config = config.get("text_config", config)
     if family_of(config)[0] is None:
@@ -298,6 +309,16 @@ def _head_quantization(trunk: nn.Module, config: dict, group_size: int):
         return params
 
     return predicate
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def _check_tokenizer_files(path: Path) -> None:
+    """transformers builds a tokenizer of one token from config.json alone: refuse that folder."""
+    if not any((path / name).exists() for name in TOKENIZER_FILES) and not glob.glob(str(path / "*.tiktoken")):
+        raise MTPNBError(f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...): copy the "
+                         "tokenizer of the model's base into the folder")
 
 
 def _load_tokenizer(path: Path, config: dict):

@@ -76,10 +76,11 @@ class Model:
         g = self.head.pre_logits(g)
         return self.lm_head(g) if self._draft_weight is None else g @ self._draft_weight.T
 
-    def forward(self, ids: mx.array, cache=None) -> tuple[mx.array, mx.array]:
-        """ids [B, L] -> (post-norm hidden [B, L, H], logits [B, L, V])."""
+    def forward(self, ids: mx.array, cache=None, *, last_only: bool = False) -> tuple[mx.array, mx.array]:
+        """ids [B, L] -> (post-norm hidden [B, L, H], logits [B, L, V]; [B, 1, V] with last_only, as a
+        prefill needs: a long prompt's logits at every position are its largest array)."""
         hidden = self._inner(ids, cache=cache)
-        return hidden, self.lm_head(hidden)
+        return hidden, self.lm_head(hidden[:, -1:] if last_only else hidden)
 
     def mtp_forward(self, hidden: mx.array, next_ids: mx.array, cache=None) -> tuple[mx.array, mx.array]:
         """One head step: hidden [B, T, H] at positions t, next_ids [B, T] = tokens at t+1

@@ -21,6 +21,8 @@ from mtpnb import TokenEvent
 from mtpnb.loading import DEFAULT_MODEL_DIR
 from mtpnb.server.tools import OutputSplitter, Segment
 
+from live_server import start
+
 openai = pytest.importorskip("openai")
 anthropic = pytest.importorskip("anthropic")
 
@@ -179,12 +181,10 @@ def local(checkpoint):
 
 @pytest.fixture(scope="module")
 def server(checkpoint, tmp_path_factory):
-    from conftest import ServerProcess
-
     tmp = tmp_path_factory.mktemp("agent-serve")
     (tmp / "key").write_text(KEY)
-    live = ServerProcess([checkpoint, "--api-key-file", tmp / "key", "--model-name", "tiny-agent", "--depth", 3,
-                       "--reasoning", "off"], tmp / "server.log")
+    live = start(checkpoint, "--api-key-file", tmp / "key", "--model-name", "tiny-agent", "--depth", 3,
+                 "--reasoning", "off", log_path=tmp / "server.log")
     yield live
     assert live.stop() == 0, live.log()[-2000:]
 

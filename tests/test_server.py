@@ -6,18 +6,16 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
-import queue
 import re
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from live_server import LiveServer, env, serve_cmd, start
 
 import mtpnb
 from mtpnb import Done, MTPNBError, StepEvent, TokenEvent
@@ -26,33 +24,12 @@ from mtpnb.params import GenerationParams
 openai = pytest.importorskip("openai")
 
 KEY = "test-key-0123456789abcdef"
-ROOT = Path(mtpnb.__file__).resolve().parent.parent
 LIMIT = 512  # --max-tokens-limit
 BODY_LIMIT = 65536  # --max-body-bytes
 STEP_TIMING = ("draft_s", "verify_s", "elapsed_s")
 METRIC_COUNTS = ("depth", "prompt_tokens", "generated_tokens", "verify_calls", "drafted_tokens", "accepted_drafts",
                  "rejected_drafts", "correction_tokens", "bonus_tokens", "acceptance_rate", "acceptance_by_position",
                  "mean_tokens_per_verify", "finish_reason")
-
-
-def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env["PYTHONWARNINGS"] = "ignore"
-    return env
-
-
-def _serve_cmd(*args):
-    return [sys.executable, "-m", "mtpnb.server", *map(str, args)]
-
-
-class InProcess:
-    """The address of an in-process Server, for request()."""
-
-    def __init__(self, url):
-        self.url = url
-        self.host, port = url.split("//")[1].split(":")
-        self.port = int(port)
 
 
 @pytest.fixture(scope="module")
@@ -67,15 +44,13 @@ def local(checkpoint):
 
 @pytest.fixture(scope="module")
 def server(checkpoint, tmp_path_factory):
-    from conftest import ServerProcess
-
     tmp = tmp_path_factory.mktemp("serve")
     key_file = tmp / "key"
     key_file.write_text(KEY + "\n")
-    live = ServerProcess([checkpoint, "--api-key-file", key_file, "--max-tokens-limit", LIMIT,
-                          "--max-body-bytes", BODY_LIMIT, "--max-queue", 32], tmp / "server.log")
+    live = start(checkpoint, "--api-key-file", key_file, "--max-tokens-limit", LIMIT, "--max-body-bytes", BODY_LIMIT,
+                 "--max-queue", 32, log_path=tmp / "server.log")
     yield live
-    rc = live.stop()
+    rc = live.stop(signal.SIGINT)
     assert rc == 0, f"the server exited with {rc}: {live.log()[-2000:]}"
     assert KEY not in live.log()
 
@@ -158,8 +133,8 @@ def wait_for(predicate, timeout=15.0):
 
 # -- starting ---------------------------------------------------------------------------------------------
 def test_refuses_a_public_address_without_a_key(checkpoint):
-    proc = subprocess.run(_serve_cmd(checkpoint, "--host", "0.0.0.0", "--port", 0), capture_output=True, text=True,
-                          env=_env(), timeout=120)
+    proc = subprocess.run(serve_cmd(checkpoint, "--host", "0.0.0.0", "--port", 0), capture_output=True, text=True,
+                          env=env(), timeout=120)
     assert proc.returncode == 2
     assert proc.stdout == ""
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
@@ -176,7 +151,7 @@ def test_in_process_refusals_and_a_keyless_loopback_server(checkpoint):
     with pytest.raises(MTPNBError, match="empty"):
         Server(checkpoint, port=0, api_key="  ")
     with Server(checkpoint, port=0) as srv:  # loopback: no key needed
-        live = InProcess(srv.url)
+        live = LiveServer(None, srv.url, None)
         status, body = request(live, "GET", "/v1/models", key=None)
         assert status == 200 and body["data"][0]["id"] == Path(checkpoint).name
         status, body = request(live, "POST", "/v1/completions", {"prompt": "hi", "max_tokens": 3}, key=None)
@@ -273,7 +248,8 @@ def test_openai_streaming_completions(client, local, name):
     chunks = list(client.completions.create(model=name, prompt="Once upon a time", max_tokens=25, stream=True))
     assert "".join(c.choices[0].text for c in chunks) == ref.text
     assert chunks[-1].choices[0].finish_reason == ref.metrics.finish_reason
-    assert chunks[-1].usage.completion_tokens == ref.metrics.generated_tokens
+    assert all(c.usage is None for c in chunks)  # OpenAI: usage only with stream_options.include_usage
+    assert chunks[-1].model_extra["mtp"]["generated_tokens"] == ref.metrics.generated_tokens
 
 
 # -- the extension field over raw HTTP --------------------------------------------------------------------------
@@ -302,9 +278,12 @@ def test_raw_stream_carries_every_token_with_its_kind(server, local, name):
     last = chunks[-1]
     assert last["choices"][0]["finish_reason"] == result.metrics.finish_reason
     assert {k: last["mtp"][k] for k in METRIC_COUNTS} == counts_of(result.metrics)
-    assert last["usage"] == {"prompt_tokens": result.metrics.prompt_tokens,
-                             "completion_tokens": result.metrics.generated_tokens,
-                             "total_tokens": result.metrics.prompt_tokens + result.metrics.generated_tokens}
+    assert not any("usage" in c for c in chunks)  # not asked for (stream_options.include_usage)
+    with_usage = sse(server, "/v1/completions", {**body, "stream_options": {"include_usage": True}})[:-1]
+    assert all(c["usage"] is None for c in with_usage[:-1]) and with_usage[-1]["choices"] == []
+    assert with_usage[-1]["usage"] == {"prompt_tokens": result.metrics.prompt_tokens,
+                                       "completion_tokens": result.metrics.generated_tokens,
+                                       "total_tokens": result.metrics.prompt_tokens + result.metrics.generated_tokens}
 
 
 def test_raw_chat_stream_puts_the_extension_in_the_delta(server, local, name):
@@ -404,7 +383,7 @@ def test_oversized_bodies(server):
                  contains=f"limit of {BODY_LIMIT}")
     # A client that announces a huge body and waits for 100-continue is refused before sending it.
     with socket.create_connection((server.host, server.port), timeout=10) as s:
-        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode() +
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer " + KEY.encode() +
                   b"\r\nContent-Type: application/json\r\nContent-Length: 1000000000\r\nExpect: 100-continue\r\n\r\n")
         head = s.recv(4096).decode()
     assert head.startswith("HTTP/1.1 413")
@@ -427,7 +406,7 @@ def test_a_client_that_disconnects_mid_stream_cancels_its_generation(server, loc
     before = _metrics(server)["counts"].get("cancelled", 0)
     with socket.create_connection((server.host, server.port), timeout=30) as s:
         body = json.dumps({"model": name, "prompt": "hello", "max_tokens": LIMIT, "stream": True}).encode()
-        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode() +
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer " + KEY.encode() +
                   b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
         received = b""
         while received.count(b"data: ") < 3:
@@ -446,7 +425,7 @@ def test_a_client_that_leaves_while_queued_is_skipped(server, name):
     before = _metrics(server)["counts"].get("cancelled", 0)
     first = socket.create_connection((server.host, server.port), timeout=30)
     body = json.dumps({"prompt": "hello", "max_tokens": LIMIT, "stream": True}).encode()
-    head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode() +
+    head = (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer " + KEY.encode() +
             b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n")
     first.sendall(head % len(body) + body)
     received = b""

@@ -107,11 +107,40 @@ def build_parser() -> argparse.ArgumentParser:
     return add_bench_arguments(argparse.ArgumentParser(prog="mtpnb bench", description=DESCRIPTION))
 
 
+def read_prompt_file(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise MTPNBError(f"cannot read the prompt file {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise MTPNBError(f"the prompt file {path} is not UTF-8 text") from None
+
+
+def check_writable(path: str, flag: str) -> None:
+    """Refuse an output path the report could not be written to."""
+    file = Path(path).expanduser()
+    folder = file.parent
+    if file.is_dir():
+        raise MTPNBError(f"{flag} {path} is a folder: give a file path")
+    if not folder.is_dir():
+        raise MTPNBError(f"{flag} {path}: there is no folder {folder}")
+    if not os.access(file if file.exists() else folder, os.W_OK):
+        raise MTPNBError(f"{flag} {path}: no permission to write there")
+
+
 def run_from_args(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
     """What `mtpnb bench` does with parsed arguments; returns the exit code."""
     from ..fixtures import make_standin
     from ..loading import load
 
+    try:  # bad paths fail now, not after the bench has run
+        prompts = [{"name": Path(f).name, "text": read_prompt_file(f)} for f in args.prompt_file or ()]
+        for flag, path in (("--json", args.json), ("--html", args.html)):
+            if path:
+                check_writable(path, flag)
+    except MTPNBError as e:
+        print(f"mtpnb bench: {e}", file=sys.stderr)
+        return 2
     model_arg = args.model
     if args.standin:
         if args.model:
@@ -123,11 +152,8 @@ def run_from_args(args: argparse.Namespace, argv: Sequence[str] | None = None) -
     except MTPNBError as e:
         print(f"mtpnb bench: {e}", file=sys.stderr)
         return 2
-    prompts = None
-    if args.prompt_file:
-        prompts = [{"name": Path(f).name, "text": Path(f).read_text(encoding="utf-8")} for f in args.prompt_file]
-    elif args.prompts is not None:
-        prompts = code_prompts(args.prompts, modules=heldout_modules(model.path))
+    if not prompts:
+        prompts = None if args.prompts is None else code_prompts(args.prompts, modules=heldout_modules(model.path))
     started = time.perf_counter()
 
     def progress(done, total, label):

@@ -213,6 +213,11 @@ class Encoder:
         events.append(("message_stop", {"type": "message_stop"}))
         return events
 
+    def cut(self, tokens: list) -> list[tuple]:
+        """A stream cut short (shutdown, failure): the text decided so far and its block closed; the
+        error event that says why follows."""
+        return self.step(tokens, None) + self._close()
+
     def error(self, error: APIError) -> list[tuple]:
         return [("error", error_body(error))]
 

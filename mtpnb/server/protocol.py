@@ -18,7 +18,10 @@ Stream chunk, one per verify step (chat: in choices[0].delta, completions: in ch
     mtp_step      {"step", "drafted", "accepted", "emitted", "draft_s", "verify_s", "elapsed_s",
                   "generated"}: mtpnb.StepEvent.to_dict()
 Last chunk (the one with finish_reason; or the usage chunk when stream_options.include_usage)
-    mtp           mtpnb.Metrics.to_dict() at the top level of the chunk, next to `usage`
+    mtp           mtpnb.Metrics.to_dict() at the top level of the chunk (next to `usage` when
+                  stream_options.include_usage asks for it: without it no chunk has `usage`, as in OpenAI's API)
+A stream the server cuts (shutdown, a failed generation) ends with a chunk whose finish_reason is
+"abort", then an error event {"error": {...}}, then [DONE].
 Non-streamed response
     mtp           mtpnb.Metrics.to_dict() at the top level, next to `usage`
     choices[0].mtp, choices[0].mtp_steps   with "mtp_events": true
@@ -105,14 +108,67 @@ class Request:
     extra: dict = field(default_factory=dict)
 
 
+MAX_JSON_DEPTH = 32  # nesting of objects and lists in a request body (a chat request needs 5)
+MAX_JSON_DIGITS = 40  # digits of one number (a seed below 2**64 has 20)
+
+
+class _NotStrictJSON(ValueError):
+    pass
+
+
+def _json_constant(name: str):
+    raise _NotStrictJSON(f"{name} is not JSON: send finite numbers")
+
+
+def _json_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_JSON_DIGITS:
+        raise _NotStrictJSON(f"a number in the request has more than {MAX_JSON_DIGITS} digits")
+    return int(text)
+
+
+def _json_float(text: str) -> float:
+    if len(text) > 2 * MAX_JSON_DIGITS:
+        raise _NotStrictJSON(f"a number in the request has more than {MAX_JSON_DIGITS} digits")
+    value = float(text)
+    if not math.isfinite(value):
+        raise _NotStrictJSON(f"the number {text} is too large for a float")
+    return value
+
+
+def _depth(value) -> int:
+    """How deep objects and lists nest in a parsed JSON value (iteratively)."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        value, depth = todo.pop()
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else None
+        if children is not None:
+            deepest = max(deepest, depth)
+            todo.extend((child, depth + 1) for child in children)
+    return deepest
+
+
 def parse_body(body: bytes) -> dict:
+    """A request body -> its JSON object, strictly: UTF-8, no NaN / Infinity (Python's json accepts
+    them), numbers of at most MAX_JSON_DIGITS digits, at most MAX_JSON_DEPTH levels; APIError 400."""
     try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        where = f" (line {e.lineno}, column {e.colno})" if isinstance(e, json.JSONDecodeError) else ""
-        raise APIError(400, f"the request body is not valid JSON{where}", code="invalid_json") from None
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise APIError(400, "the request body is not valid JSON (not UTF-8)", code="invalid_json") from None
+    too_deep = APIError(400, f"the request body nests objects or lists deeper than {MAX_JSON_DEPTH} levels",
+                        code="invalid_json")
+    try:
+        data = json.loads(text, parse_constant=_json_constant, parse_int=_json_int, parse_float=_json_float)
+    except RecursionError:  # the parser recurses once per level, up to Python's recursion limit
+        raise too_deep from None
+    except json.JSONDecodeError as e:
+        raise APIError(400, f"the request body is not valid JSON (line {e.lineno}, column {e.colno})",
+                       code="invalid_json") from None
+    except _NotStrictJSON as e:
+        raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    if _depth(data) > MAX_JSON_DEPTH:
+        raise too_deep
     return data
 
 
@@ -349,6 +405,7 @@ def _bool(data: dict, name: str, label: str | None = None):
 
 
 FINISH = {"stop": "stop", "length": "length"}
+FINISH_CUT = "abort"  # a stream the server ended before stop or length (an error event follows)
 
 
 def usage(metrics) -> dict:
@@ -372,9 +429,12 @@ class Encoder:
         self.calls = 0  # tool calls given out
 
     def _chunk(self, choice: dict, **top) -> dict:
+        # OpenAI: with stream_options.include_usage every chunk but the last has "usage": null, the
+        # last has the usage and no choices; without it no chunk has a usage field.
+        usage_field = {"usage": None} if self.req.include_usage else {}
         return {"id": self.req.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
                 "created": self.req.created, "model": self.req.model, "system_fingerprint": self.fingerprint,
-                "choices": [choice] if choice is not None else [], **top}
+                "choices": [choice] if choice is not None else [], **usage_field, **top}
 
     def _split(self, text: str, *, final: bool, stream: bool) -> tuple[str, list[dict]]:
         """Text -> (content, tool calls in OpenAI's shape)."""
@@ -412,6 +472,20 @@ class Encoder:
             choice = {"index": 0, "text": content, "logprobs": None, "finish_reason": None, **ext}
         return [(None, self._chunk(choice))]
 
+    def cut(self, tokens: list) -> list[tuple]:
+        """The chunk that ends a stream cut short (shutdown, failure): the text decided so far and
+        finish_reason "abort" (vLLM's name); the error event that says why follows it."""
+        text = "".join(t.text for t in tokens if t.kind != "rejected")
+        self.sent += text
+        content, calls = self._split(text, final=True, stream=True)
+        ext = {"mtp": [t.to_dict() for t in tokens]} if tokens else {}
+        if self.chat:
+            delta = {**({"content": content} if content else {}), **({"tool_calls": calls} if calls else {}), **ext}
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": FINISH_CUT}
+        else:
+            choice = {"index": 0, "text": content, "logprobs": None, "finish_reason": FINISH_CUT, **ext}
+        return [(None, self._chunk(choice))]
+
     def last(self, result) -> list[tuple]:
         """The closing chunks: the rest of the text with finish_reason (+ usage and metrics)."""
         m = result.metrics
@@ -425,7 +499,7 @@ class Encoder:
             choice = {"index": 0, "text": content, "logprobs": None, "finish_reason": finish}
         if self.req.include_usage:
             return [(None, self._chunk(choice)), (None, self._chunk(None, usage=usage(m), mtp=m.to_dict()))]
-        return [(None, self._chunk(choice, usage=usage(m), mtp=m.to_dict()))]
+        return [(None, self._chunk(choice, mtp=m.to_dict()))]
 
     def error(self, error: APIError) -> list[tuple]:
         """After the headers: an error event in OpenAI's shape (then end())."""

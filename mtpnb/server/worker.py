@@ -12,7 +12,7 @@ import threading
 import time
 
 from ..errors import MTPNBError
-from ..events import Done
+from ..events import Done, TokenEvent
 from ..runtime import Task, runtime, wait_interruptibly
 from .protocol import APIError
 
@@ -26,10 +26,16 @@ class Job:
         self.out: queue.SimpleQueue = queue.SimpleQueue()
         self.cancelled = threading.Event()
         self.ended = threading.Event()  # the worker is done with it
+        self.shutdown = False  # cancelled by the server's shutdown, not by its client
         self.enqueued = time.monotonic()
+        self.events = None  # the engine's stream, once it runs
 
-    def cancel(self) -> None:
+    def cancel(self, *, shutdown: bool = False) -> None:
+        """From any thread: the generation stops at its next check (between prefill chunks, between steps)."""
+        self.shutdown = self.shutdown or shutdown
         self.cancelled.set()
+        if self.events is not None:
+            self.events.cancel()
 
 
 class Stats:
@@ -118,11 +124,11 @@ class Worker:
         self.closing = True
         current = self.current
         if current is not None:
-            current.cancel()
+            current.cancel(shutdown=True)
         with self._lock:
             waiting, self._waiting = self._waiting, {}
         for job, task in waiting.items():  # refuse what is still waiting
-            job.cancel()
+            job.cancel(shutdown=True)
             if task.cancel():
                 job.out.put(("error", APIError(503, "the server is shutting down", code="shutting_down")))
         if current is not None and not runtime().on_thread():
@@ -164,7 +170,9 @@ class Worker:
                                     f"{self.max_prompt_tokens} (mtpnb serve --max-prompt-tokens)",
                                code="context_length_exceeded")
             params = {k: v for k, v in req.params.items() if k != "reasoning"}
-            events = model.stream(ids, **params)
+            events = job.events = model.stream(ids, **params)
+            if job.cancelled.is_set():  # cancelled while it was being set up
+                events.cancel()
         except MTPNBError as e:
             self._fail(job, APIError(400, str(e), code="invalid_parameter"), wait_s)
             return
@@ -176,12 +184,13 @@ class Worker:
             self._fail(job, APIError(500, f"the generation failed to start: {_one_line(e)}"), wait_s)
             return
         job.out.put(("start", ids))
-        result = None
+        result, generated = None, 0
         try:
             for event in events:
                 if job.cancelled.is_set():
                     break
                 job.out.put(("event", event))
+                generated += isinstance(event, TokenEvent) and event.kind != "rejected"
                 if isinstance(event, Done):
                     result = event.result
         except Exception as e:  # noqa: BLE001
@@ -190,6 +199,11 @@ class Worker:
             return
         finally:
             events.close()  # cancels a generation left unfinished
+        if result is None and job.shutdown:
+            self._fail(job, APIError(503, f"the server is shutting down: this generation was cut after {generated} "
+                                          "tokens", code="shutting_down"), wait_s)
+            log.info("%s cut by the shutdown after %d tokens", req.id, generated)
+            return
         if result is None:
             self.stats.record(job, None, "cancelled", wait_s)
             log.info("%s cancelled (client gone)", req.id)

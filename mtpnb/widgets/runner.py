@@ -100,8 +100,12 @@ class Generation:
         self._lock = lock
 
     def stop(self) -> None:
-        """Ask the generation to stop after the verify step in progress; returns at once."""
+        """Ask the generation to stop after the verify step (or the prefill chunk) in progress; returns
+        at once."""
         self._stop.set()
+        cancel = getattr(self._stream, "cancel", None)  # a local engine's stream (a remote one stops at a step)
+        if cancel is not None:
+            cancel()
 
     def wait(self, timeout: float | None = None) -> Result | None:
         """Block until the generation has finished (or `timeout` seconds); return its Result.
@@ -131,8 +135,10 @@ class Generation:
         status, error = ("cancelled" if self._stop.is_set() else "done"), ""  # stopped while queued
         try:
             for event in () if self._stop.is_set() else self._stream:
-                if isinstance(event, Done):
+                if isinstance(event, Done):  # a Stop during the prefill or a step ends the engine's stream
                     self.result = event.result
+                    if self._stop.is_set():
+                        status = "cancelled"
                     break
                 if isinstance(event, StepEvent):
                     steps.append(event)
