@@ -26,8 +26,9 @@ TOKEN_KINDS = ("accepted", "rejected", "correction", "bonus", "plain")
 class TokenEvent:
     token: int
     text: str  # what this token adds to the output text (rejected: its own decoded text); the
-    # pieces of the output tokens add up to Result.text (a character completed by a later token
-    # lands on that token's piece)
+    # pieces of the output tokens add up to Result.text, the tokenizer's decoding of the output tokens
+    # after the prompt's (a character completed by a later token lands on that token's piece; one
+    # that an EOS leaves incomplete, on the last one)
     kind: str  # one of TOKEN_KINDS
     step: int  # index of the verify step (decode step at depth 0) that decided it, from 0
     position: int  # 1..D: draft position it was drafted at, or the position it fills; 0 for plain
