@@ -139,7 +139,12 @@ class Runtime:
 
     def iterate(self, items: Iterator) -> Iterator:
         """Iterate `items` (a generator doing MLX work) on the runtime thread, yielding its items here
-        as they come. Closing the returned iterator closes `items` after the item in progress."""
+        as they come. Closing the returned iterator closes `items` after the item in progress.
+        Iterated on the runtime thread itself, it is `items` (a task waiting for a later task would
+        wait forever)."""
+        if self.on_thread():
+            yield from items
+            return
         out: queue.SimpleQueue = queue.SimpleQueue()
         closed = threading.Event()
 

@@ -11,6 +11,7 @@ the cores and slow each other down), in one task of the MLX runtime (mtpnb.runti
 from __future__ import annotations
 
 import html
+import logging
 from collections.abc import Callable
 
 import ipywidgets as widgets
@@ -21,6 +22,8 @@ from ..params import GenerationParams
 from ..runtime import Task, runtime
 from .runner import Generation, describe_error
 from .token_stream import TokenStream
+
+log = logging.getLogger("mtpnb.widgets")
 
 
 def speedup(base: Result, mtp: Result) -> dict:
@@ -144,6 +147,14 @@ class Comparison(widgets.VBox):
 
     # -- the runtime's thread -------------------------------------------------------------------
     def _run_both(self, base: Generation) -> None:
+        try:
+            self._run_both_or_fail(base)
+        except Exception as exc:  # shown, never a silent dead comparison
+            log.exception("a comparison failed")
+            self.mtp.show_error(describe_error(exc))
+            self._say("The comparison failed: see the error below.", error=True)
+
+    def _run_both_or_fail(self, base: Generation) -> None:
         base.run()
         failed = False
         if base.status == "done" and not self._stopped:
