@@ -794,7 +794,7 @@ def run_bench(
         p["tokens"] = len(ids)
         p["sha256"] = hashlib.sha256(p["text"].encode()).hexdigest()[:16]
 
-    from .platform import blas_info
+    from .blas import blas_info
 
     blas = blas_info(timing=True)
     samplings = {}
@@ -1096,7 +1096,7 @@ def compare_blas(model_arg: str | None, *, max_tokens: int = 64, repeats: int = 
     import subprocess
     import tempfile
 
-    from .platform import OPT_OUT_ENV, REEXEC_GUARD_ENV, openblas_path
+    from .blas import OPT_OUT_ENV, REEXEC_GUARD_ENV, openblas_path
 
     library = openblas_path()
     if not sys.platform.startswith("linux"):
@@ -1256,7 +1256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from .platform import reexec_with_openblas
+    from .blas import reexec_with_openblas
 
     reexec_with_openblas()
     sys.exit(main())

@@ -9,7 +9,7 @@
 
 Exit codes: 0 done, 2 bad usage or input (one line on stderr), 1 an unexpected failure (with its
 traceback), 130 interrupted. Run as a command, it first re-executes itself with OpenBLAS preloaded when
-that makes MLX faster (mtpnb.platform; MTPNB_NO_OPENBLAS=1 opts out).
+that makes MLX faster (mtpnb.blas; MTPNB_NO_OPENBLAS=1 opts out).
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def run_info(args) -> int:
     if not args.url:  # this machine's side: what a local model runs on
         import mlx.core as mx
 
-        from .platform import blas_info
+        from .blas import blas_info
 
         print(f"mtpnb {__version__}, MLX {mx.__version__}, default device: {mx.default_device().type.name}")
         print(blas_info()["message"])
@@ -266,7 +266,7 @@ def build_parser() -> Parser:
 
 def main(argv: list[str] | None = None) -> int:
     if argv is None:
-        from .platform import reexec_with_openblas
+        from .blas import reexec_with_openblas
 
         reexec_with_openblas()  # returns when there is nothing to gain (or done already)
         argv = sys.argv[1:]

@@ -10,9 +10,9 @@ import sys
 import pytest
 
 from mtpnb import bench
-from mtpnb import platform as platform_module
+from mtpnb import blas as blas_module
 from mtpnb.events import StepEvent
-from mtpnb.platform import (
+from mtpnb.blas import (
     KINDS,
     OPT_OUT_ENV,
     REEXEC_GUARD_ENV,
@@ -209,7 +209,7 @@ def test_reexec_in_a_subprocess(tmp_path):
     # mtpnb/platform.py loaded by path: the launcher needs nothing heavy at import
     code = ("import importlib.util, os; s = importlib.util.spec_from_file_location('p', %r); "
             "m = importlib.util.module_from_spec(s); s.loader.exec_module(m); print('start', flush=True); "
-            "m.reexec_with_openblas(); print('LD_PRELOAD=' + os.environ.get('LD_PRELOAD', ''))" % platform_module.__file__)
+            "m.reexec_with_openblas(); print('LD_PRELOAD=' + os.environ.get('LD_PRELOAD', ''))" % blas_module.__file__)
     env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", REEXEC_GUARD_ENV, OPT_OUT_ENV)}
     env["MTPNB_OPENBLAS_PATH"] = libm
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)

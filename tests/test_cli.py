@@ -125,7 +125,7 @@ def test_generate_into_a_closed_pipe_exits_quietly(path):
 
 # -- info -----------------------------------------------------------------------------------------------------
 def test_info_through_the_openblas_launcher(path):
-    from mtpnb.platform import openblas_path
+    from mtpnb.blas import openblas_path
 
     proc = mtpnb_cmd("info", "-m", path, "--quantize", "4", MTPNB_NO_OPENBLAS="")  # the command's own launcher
     assert proc.returncode == 0, proc.stderr
