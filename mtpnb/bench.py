@@ -1096,7 +1096,7 @@ def compare_blas(model_arg: str | None, *, max_tokens: int = 64, repeats: int = 
     import subprocess
     import tempfile
 
-    from .blas import OPT_OUT_ENV, REEXEC_GUARD_ENV, openblas_path
+    from .blas import OPT_OUT_ENV, openblas_path
 
     library = openblas_path()
     if not sys.platform.startswith("linux"):
@@ -1104,7 +1104,7 @@ def compare_blas(model_arg: str | None, *, max_tokens: int = 64, repeats: int = 
     if not library:
         return {"skipped": "OpenBLAS is not installed (apt-get install libopenblas0-pthread)"}
     out = {}
-    base_env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", REEXEC_GUARD_ENV)}
+    base_env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
     variants = {"bundled": {**base_env, OPT_OUT_ENV: "1"},
                 "openblas": {**base_env, OPT_OUT_ENV: "1", "LD_PRELOAD": library}}
     for name, env in variants.items():
@@ -1256,7 +1256,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from .blas import reexec_with_openblas
-
-    reexec_with_openblas()
     sys.exit(main())

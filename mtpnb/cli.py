@@ -8,8 +8,8 @@
     mtpnb serve [MODEL] ...                           the OpenAI-compatible server (mtpnb.server)
 
 Exit codes: 0 done, 2 bad usage or input (one line on stderr), 1 an unexpected failure (with its
-traceback), 130 interrupted. Run as a command, it first re-executes itself with OpenBLAS preloaded when
-that makes MLX faster (mtpnb.blas; MTPNB_NO_OPENBLAS=1 opts out).
+traceback), 130 interrupted. Like every `import mtpnb`, it runs MLX on OpenBLAS when that is installed
+(mtpnb.blas; MTPNB_NO_OPENBLAS=1 opts out).
 """
 
 from __future__ import annotations
@@ -265,12 +265,7 @@ def build_parser() -> Parser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is None:
-        from .blas import reexec_with_openblas
-
-        reexec_with_openblas()  # returns when there is nothing to gain (or done already)
-        argv = sys.argv[1:]
-    argv = list(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     command = "mtpnb"
     try:

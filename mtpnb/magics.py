@@ -315,6 +315,9 @@ def release_memory() -> None:
 
 
 def load_ipython_extension(ipython) -> None:
+    from .blas import warn_once_if_reference_blas
+
+    warn_once_if_reference_blas()  # MLX imported before `%load_ext mtpnb`: say so once, with the remedy
     ipython.register_magics(MTPMagics(ipython))
 
 
