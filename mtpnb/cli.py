@@ -15,11 +15,13 @@ traceback), 130 interrupted. Like every `import mtpnb`, it runs MLX on OpenBLAS 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
 import shlex
 import sys
+import sysconfig
 import traceback
 import warnings
 from pathlib import Path
@@ -128,12 +130,16 @@ def run_lab(args) -> int:
     if not notebooks:
         raise MTPNBError(f"no notebooks (*.ipynb) in {folder}")
     if importlib.util.find_spec("jupyterlab") is None:
-        raise MTPNBError("JupyterLab is not installed: pip install 'mtpnb[lab]'")
+        raise MTPNBError(f"JupyterLab is not installed: {LAB_EXTRA_HINT}")
     command = [sys.executable, "-m", "jupyterlab", f"--ServerApp.root_dir={folder}"]
     if args.no_browser:
         command.append("--no-browser")
     if args.port is not None:
         command.append(f"--ServerApp.port={args.port}")
+    if os.geteuid() == 0 and "--allow-root" not in args.jupyter_args:
+        # JupyterLab refuses root without it; containers and fresh cloud machines are root
+        print("mtpnb lab: running as root, so JupyterLab gets --allow-root", file=sys.stderr)
+        command.append("--allow-root")
     command += [*args.jupyter_args, str(notebooks[0])]
     if args.dry_run:
         print(shlex.join(command))
@@ -143,16 +149,31 @@ def run_lab(args) -> int:
     os.execv(sys.executable, command)  # JupyterLab takes over this process: Ctrl-C goes straight to it
 
 
+def extra_hint(extra: str, packages: str) -> str:
+    """How to add one of mtpnb's extras, from a clone or to any install (neither assumes a release on PyPI)."""
+    return f"pip install -e '.[{extra}]' in a clone of mtpnb, or pip install {packages}"
+
+
+LAB_EXTRA_HINT = extra_hint("lab", "'jupyterlab>=4.2'")
+
+
+def notebook_folders() -> list[Path]:
+    """Where the tutorial notebooks may be, in order: the repository's notebooks/ (a clone or an editable
+    install), then where a wheel puts them (<prefix>/share/mtpnb/notebooks, or the user scheme's)."""
+    data = {sysconfig.get_path("data")}
+    with contextlib.suppress(KeyError):
+        data.add(sysconfig.get_path("data", f"{os.name}_user"))
+    return [Path(__file__).resolve().parent.parent / "notebooks",
+            *(Path(d) / "share" / "mtpnb" / "notebooks" for d in sorted(data))]
+
+
 def find_notebooks() -> Path:
-    """The tutorial notebooks: the repository's notebooks/ folder (a clone or an editable install),
-    or a copy installed as data files under <prefix>/share/mtpnb/notebooks."""
-    candidates = (Path(__file__).resolve().parent.parent / "notebooks",
-                  Path(sys.prefix) / "share" / "mtpnb" / "notebooks")
-    for folder in candidates:
+    """The first of `notebook_folders()` that holds notebooks."""
+    for folder in notebook_folders():
         if any(folder.glob("*.ipynb")):
             return folder
-    raise MTPNBError("the tutorial notebooks are not in this install: pass --dir FOLDER, or run from a clone "
-                     "of the repository")
+    raise MTPNBError("the tutorial notebooks are not in this install (looked in "
+                     f"{', '.join(map(str, notebook_folders()))}): pass --dir FOLDER, or install mtpnb from a clone")
 
 
 def run_train(argv: list[str]) -> int:
@@ -162,7 +183,7 @@ def run_train(argv: list[str]) -> int:
         if (e.name or "").split(".")[0] not in ("torch", "transformers"):
             raise
         raise MTPNBError(f"training needs torch and transformers ({e.name} is missing): "
-                         "pip install 'mtpnb[train]'") from None
+                         + extra_hint("train", "torch transformers")) from None
     try:
         train(argv)
     except SystemExit as e:  # its argparse: --help (0) or a bad argument (2)

@@ -194,17 +194,21 @@ def notebooks(tmp_path):
     return tmp_path
 
 
-def test_lab_dry_run_prints_the_command(notebooks, capsys):
+@pytest.mark.parametrize("uid", [1000, 0])
+def test_lab_dry_run_prints_the_command(notebooks, capsys, monkeypatch, uid):
+    monkeypatch.setattr(os, "geteuid", lambda: uid)
     argv = ["lab", "--dir", str(notebooks), "--no-browser", "--port", "8899", "--dry-run", "--", "--debug"]
     assert cli.main(argv) == 0
-    assert capsys.readouterr().out == (f"{sys.executable} -m jupyterlab --ServerApp.root_dir={notebooks} --no-browser "
-                                       f"--ServerApp.port=8899 --debug {notebooks / '01_a.ipynb'}\n")
+    out, err = capsys.readouterr()
+    root = " --allow-root" if uid == 0 else ""  # JupyterLab refuses root without it: mtpnb lab adds it, and says so
+    assert out == (f"{sys.executable} -m jupyterlab --ServerApp.root_dir={notebooks} --no-browser "
+                   f"--ServerApp.port=8899{root} --debug {notebooks / '01_a.ipynb'}\n")
+    assert err == ("mtpnb lab: running as root, so JupyterLab gets --allow-root\n" if uid == 0 else "")
 
 
 def test_lab_starts_jupyterlab_and_stops_on_a_signal(notebooks):
-    extra = ["--allow-root"] if os.geteuid() == 0 else []
     proc = subprocess.Popen([sys.executable, "-m", "mtpnb", "lab", "--dir", str(notebooks), "--no-browser",
-                             "--port", "0", "--", "--ServerApp.token=test-token", *extra],
+                             "--port", "0", "--", "--ServerApp.token=test-token"],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env=env(JUPYTER_RUNTIME_DIR=str(notebooks / "runtime")))
     try:
@@ -222,6 +226,8 @@ def test_lab_finds_the_repository_notebooks():
     if not any((ROOT / "notebooks").glob("*.ipynb")):
         pytest.skip("no tutorial notebooks in this checkout")
     assert cli.find_notebooks() == ROOT / "notebooks"
+    assert cli.notebook_folders()[1:] and all(f.parts[-3:] == ("share", "mtpnb", "notebooks")
+                                              for f in cli.notebook_folders()[1:])  # where a wheel puts them
 
 
 # -- train ------------------------------------------------------------------------------------------------------
