@@ -57,6 +57,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from .detokenizer import Detokenizer
 from .errors import MTPNBError
 from .events import Done, TokenEvent
 from .sampling import Sampling, accept_greedy, accept_sampled
@@ -418,19 +419,17 @@ def _profiled(model):
     return Engine(proxy), calls
 
 
-def detokenize_seconds(tokenizer, result, repeats: int = 3) -> float:
-    """Time the detokenization work a generation did: the streaming detokenizer over its output tokens
-    and `decode([t])` for every rejected draft (median of repeats)."""
+def detokenize_seconds(tokenizer, prompt_ids, result, repeats: int = 3) -> float:
+    """Time the detokenization work a generation did: the engine's Detokenizer over its output tokens
+    (in the context of the prompt) and `decode([t])` for every rejected draft (median of repeats)."""
     output = [e.token for e in result.events if e.kind != "rejected"]
     rejected = [e.token for e in result.events if e.kind == "rejected"]
 
     def replay():
-        detok = tokenizer.detokenizer
-        detok.reset()
+        detokenizer = Detokenizer(tokenizer, context=prompt_ids)
         for t in output:
-            detok.add_token(t)
-            detok.last_segment  # noqa: B018  (what the engine reads per token)
-        detok.finalize()
+            detokenizer.add(t)
+        detokenizer.flush()
         for t in rejected:
             tokenizer.decode([t])
 
@@ -481,7 +480,7 @@ def phase_profile(model, ids, depth, temperature, top_p, top_k, max_tokens, seed
         "verify_forward": sum(s for _, s in calls[1:]),  # calls[0] is the prefill
         "accept_sync": sum(timers["to_host"][1:]),  # [0] is the prefill's first token
         "rollback": sum(timers["rollback"]),
-        "detokenize": detokenize_seconds(model.tokenizer, result),
+        "detokenize": detokenize_seconds(model.tokenizer, ids, result),
     }
     totals["python"] = max(wall - sum(totals.values()), 0.0)
     n_steps = len(verify_steps)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, fields
 
 import mlx.core as mx
 
+from .detokenizer import Detokenizer
 from .errors import MTPNBError
 from .events import Done, Metrics, Result, StepEvent, TokenEvent
 from .sampling import Sampling, accept_greedy, accept_sampled, next_greedy, sample
@@ -120,7 +121,7 @@ class _Generation:
         self.sampling = params.sampling
         self.depth = params.depth if model.has_mtp else 0
         self.eos = set(model.tokenizer.eos_token_ids or ())
-        self.detokenizer = model.tokenizer.detokenizer
+        self.detokenizer = Detokenizer(model.tokenizer, context=prompt_ids)
         self.vocab_size = model.text_config["vocab_size"]
         self.tokens: list[int] = []
         self.text = ""
@@ -137,7 +138,6 @@ class _Generation:
         if self.params.seed is not None:
             mx.random.seed(self.params.seed)
         mx.reset_peak_memory()
-        self.detokenizer.reset()
         self.start = time.perf_counter()
         self.finish_reason = "cancelled"
         try:
@@ -259,25 +259,39 @@ class _Generation:
         """Add an output token and queue its event; True when the generation must stop."""
         if token in self.eos:
             self.finish_reason = "stop"
+            self._end_text()
             return True
         self.tokens.append(token)
-        self.detokenizer.add_token(token)
+        piece = self.detokenizer.add(token)
         last = len(self.tokens) >= self.params.max_tokens
-        if last:  # flush what the detokenizer holds back (a partial character, a lone space)
-            self.detokenizer.finalize()
-        piece = self.detokenizer.last_segment
-        self.text += piece
-        event = TokenEvent(token, piece, kind, step, position, p, q)
-        self._queue(event)
-        stop_at = self._stop_index(len(piece))
-        if stop_at is not None:
-            self._cut_text(stop_at)
-            self.finish_reason = "stop"
+        if last:
+            piece += self.detokenizer.flush()
+        self._queue(TokenEvent(token, piece, kind, step, position, p, q))
+        if self._extend_text(piece):
             return True
         if last:
             self.finish_reason = "length"
             return True
         return False
+
+    def _end_text(self) -> None:
+        """At EOS: the text the detokenizer held back (a character the EOS left incomplete) goes to
+        the last output token, whose event is still queued (`_release` waits while text is held)."""
+        rest = self.detokenizer.flush()
+        if rest:
+            event = next(e for e in reversed(self._held) if e.kind != "rejected")
+            event.text += rest
+            self._extend_text(rest)
+
+    def _extend_text(self, piece: str) -> bool:
+        """Append an output piece; at a stop string, cut the text there and return True."""
+        self.text += piece
+        stop_at = self._stop_index(len(piece))
+        if stop_at is None:
+            return False
+        self._cut_text(stop_at)
+        self.finish_reason = "stop"
+        return True
 
     def _queue(self, event: TokenEvent) -> None:
         self.events.append(event)
@@ -285,9 +299,10 @@ class _Generation:
 
     def _release(self, finished: bool):
         """Yield the queued events, unless the text ends with what may be the start of a stop
-        string: those wait, so that a stop string never reaches a consumer (the events' pieces
-        always add up to the final text)."""
-        if finished or not self._stop_prefix_at_end():
+        string, or the detokenizer holds text back: those wait, so that a stop string never reaches
+        a consumer and held-back text has a queued event to land on (the events' pieces always add
+        up to the final text)."""
+        if finished or not (self.detokenizer.pending or self._stop_prefix_at_end()):
             yield from self._held
             self._held.clear()
 
