@@ -233,7 +233,8 @@ def test_notebook7_streams_tokens(lab):
 
 # -- under CPU load ------------------------------------------------------------------------------------------
 LIVE_DEMO = ROOT / "notebooks" / "00_live_demo.ipynb"
-BUSY_LOOPS = 2  # as many busy processes as this machine's cores: the front end gets a slow, contended CPU
+# As many busy processes as this machine's cores: the front end gets a slow, contended CPU.
+BUSY_LOOPS = int(os.environ.get("MTPNB_BUSY_LOOPS", "2"))
 # A plotly chart that rendered its data has drawn traces (lines, bars); a blank one only its default axes.
 PLOTTED_TRACES = "el => el.querySelectorAll('.scatterlayer .trace path.js-line, .barlayer .point path').length"
 
@@ -296,14 +297,15 @@ def test_live_demo_renders_while_the_cpu_is_busy(lab):
     it. MTPNB_LOADED_RUNS=10 repeats it (a measurement, not for CI); each run a fresh notebook and kernel."""
     url, token, work = lab
     runs = int(os.environ.get("MTPNB_LOADED_RUNS", "1"))
-    failures = []
+    failures, console = [], []
     with _busy_cpu(), _chromium_page("live-demo-loaded") as page:
+        page.on("console", lambda m: console.append(m.text) if m.type in ("error", "warning") else None)
         for i in range(runs):
             try:
                 seen = _live_demo_renders(page, url, token, work, f"live_demo_loaded_{i}.ipynb")
             except sync_api.TimeoutError as e:
                 page.screenshot(path=str(ARTIFACTS / f"live-demo-loaded-{i}-failure.png"), full_page=True)
-                failures.append(f"run {i}: {str(e).splitlines()[0]}")
+                failures.append(f"run {i}: {str(e).splitlines()[0]}; console: {console[-8:]}")
                 continue
             page.screenshot(path=str(ARTIFACTS / f"live-demo-loaded-{i}.png"), full_page=True)
             print(f"loaded run {i}: {seen}")
