@@ -1,26 +1,56 @@
 # The two jobs the README names: `make demo` (the main job) and `make test` (the test suite).
-# Both install what they need on a fresh Debian machine with Python >= 3.11; run as root or with sudo
-# for the apt step (chromium for the browser test, OpenBLAS for fast float32 matmuls on Linux).
+#
+# Both work in their own virtual environment, .venv/ (made with $(PYTHON), default python3; give another
+# with `make demo PYTHON=python3.12`), so they also run where the system Python refuses `pip install`
+# (Debian/Ubuntu's "externally-managed-environment"). The venv sees the packages already installed for
+# that Python (--system-site-packages): nothing heavy is installed twice. On Linux with apt, the apt
+# steps need root or sudo: OpenBLAS for both jobs (MLX's Linux CPU wheel ships the slow reference BLAS;
+# `import mtpnb` loads OpenBLAS in its place), chromium for the browser tests.
 
 PYTHON ?= python3
-PIP = $(PYTHON) -m pip
-APT_PACKAGES = chromium libopenblas0-pthread
+VENV ?= .venv
+VPY = $(VENV)/bin/python
+SUDO = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+TEST_APT_PACKAGES = chromium libopenblas0-pthread
+# The quick benchmark's duration, measured with `time make demo` on 2 shared x86-64 cores with OpenBLAS.
+QUICK_BENCH_TIME = about 3 minutes on 2 cores
 
-.PHONY: install install-test demo test
+.PHONY: install install-test venv openblas demo test
 
-install:
-	$(PIP) install -q -e .
+# The venv; Debian/Ubuntu keep `venv` in a package of its own (python3-venv), installed when it is missing.
+$(VPY):
+	@if ! $(PYTHON) -c 'import ensurepip, venv' 2>/dev/null && command -v apt-get >/dev/null; then \
+	  echo "Installing python3-venv (apt-get): $(PYTHON) cannot make a virtual environment without it"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq python3-venv >/dev/null; fi
+	$(PYTHON) -m venv --system-site-packages $(VENV)
 
-install-test:
-	@if command -v apt-get >/dev/null && [ "$$(uname)" = Linux ]; then \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES) >/dev/null; fi
+venv: $(VPY)
+
+# OpenBLAS on Linux, from apt when it is missing (Debian/Ubuntu put it under /usr/lib/<arch>/openblas-pthread).
+openblas:
+	@if [ "$$(uname)" = Linux ] && ! ls /usr/lib/*-linux-gnu/openblas-pthread/libblas.so.3 >/dev/null 2>&1; then \
+	  if command -v apt-get >/dev/null; then \
+	    echo "Installing OpenBLAS (apt-get install libopenblas0-pthread): MLX's Linux wheel ships the reference BLAS, too slow for MTP to pay off"; \
+	    $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq libopenblas0-pthread >/dev/null; \
+	  else echo "No apt-get here: install OpenBLAS with your package manager, or MTP will run on the slow reference BLAS"; fi; fi
+
+install: $(VPY)
+	$(VPY) -m pip install -q -e .
+
+install-test: $(VPY)
+	@if [ "$$(uname)" = Linux ] && command -v apt-get >/dev/null; then \
+	  echo "Installing $(TEST_APT_PACKAGES) (apt-get)"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(TEST_APT_PACKAGES) >/dev/null; fi
 	# torch 2.13.0's CPU wheel: named exactly so pip never pulls a multi-GB CUDA build
-	$(PIP) install -q "torch==2.13.0"
-	$(PIP) install -q -e ".[test,train,lab]"
+	$(VPY) -m pip install -q "torch==2.13.0"
+	$(VPY) -m pip install -q -e ".[test,train,lab]"
 
-demo: install
-	mtpnb generate --depth 3 --max-tokens 96 "def fibonacci(n):"
-	mtpnb bench --quick
+demo: openblas install
+	$(VPY) -m mtpnb info
+	$(VPY) -m mtpnb generate --depth 3 --max-tokens 96 "def fibonacci(n):"
+	@echo "Next: mtpnb bench --quick, depth 0 against the MTP depths on the same model ($(QUICK_BENCH_TIME))"
+	$(VPY) -m mtpnb bench --quick
+	@echo "mtpnb is installed in $(VENV)/: run '. $(VENV)/bin/activate' to use it (mtpnb lab opens the notebooks)"
 
 test: install-test
-	$(PYTHON) -m pytest -q -p no:cacheprovider tests
+	$(VPY) -m pytest -q -p no:cacheprovider tests

@@ -8,8 +8,14 @@
 
 import importlib
 
-from .errors import MTPNBError
-from .events import TOKEN_KINDS, Done, Metrics, Result, StepEvent, TokenEvent
+from .blas import load_openblas
+
+# First, before anything imports MLX: on Linux, OpenBLAS in place of the reference BLAS that the
+# mlx-cpu wheel bundles (mtpnb.blas says why; MTPNB_NO_OPENBLAS=1 opts out).
+load_openblas()
+
+from .errors import MTPNBError  # noqa: E402
+from .events import TOKEN_KINDS, Done, Metrics, Result, StepEvent, TokenEvent  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -8,18 +8,20 @@
     mtpnb serve [MODEL] ...                           the OpenAI-compatible server (mtpnb.server)
 
 Exit codes: 0 done, 2 bad usage or input (one line on stderr), 1 an unexpected failure (with its
-traceback), 130 interrupted. Run as a command, it first re-executes itself with OpenBLAS preloaded when
-that makes MLX faster (mtpnb.platform; MTPNB_NO_OPENBLAS=1 opts out).
+traceback), 130 interrupted. Like every `import mtpnb`, it runs MLX on OpenBLAS when that is installed
+(mtpnb.blas; MTPNB_NO_OPENBLAS=1 opts out).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
 import shlex
 import sys
+import sysconfig
 import traceback
 import warnings
 from pathlib import Path
@@ -74,7 +76,7 @@ def run_info(args) -> int:
     if not args.url:  # this machine's side: what a local model runs on
         import mlx.core as mx
 
-        from .platform import blas_info
+        from .blas import blas_info
 
         print(f"mtpnb {__version__}, MLX {mx.__version__}, default device: {mx.default_device().type.name}")
         print(blas_info()["message"])
@@ -95,12 +97,16 @@ def run_lab(args) -> int:
     if not notebooks:
         raise MTPNBError(f"no notebooks (*.ipynb) in {folder}")
     if importlib.util.find_spec("jupyterlab") is None:
-        raise MTPNBError("JupyterLab is not installed: pip install 'mtpnb[lab]'")
+        raise MTPNBError(f"JupyterLab is not installed: {LAB_EXTRA_HINT}")
     command = [sys.executable, "-m", "jupyterlab", f"--ServerApp.root_dir={folder}"]
     if args.no_browser:
         command.append("--no-browser")
     if args.port is not None:
         command.append(f"--ServerApp.port={args.port}")
+    if os.geteuid() == 0 and "--allow-root" not in args.jupyter_args:
+        # JupyterLab refuses root without it; containers and fresh cloud machines are root
+        print("mtpnb lab: running as root, so JupyterLab gets --allow-root", file=sys.stderr)
+        command.append("--allow-root")
     command += [*args.jupyter_args, str(notebooks[0])]
     if args.dry_run:
         print(shlex.join(command))
@@ -110,16 +116,31 @@ def run_lab(args) -> int:
     os.execv(sys.executable, command)  # JupyterLab takes over this process: Ctrl-C goes straight to it
 
 
+def extra_hint(extra: str, packages: str) -> str:
+    """How to add one of mtpnb's extras, from a clone or to any install (neither assumes a release on PyPI)."""
+    return f"pip install -e '.[{extra}]' in a clone of mtpnb, or pip install {packages}"
+
+
+LAB_EXTRA_HINT = extra_hint("lab", "'jupyterlab>=4.2'")
+
+
+def notebook_folders() -> list[Path]:
+    """Where the tutorial notebooks may be, in order: the repository's notebooks/ (a clone or an editable
+    install), then where a wheel puts them (<prefix>/share/mtpnb/notebooks, or the user scheme's)."""
+    data = {sysconfig.get_path("data")}
+    with contextlib.suppress(KeyError):
+        data.add(sysconfig.get_path("data", f"{os.name}_user"))
+    return [Path(__file__).resolve().parent.parent / "notebooks",
+            *(Path(d) / "share" / "mtpnb" / "notebooks" for d in sorted(data))]
+
+
 def find_notebooks() -> Path:
-    """The tutorial notebooks: the repository's notebooks/ folder (a clone or an editable install),
-    or a copy installed as data files under <prefix>/share/mtpnb/notebooks."""
-    candidates = (Path(__file__).resolve().parent.parent / "notebooks",
-                  Path(sys.prefix) / "share" / "mtpnb" / "notebooks")
-    for folder in candidates:
+    """The first of `notebook_folders()` that holds notebooks."""
+    for folder in notebook_folders():
         if any(folder.glob("*.ipynb")):
             return folder
-    raise MTPNBError("the tutorial notebooks are not in this install: pass --dir FOLDER, or run from a clone "
-                     "of the repository")
+    raise MTPNBError("the tutorial notebooks are not in this install (looked in "
+                     f"{', '.join(map(str, notebook_folders()))}): pass --dir FOLDER, or install mtpnb from a clone")
 
 
 def run_train(argv: list[str]) -> int:
@@ -129,7 +150,7 @@ def run_train(argv: list[str]) -> int:
         if (e.name or "").split(".")[0] not in ("torch", "transformers"):
             raise
         raise MTPNBError(f"training needs torch and transformers ({e.name} is missing): "
-                         "pip install 'mtpnb[train]'") from None
+                         + extra_hint("train", "torch transformers")) from None
     try:
         train(argv)
     except SystemExit as e:  # its argparse: --help (0) or a bad argument (2)
@@ -242,12 +263,7 @@ def build_parser() -> Parser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is None:
-        from .platform import reexec_with_openblas
-
-        reexec_with_openblas()  # returns when there is nothing to gain (or done already)
-        argv = sys.argv[1:]
-    argv = list(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     command = "mtpnb"
     try:

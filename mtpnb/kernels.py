@@ -2,14 +2,15 @@
 
 A speculative verify runs the trunk on D+1 tokens. With MLX's stock small-M quantized path every
 extra row re-reads every weight (on an H200 a 27B-shaped 4-bit stack costs 3.3x for 4 rows than for
-one). The kernels in ``kernels/`` read each weight once for all rows:
+one). The kernels in ``mtpnb/kernel_sources/`` (package data) read each weight once for all rows:
 
-- CUDA (``kernels/qmv_verify_cuda.cuh``, through ``mx.fast.cuda_kernel``): tensor-core mma with the
+- CUDA (``qmv_verify_cuda.cuh``, through ``mx.fast.cuda_kernel``): tensor-core mma with the
   rows as the mma's N=8 side, per-group scale and bias applied in fp32 after the mma. Measured on an
-  H200 (kernels/NOTES.md): a 27B-shaped 4-bit stack verifies 4 tokens for 1.24x one token (stock
-  MLX 3.19x) and one token runs 1.4x faster than stock; weights stream at ~1.05 TB/s per forward,
+  H200 (the repository's benchmarks/kernels/NOTES.md): a 27B-shaped 4-bit stack verifies 4 tokens
+  for 1.24x one token (stock MLX 3.19x) and one token runs 1.4x faster than stock; weights stream at
+  ~1.05 TB/s per forward,
   short of the card's bandwidth (per-kernel latency and MLX's per-launch overhead, see the notes).
-- Metal (``kernels/qmv_verify_metal.metal``, through ``mx.fast.metal_kernel``): the same
+- Metal (``qmv_verify_metal.metal``, through ``mx.fast.metal_kernel``): the same
   read-once, all-rows-in-registers, per-group-post-scale scheme with SIMD FMAs. UNTESTED: nobody has
   run it on a Mac yet; it is guarded by the same self-check, so a wrong result falls back.
 - CPU: MLX's own ``mx.quantized_matmul``; there is no kernel.
@@ -70,11 +71,11 @@ _METAL_SOURCE = "qmv_verify_metal.metal"
 
 
 def kernels_dir() -> Path:
-    """Where the kernel sources are: $MTPNB_KERNELS_DIR, else ``kernels/`` beside the package."""
+    """Where the kernel sources are: $MTPNB_KERNELS_DIR, else the package's ``kernel_sources/``."""
     env = os.environ.get("MTPNB_KERNELS_DIR")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent / "kernels"
+    return Path(__file__).resolve().parent / "kernel_sources"
 
 
 def backend() -> str:
@@ -186,7 +187,7 @@ _CUDA_BODY_RING = """
 class _CudaKernel:
     name = "cuda"
     # Tried in this order by the self-check; the first that passes is used. On the H200 v1 was the
-    # faster (kernels/NOTES.md); the ring variant stays as a checked fallback and for tuning
+    # faster (benchmarks/kernels/NOTES.md); the ring variant stays as a checked fallback and for tuning
     # ($MTPNB_QMV_VARIANT=ring).
     variants = ("v1", "ring")
 

@@ -29,6 +29,7 @@ from mlx.utils import tree_flatten, tree_map
 from mlx_lm.utils import load_tokenizer, make_shards, quantize_model, save_config
 
 from . import rollback
+from .blas import warn_once_if_reference_blas
 from .errors import MTPNBError
 from .families import FAMILIES, NOT_YET, family_of, mlx_module
 from .model import Model
@@ -54,7 +55,10 @@ def load(
     quantize: 4 or 8 to quantize the float weights at load (MLX affine, `group_size`).
     dtype: "float32", "bfloat16" or "float16" for the float weights; by default float32 on the CPU
         (MLX's CPU matmuls are fastest there in float32) and the stored dtype on a GPU.
+    Prints one line when MLX runs on the slow reference BLAS and something can be done about it
+    (mtpnb.blas.warn_once_if_reference_blas).
     """
+    warn_once_if_reference_blas()
     if quantize not in (None, 4, 8):
         raise MTPNBError(f"quantize must be 4 or 8 (bits), not {quantize!r}")
     if dtype not in (None, "float32", "bfloat16", "float16"):

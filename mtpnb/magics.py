@@ -116,7 +116,7 @@ class MTPMagics(Magics):
             model = load(args.source, **model_options(args))
         self.model = model
         print(describe_model(model.info()))
-        return self._bind(args.output, model)
+        self._bind(args.output, model)
 
     @magic_arguments("mtp connect")
     @argument("url", help="the server's address, e.g. http://127.0.0.1:8000")
@@ -129,7 +129,7 @@ class MTPMagics(Magics):
 
         self.model = connect(args.url, args.api_key)
         print(describe_model(self.model.info()))
-        return self._bind(args.output, self.model)
+        self._bind(args.output, self.model)
 
     @magic_arguments("%mtp")
     @_with(GENERATION_ARGUMENTS + VIEW_ARGUMENTS)
@@ -152,7 +152,7 @@ class MTPMagics(Magics):
             print(result.text)
             print(result.metrics.summary())
         self.last_prompt = prompt
-        return self._bind(args.output, result)
+        self._bind(args.output, result)
 
     @magic_arguments("mtp compare")
     @argument("prompt", nargs="*", help="the prompt (default: the cell's text, or else the last prompt generated from)")
@@ -176,7 +176,7 @@ class MTPMagics(Magics):
         if results is None:
             print("The comparison did not finish: no result" + (f" bound to {args.output}" if args.output else ""))
             return None
-        return self._bind(args.output, results)
+        self._bind(args.output, results)
 
     @magic_arguments("mtp bench")
     @argument("--depths", type=depth_list, metavar="LIST",
@@ -226,7 +226,7 @@ class MTPMagics(Magics):
             display(figure)
         if args.html:
             report.to_html(args.html)
-        return self._bind(args.output, report)
+        self._bind(args.output, report)
 
     @magic_arguments("mtp config")
     @_with(GENERATION_ARGUMENTS + VIEW_ARGUMENTS)
@@ -278,12 +278,11 @@ class MTPMagics(Magics):
         value = getattr(args, name)
         return self.defaults.get(name, VIEW_DEFAULTS[name]) if value is None else value
 
-    def _bind(self, name: str | None, value):
-        """-o NAME: bind `value` in the user's namespace and return it (like %timeit -o)."""
-        if name is None:
-            return None
-        self.shell.user_ns[name] = value
-        return value
+    def _bind(self, name: str | None, value) -> None:
+        """-o NAME: bind `value` in the user's namespace. Nothing is returned: a returned value would be
+        echoed as a long repr under the widget that already shows it."""
+        if name is not None:
+            self.shell.user_ns[name] = value
 
     def _describe_config(self) -> str:
         defaults = {**{k: getattr(GenerationParams, k) for k in GenerationParams.names()}, **VIEW_DEFAULTS}
@@ -312,6 +311,9 @@ def release_memory() -> None:
 
 
 def load_ipython_extension(ipython) -> None:
+    from .blas import warn_once_if_reference_blas
+
+    warn_once_if_reference_blas()  # MLX imported before `%load_ext mtpnb`: say so once, with the remedy
     ipython.register_magics(MTPMagics(ipython))
 
 

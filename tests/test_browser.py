@@ -229,3 +229,92 @@ def test_notebook7_streams_tokens(lab):
         _run_all_cells(page)
         _check_token_stream(page, page.locator(".mtp-stream").first, _expected_text(work))
         page.locator(".mtp-stream").first.screenshot(path=str(ARTIFACTS / "notebook7-token-stream.png"))
+
+
+# -- under CPU load ------------------------------------------------------------------------------------------
+LIVE_DEMO = ROOT / "notebooks" / "00_live_demo.ipynb"
+# As many busy processes as this machine's cores: the front end gets a slow, contended CPU.
+BUSY_LOOPS = int(os.environ.get("MTPNB_BUSY_LOOPS", "2"))
+# A plotly chart that rendered its data has drawn traces (lines, bars); a blank one only its default axes.
+PLOTTED_TRACES = "el => el.querySelectorAll('.scatterlayer .trace path.js-line, .barlayer .point path').length"
+
+
+@contextmanager
+def _busy_cpu(n: int = BUSY_LOOPS):
+    loops = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        yield
+    finally:
+        for p in loops:
+            p.kill()
+            p.wait()
+
+
+def _live_demo_copy(work: Path, name: str) -> None:
+    nb = json.loads(LIVE_DEMO.read_text())
+    index = next(i for i, c in enumerate(nb["cells"]) if "parameters" in c["metadata"].get("tags", []))
+    nb["cells"].insert(index + 1, {"cell_type": "code", "metadata": {"tags": ["injected-parameters"]},
+                                   "execution_count": None, "outputs": [], "id": "injected-parameters",
+                                   "source": "AUTORUN = True\nMAX_TOKENS = 32"})
+    (work / name).write_text(json.dumps(nb))
+
+
+def _live_demo_renders(page, url: str, token: str, work: Path, name: str) -> dict:
+    """Run the live demo (it generates once by itself), then Compare; what rendered, as
+    {"chart_traces": n, "stream": status, "panes": [(status, tokens), ...]}."""
+    _live_demo_copy(work, name)
+    page.goto(f"{url}/lab/tree/{name}?token={token}")
+    page.locator(".jp-Notebook").wait_for(timeout=90_000)
+    playground = page.locator(".jp-OutputArea-output").filter(has=page.locator("textarea"))
+    for _ in range(3):  # on a loaded machine the front end may replace a slow-starting kernel, dropping the queue
+        _run_all_cells(page)
+        try:
+            playground.wait_for(timeout=180_000)
+            break
+        except sync_api.TimeoutError:
+            if page.locator(".jp-CodeCell .jp-InputPrompt", has_text="[*]").count():
+                raise
+    stream = playground.locator(".mtp-stream").first
+    stream.locator(".mtp-status", has_text="done").wait_for(timeout=240_000)
+    chart = playground.locator(".js-plotly-plot").first
+    chart.wait_for(timeout=60_000)
+    page.wait_for_function(f"() => ({PLOTTED_TRACES})(document.querySelector('.js-plotly-plot')) > 0",
+                           timeout=30_000)
+    seen = {"chart_traces": chart.evaluate(PLOTTED_TRACES), "stream": stream.locator(".mtp-status").inner_text()}
+    playground.get_by_role("button", name="Compare with depth 0").click()
+    playground.locator(".mtp-verdict", has_text="depth 3 vs depth 0").wait_for(timeout=300_000)
+    panes = playground.locator(".mtp-stream:visible")
+    panes.locator(".mtp-status", has_text="done").nth(1).wait_for(timeout=30_000)
+    seen["panes"] = [(panes.nth(i).locator(".mtp-status").inner_text(),
+                      panes.nth(i).locator(".mtp-out .mtp-tok").count()) for i in range(panes.count())]
+    seen["depth0_toggle_visible"] = panes.nth(0).locator(".mtp-toggle").is_visible()
+    return seen
+
+
+@pytest.mark.skipif(not os.environ.get("MTPNB_LOADED_RUNS"), reason="a measurement: set MTPNB_LOADED_RUNS=N to run it")
+def test_live_demo_renders_while_the_cpu_is_busy(lab):
+    """The live demo's chart and both Compare panes render (not blank, not stuck at "ready") while two
+    busy loops load the CPU: anywidget gives a model 2 s to initialise, and a slow front end used to miss
+    it. MTPNB_LOADED_RUNS=N runs it N times, each a fresh notebook and kernel. Not in CI yet: on a machine
+    already loaded by other work, the Playground came up as "Error displaying widget: model not found"
+    in both runs tried (cause not found yet)."""
+    url, token, work = lab
+    runs = int(os.environ.get("MTPNB_LOADED_RUNS", "1"))
+    failures, console = [], []
+    with _busy_cpu(), _chromium_page("live-demo-loaded") as page:
+        page.on("console", lambda m: console.append(m.text) if m.type in ("error", "warning") else None)
+        for i in range(runs):
+            try:
+                seen = _live_demo_renders(page, url, token, work, f"live_demo_loaded_{i}.ipynb")
+            except sync_api.TimeoutError as e:
+                page.screenshot(path=str(ARTIFACTS / f"live-demo-loaded-{i}-failure.png"), full_page=True)
+                failures.append(f"run {i}: {str(e).splitlines()[0]}; console: {console[-8:]}")
+                continue
+            page.screenshot(path=str(ARTIFACTS / f"live-demo-loaded-{i}.png"), full_page=True)
+            print(f"loaded run {i}: {seen}")
+            ok = (seen["chart_traces"] > 0 and seen["stream"].startswith("done") and len(seen["panes"]) == 2
+                  and all(status.startswith("done") and tokens > 0 for status, tokens in seen["panes"]))
+            if not ok or seen["depth0_toggle_visible"]:
+                failures.append(f"run {i}: {seen}")
+    print(f"live demo under load: {runs - len(failures)} of {runs} runs rendered fully")
+    assert not failures, failures

@@ -124,16 +124,16 @@ def test_generate_into_a_closed_pipe_exits_quietly(path):
 
 
 # -- info -----------------------------------------------------------------------------------------------------
-def test_info_through_the_openblas_launcher(path):
-    from mtpnb.platform import openblas_path
+def test_info_says_which_blas_and_how_it_was_loaded(path):
+    from mtpnb.blas import openblas_path
 
-    proc = mtpnb_cmd("info", "-m", path, "--quantize", "4", MTPNB_NO_OPENBLAS="")  # the command's own launcher
+    proc = mtpnb_cmd("info", "-m", path, "--quantize", "4", MTPNB_NO_OPENBLAS="")  # as a user runs it
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert re.match(r"mtpnb \S+, MLX \S+, default device: (cpu|gpu)$", lines[0])
     assert lines[1].startswith("BLAS: ")
     if sys.platform.startswith("linux") and openblas_path():
-        assert lines[1].startswith("BLAS: OpenBLAS (")
+        assert lines[1].startswith("BLAS: OpenBLAS (") and "loaded in-process by `import mtpnb`" in lines[1]
     assert lines[2] == f"{path.name}  ({path})"
     assert "  MTP head   yes" in lines and "  note       quantized at load to 4-bit, group 64" in lines
     assert any(line.startswith("  weights    float32, 4-bit, group 64, ") for line in lines)
@@ -194,17 +194,21 @@ def notebooks(tmp_path):
     return tmp_path
 
 
-def test_lab_dry_run_prints_the_command(notebooks, capsys):
+@pytest.mark.parametrize("uid", [1000, 0])
+def test_lab_dry_run_prints_the_command(notebooks, capsys, monkeypatch, uid):
+    monkeypatch.setattr(os, "geteuid", lambda: uid)
     argv = ["lab", "--dir", str(notebooks), "--no-browser", "--port", "8899", "--dry-run", "--", "--debug"]
     assert cli.main(argv) == 0
-    assert capsys.readouterr().out == (f"{sys.executable} -m jupyterlab --ServerApp.root_dir={notebooks} --no-browser "
-                                       f"--ServerApp.port=8899 --debug {notebooks / '01_a.ipynb'}\n")
+    out, err = capsys.readouterr()
+    root = " --allow-root" if uid == 0 else ""  # JupyterLab refuses root without it: mtpnb lab adds it, and says so
+    assert out == (f"{sys.executable} -m jupyterlab --ServerApp.root_dir={notebooks} --no-browser "
+                   f"--ServerApp.port=8899{root} --debug {notebooks / '01_a.ipynb'}\n")
+    assert err == ("mtpnb lab: running as root, so JupyterLab gets --allow-root\n" if uid == 0 else "")
 
 
 def test_lab_starts_jupyterlab_and_stops_on_a_signal(notebooks):
-    extra = ["--allow-root"] if os.geteuid() == 0 else []
     proc = subprocess.Popen([sys.executable, "-m", "mtpnb", "lab", "--dir", str(notebooks), "--no-browser",
-                             "--port", "0", "--", "--ServerApp.token=test-token", *extra],
+                             "--port", "0", "--", "--ServerApp.token=test-token"],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env=env(JUPYTER_RUNTIME_DIR=str(notebooks / "runtime")))
     try:
@@ -222,6 +226,8 @@ def test_lab_finds_the_repository_notebooks():
     if not any((ROOT / "notebooks").glob("*.ipynb")):
         pytest.skip("no tutorial notebooks in this checkout")
     assert cli.find_notebooks() == ROOT / "notebooks"
+    assert cli.notebook_folders()[1:] and all(f.parts[-3:] == ("share", "mtpnb", "notebooks")
+                                              for f in cli.notebook_folders()[1:])  # where a wheel puts them
 
 
 # -- train ------------------------------------------------------------------------------------------------------

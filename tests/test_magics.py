@@ -90,7 +90,8 @@ def test_help_shows_every_command_and_flag(ip, capsys):
 
 # -- load, info, unload ---------------------------------------------------------------------------------------
 def test_load_prints_the_summary_and_binds_the_model(ip, path, capsys):
-    returned = ip.run_line_magic("mtp", f"load {path} -o m")
+    assert ip.run_line_magic("mtp", f"load {path} -o m") is None  # -o binds; nothing echoed
+    returned = ip.user_ns["m"]
     out = capsys.readouterr().out
     assert isinstance(returned, mtpnb.Model) and ip.user_ns["m"] is returned is magics(ip).model
     info = returned.info()
@@ -121,7 +122,8 @@ def test_info_and_unload(loaded, capsys):
 
 # -- %%mtp ----------------------------------------------------------------------------------------------------
 def test_cell_streams_into_the_token_view_and_binds_the_result(loaded, model, capsys):
-    result = loaded.run_cell_magic("mtp", "--depth 2 --max-tokens 12 -o r", PROMPT)
+    assert loaded.run_cell_magic("mtp", "--depth 2 --max-tokens 12 -o r", PROMPT) is None
+    result = loaded.user_ns["r"]
     out = capsys.readouterr().out
     assert isinstance(result, mtpnb.Result) and loaded.user_ns["r"] is result
     assert result.metrics.depth == 2 and 1 <= result.metrics.generated_tokens <= 12
@@ -143,16 +145,19 @@ def test_no_stream_prints_the_text_and_the_metrics(loaded, model, capsys):
 
 def test_every_sampling_flag_reaches_the_engine(loaded, model):
     flags = "--depth 1 --temperature 0.8 --top-p 0.9 --top-k 20 --min-p 0.05 --seed 3 --max-tokens 10 --stop q --stop z"
-    result = loaded.run_cell_magic("mtp", f"{flags} --no-stream -o r", PROMPT)
+    assert loaded.run_cell_magic("mtp", f"{flags} --no-stream -o r", PROMPT) is None
+    result = loaded.user_ns["r"]
     expected = model.generate(PROMPT, depth=1, temperature=0.8, top_p=0.9, top_k=20, min_p=0.05, seed=3,
                               max_tokens=10, stop=("q", "z"))
     assert result.tokens == expected.tokens and result.metrics.depth == 1
-    chat = loaded.run_cell_magic("mtp", "--chat --reasoning off --max-tokens 5 --no-stream -o r", "hi")
+    assert loaded.run_cell_magic("mtp", "--chat --reasoning off --max-tokens 5 --no-stream -o r", "hi") is None
+    chat = loaded.user_ns["r"]
     assert chat.metrics.prompt_tokens == len(model.engine.encode("hi", chat=True, reasoning=False))
 
 
 def test_charts_under_the_token_view(loaded, capsys):
-    result = loaded.run_cell_magic("mtp", "--charts --max-tokens 6 -o r", PROMPT)
+    assert loaded.run_cell_magic("mtp", "--charts --max-tokens 6 -o r", PROMPT) is None
+    result = loaded.user_ns["r"]
     assert result.metrics.generated_tokens >= 1
     assert f"-- {result.metrics.summary()}" in capsys.readouterr().out
 
@@ -162,10 +167,12 @@ def test_config_sets_defaults_that_cells_override(loaded, capsys):
     loaded.run_line_magic("mtp", "config --depth 1 --max-tokens 7 --no-stream --temperature 0.5 --seed 1")
     shown = capsys.readouterr().out
     assert "  --depth        1         *" in shown and "  --top-k        0\n" in shown
-    result = loaded.run_cell_magic("mtp", "-o r", PROMPT)
+    assert loaded.run_cell_magic("mtp", "-o r", PROMPT) is None
+    result = loaded.user_ns["r"]
     assert result.metrics.depth == 1 and result.metrics.generated_tokens <= 7
     assert capsys.readouterr().out.endswith(result.metrics.summary() + "\n")  # --no-stream from the config
-    assert loaded.run_cell_magic("mtp", "--depth 2 --temperature 0 -o r", PROMPT).metrics.depth == 2
+    loaded.run_cell_magic("mtp", "--depth 2 --temperature 0 -o r", PROMPT)
+    assert loaded.user_ns["r"].metrics.depth == 2
     loaded.run_line_magic("mtp", "config")
     assert "--max-tokens   7         *" in capsys.readouterr().out
     loaded.run_line_magic("mtp", "config --reset --top-k 5")
@@ -183,17 +190,20 @@ def test_config_refuses_a_bad_value_and_keeps_the_old_ones(loaded, capsys):
 
 # -- %mtp compare ---------------------------------------------------------------------------------------------
 def test_compare_a_prompt_given_on_the_line(loaded, model):
-    base, mtp = loaded.run_line_magic("mtp", f"compare --depth 2 --max-tokens 8 -o pair {PROMPT}")
+    assert loaded.run_line_magic("mtp", f"compare --depth 2 --max-tokens 8 -o pair {PROMPT}") is None
+    base, mtp = loaded.user_ns["pair"]
     assert loaded.user_ns["pair"] == (base, mtp)
     assert (base.metrics.depth, mtp.metrics.depth) == (0, 2)
     assert base.tokens == mtp.tokens == model.generate(PROMPT, depth=0, max_tokens=8).tokens  # greedy
 
 
 def test_compare_in_a_cell_and_with_the_last_prompt(loaded, model):
-    base, _ = loaded.run_cell_magic("mtp", "compare --max-tokens 6 -o pair", "import os")
+    assert loaded.run_cell_magic("mtp", "compare --max-tokens 6 -o pair", "import os") is None
+    base, _ = loaded.user_ns["pair"]
     assert base.metrics.prompt_tokens == len(model.engine.encode("import os"))
     loaded.run_cell_magic("mtp", "--no-stream --max-tokens 4", "class A:")
-    base, mtp = loaded.run_line_magic("mtp", "compare --max-tokens 4 -o pair")
+    assert loaded.run_line_magic("mtp", "compare --max-tokens 4 -o pair") is None
+    base, mtp = loaded.user_ns["pair"]
     assert base.metrics.prompt_tokens == len(model.engine.encode("class A:")) and mtp.metrics.depth == 3
 
 
@@ -203,10 +213,11 @@ def test_bench_the_loaded_model(loaded, capsys, monkeypatch):
 
     short = [{"name": "add", "text": "def add(a, b):\n"}]
     monkeypatch.setattr(bench, "code_prompts", lambda count, modules=None: short[:count])
-    report = loaded.run_line_magic(
+    assert loaded.run_line_magic(
         "mtp", "bench --quick --max-tokens 4 --depths 0,2 --temperature 0 --repeats 1 --prompts 1 --no-peers "
-               "--no-phases -o rep")
-    assert isinstance(report, bench.BenchReport) and loaded.user_ns.pop("rep") is report
+               "--no-phases -o rep") is None
+    report = loaded.user_ns.pop("rep")
+    assert isinstance(report, bench.BenchReport)
     assert [(r["engine"], r["depth"]) for r in report.rows()] == [("mtpnb", 0), ("mtpnb", 2)]
     assert report.data["settings"]["temperatures"] == [0.0] and len(report.data["settings"]["prompts"]) == 1
     assert report.summary() in capsys.readouterr().out
@@ -217,11 +228,13 @@ def test_connect_to_a_served_model(ip, path, model, capsys):
     from mtpnb.server import Server
 
     with Server(path, port=0) as server:
-        remote = ip.run_line_magic("mtp", f"connect {server.url} -o m")
+        assert ip.run_line_magic("mtp", f"connect {server.url} -o m") is None
+        remote = ip.user_ns["m"]
         out = capsys.readouterr().out
         assert f"({server.url})" in out and "MTP head   yes" in out
         assert magics(ip).model is remote is ip.user_ns["m"]
-        result = ip.run_cell_magic("mtp", "--depth 2 --max-tokens 8 -o r", PROMPT)
+        assert ip.run_cell_magic("mtp", "--depth 2 --max-tokens 8 -o r", PROMPT) is None
+        result = ip.user_ns["r"]
         assert result.tokens == model.generate(PROMPT, depth=2, max_tokens=8).tokens
         assert one_line_error(ip, capsys, "%mtp bench") == (
             "%mtp bench: a benchmark times the engine in this process: %mtp load a model")

@@ -259,9 +259,19 @@ def test_live_charts_end_with_the_engine_figures(model, captured):
     assert sum(fig.data[3].y) == result.metrics.verify_calls
     assert 0 < len(fig.data[0].x) <= MAX_POINTS
     assert fig.data[1].y[-1] == pytest.approx(result.metrics.decode_tok_s, rel=0.05)
-    redraws = [m for m in captured[before:]
-               if m[0] == fig.comm.comm_id and m[2].get("state", {}).get("_py2js_update")]
-    assert 2 <= len(redraws) <= elapsed / 0.1 + 3  # throttled, each redraw one batched update
+    redraws = [m for m in captured[before:] if m[0] == charts.output.comm.comm_id and "outputs" in m[2].get("state", {})]
+    assert 2 <= len(redraws) <= elapsed / 0.1 + 3  # throttled, each redraw one message
+    shown = redraws[-1][2]["state"]["outputs"][0]["data"]["application/vnd.plotly.v1+json"]
+    assert shown["data"][2]["y"] == pytest.approx(result.metrics.acceptance_by_position)  # what the browser got
+    assert shown["config"]["responsive"] and "width" not in shown["layout"]  # as wide as its container
+
+
+def test_live_charts_say_nothing_about_depth_0_before_a_run():
+    subtitle = LiveCharts().figure.layout.annotations[1].text
+    assert "depth 0" not in subtitle
+    charts = LiveCharts()
+    charts.start("x", depth=0)
+    assert "no drafts at depth 0" in charts.figure.layout.annotations[1].text
 
 
 # -- comparison ----------------------------------------------------------------------------------------
@@ -329,8 +339,8 @@ def test_show_generation_displays_then_returns_the_result(model, monkeypatch):
     shown, updated = [], []
 
     class Handle:
-        def update(self, obj):
-            updated.append((obj, obj.status))
+        def update(self, obj, raw=False):
+            updated.append(obj if raw else (obj, obj.status))
 
     def display(obj, display_id=False):
         shown.append(obj)
@@ -340,7 +350,9 @@ def test_show_generation_displays_then_returns_the_result(model, monkeypatch):
     result = show_generation(model, PROMPT, charts=True, max_tokens=16, **SAMPLED)
     assert result.text == model.generate(PROMPT, max_tokens=16, **SAMPLED).text
     assert isinstance(shown[0], TokenStream) and isinstance(shown[1], LiveCharts)
-    assert updated == [(shown[0], "done")]
+    # the token view re-sent with its final state; the charts replaced by the static figure (no widget left)
+    assert updated == [(shown[0], "done"), shown[1].to_mimebundle()]
+    assert "application/vnd.jupyter.widget-view+json" not in updated[1]
 
 
 def test_show_comparison_renders_both_runs_without_a_front_end(model, monkeypatch):

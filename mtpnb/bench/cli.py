@@ -28,7 +28,7 @@ def compare_blas(model_arg: str | None, *, max_tokens: int = 64, repeats: int = 
     import subprocess
     import tempfile
 
-    from ..platform import OPT_OUT_ENV, REEXEC_GUARD_ENV, openblas_path
+    from ..blas import OPT_OUT_ENV, openblas_path
 
     library = openblas_path()
     if not sys.platform.startswith("linux"):
@@ -36,7 +36,7 @@ def compare_blas(model_arg: str | None, *, max_tokens: int = 64, repeats: int = 
     if not library:
         return {"skipped": "OpenBLAS is not installed (apt-get install libopenblas0-pthread)"}
     out = {}
-    base_env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", REEXEC_GUARD_ENV)}
+    base_env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
     variants = {"bundled": {**base_env, OPT_OUT_ENV: "1"},
                 "openblas": {**base_env, OPT_OUT_ENV: "1", "LD_PRELOAD": library}}
     for name, env in variants.items():

@@ -73,7 +73,7 @@ def run_bench(
         p["tokens"] = len(ids)
         p["sha256"] = hashlib.sha256(p["text"].encode()).hexdigest()[:16]
 
-    from ..platform import blas_info
+    from ..blas import blas_info
 
     blas = blas_info(timing=True)
     samplers = [Sampler(t, top_p, top_k) for t in temperatures]

@@ -4,13 +4,19 @@
 - acceptance per draft position: P(draft j accepted | draft j was tested);
 - tokens per verify step: how many verify steps emitted 1, 2, ... D+1 tokens.
 
-Every property assignment of a FigureWidget is a message, so redraws happen inside
-`fig.batch_update()`, at most every `refresh_s`, and the time series keeps a bounded window of points.
+The figure is a plain `go.Figure` shown through plotly's own mime renderer (jupyterlab-plotly, also in
+Notebook 7 and VS Code) inside an `ipywidgets.Output`; each redraw, at most every `refresh_s`, replaces
+that output with the figure's JSON (a bounded window of points, so a few kB). Not a `FigureWidget`: that
+is an anywidget whose front end is all of plotly.js (~5 MB) sent and parsed per figure, and anywidget
+gives a model 2 s to initialise; on a busy CPU it missed that, logged "[anywidget] Failed to initialize
+model." and then dropped every later update, leaving a blank chart. `to_mimebundle()` is the same figure
+as a static output, for a saved notebook.
 """
 
 from __future__ import annotations
 
 import bisect
+import json
 import time
 from collections import deque
 
@@ -52,7 +58,7 @@ class LiveCharts(widgets.VBox):
     def __init__(self, *, refresh_s: float = 0.25, height: int = 250, **kwargs):
         self.refresh_s = refresh_s
         titles = [_title(name) for name in TITLES]
-        self.figure = go.FigureWidget(make_subplots(rows=1, cols=3, subplot_titles=titles, horizontal_spacing=0.09))
+        self.figure = go.Figure(make_subplots(rows=1, cols=3, subplot_titles=titles, horizontal_spacing=0.09))
         self.figure.add_scatter(row=1, col=1, mode="lines", line={"color": "#0072B2", "width": 2}, name="last second")
         self.figure.add_scatter(row=1, col=1, mode="lines", line={"color": "#0072B2", "dash": "dash", "width": 1},
                                 name="average")
@@ -61,7 +67,7 @@ class LiveCharts(widgets.VBox):
         self.figure.add_bar(row=1, col=3, marker_color="#E69F00", name="verify steps", texttemplate="%{y}",
                             textposition="outside", cliponaxis=False)
         self.figure.update_layout(
-            height=height, margin={"l": 40, "r": 10, "t": 60, "b": 40}, showlegend=False,
+            height=height, autosize=True, margin={"l": 40, "r": 10, "t": 60, "b": 40}, showlegend=False,
             paper_bgcolor="rgba(0,0,0,0)", plot_bgcolor="rgba(0,0,0,0)", font={"color": GREY, "size": 11},
         )
         self.figure.update_xaxes(gridcolor="rgba(128,128,128,.2)", zeroline=False)
@@ -70,12 +76,15 @@ class LiveCharts(widgets.VBox):
         self.figure.update_xaxes(title_text="draft position", dtick=1, row=1, col=2)
         self.figure.update_yaxes(range=[0, 1.15], tickformat=".0%", row=1, col=2)
         self.figure.update_xaxes(title_text="tokens emitted", dtick=1, row=1, col=3)
-        super().__init__([self.figure], **kwargs)
-        self.start()
+        self.output = widgets.Output(layout={"width": "100%"})
+        super().__init__([self.output], **kwargs)
+        self.start(depth=None)
 
     # -- the sink protocol (see runner.py) ----------------------------------------------------------
-    def start(self, prompt: str = "", depth: int = 0) -> None:
-        self.depth = depth
+    def start(self, prompt: str = "", depth: int | None = 0) -> None:
+        """A new run at `depth` (None: empty charts before any run, which say nothing about a depth)."""
+        self._before_any_run = depth is None
+        self.depth = depth = depth or 0
         self._steps: deque[tuple[float, int]] = deque(maxlen=256)  # (elapsed s, generated) per step
         self._ttft = 0.0
         self._reached = [0] * depth  # verify steps that tested draft position j
@@ -154,9 +163,20 @@ class LiveCharts(widgets.VBox):
             fig.layout.xaxis3.range = [0.5, self.depth + 1.5]
             rate.text = _title(TITLES[0], f"{self._rate[-1]:.1f} last second · {self._average[-1]:.1f} average"
                                if self._rate else "")
-            if self.depth == 0:
+            if self.depth == 0 and not self._before_any_run:
                 accept.text = _title(TITLES[1], "no drafts at depth 0")
             else:
                 overall = f"overall {mean_acceptance:.0%}" if mean_acceptance is not None else ""
                 accept.text = _title(TITLES[1], overall)
             per_verify.text = _title(TITLES[2], f"mean {mean_emitted:.2f}" if mean_emitted is not None else "")
+        self.output.outputs = ({"output_type": "display_data", "data": self.to_mimebundle(), "metadata": {}},)
+
+    def to_mimebundle(self) -> dict:
+        """The figure as plotly's mime bundle: what the live view shows, and what a saved notebook keeps."""
+        figure = json.loads(self.figure.to_json())
+        figure["config"] = {"responsive": True, "displaylogo": False}
+        return {"application/vnd.plotly.v1+json": figure, "text/plain": "LiveCharts: " + ", ".join(TITLES)}
+
+    def _repr_mimebundle_(self, **kwargs):
+        data = super()._repr_mimebundle_(**kwargs)
+        return {**data, **{k: v for k, v in self.to_mimebundle().items() if k != "text/plain"}}

@@ -59,11 +59,12 @@ def show_generation(model, prompt, *, charts: bool = False, label: str = "", **p
 
     view, generation = stream_to_widget(model, prompt, charts=charts, label=label, **params)
     handle = display(view.stream, display_id=True)
-    if view.charts is not None:
-        display(view.charts)
+    charts = display(view.charts, display_id=True) if view.charts is not None else None
     result = generation.wait()
     if handle is not None:  # re-send the token view's output: its static HTML / text now hold the result
         handle.update(view.stream)
+    if charts is not None:  # the finished charts as plotly's own output: a saved notebook keeps them as they are
+        charts.update(view.charts.to_mimebundle(), raw=True)
     return result
 
 

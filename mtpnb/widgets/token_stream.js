@@ -5,7 +5,7 @@
 // is rendered whole when it changes. A token record: [kind, text, position, step, p, q].
 
 const KINDS = {
-  accepted: ["accepted draft", "underline"],
+  accepted: ["accepted draft", "line above"],
   rejected: ["rejected draft", "struck through"],
   correction: ["correction", "wavy underline"],
   bonus: ["bonus", "bold"],
@@ -62,7 +62,22 @@ function element(tag, className, text) {
 // The streamed records of each model (keyed by its `_stream_key` trait), and the views to tell.
 const STORES = new Map();
 
+// anywidget (0.11) gives a model 2 s from its creation to load this module and run `initialize`; on a
+// busy CPU it can miss that, logs "[anywidget] Failed to initialize model." and from then on drops every
+// message the kernel sends to that model (its _handle_comm_msg awaits the rejected promise first): the
+// view would sit "ready" and empty. Once this module runs, that wait has no purpose, so this model's
+// comm messages go straight to the widget base class's handler, and the kernel is asked for the state
+// it sent meanwhile. Guarded: where the model or comm lacks these methods, nothing changes.
+function keepListening(model) {
+  const base = Object.getPrototypeOf(Object.getPrototypeOf(model));
+  const comm = model.comm;
+  if (typeof base?._handle_comm_msg !== "function" || typeof comm?.on_msg !== "function") return;
+  comm.on_msg((msg) => base._handle_comm_msg.call(model, msg));
+  if (typeof comm.send === "function") comm.send({ method: "request_state" }, model.callbacks?.());
+}
+
 function initialize({ model }) {
+  keepListening(model);
   const key = model.get("_stream_key");
   const store = { records: [], progress: null, views: new Set() };
   STORES.set(key, store);
@@ -176,6 +191,7 @@ function render({ model, el }) {
     const value = model.get("status");
     const reason = model.get("finish_reason");
     root.dataset.status = value;
+    root.dataset.depth = String(model.get("depth"));
     status.textContent = STATUS[value] + (value === "done" && reason ? ` (${reason})` : "");
     body.setAttribute("aria-busy", String(value === "running"));
     if (value === "running") reset();
@@ -213,6 +229,7 @@ function render({ model, el }) {
     ["change:label", onLabel],
     ["change:summary", onSummary],
     ["change:hide_rejected", onHide],
+    ["change:depth", onStatus],
   ];
   for (const [name, fn] of listeners) model.on(name, fn);
   store.views.add(onBatch);

@@ -26,7 +26,7 @@ _HERE = pathlib.Path(__file__).parent
 
 # kind -> (legend label, Okabe-Ito colour, second cue). token_stream.css carries the same styles.
 KINDS = {
-    "accepted": ("accepted draft", "#009E73", "underline"),
+    "accepted": ("accepted draft", "#009E73", "line above"),  # not below: an underlined space reads as "_"
     "rejected": ("rejected draft", "#D55E00", "struck through"),
     "correction": ("correction", "#E69F00", "wavy underline"),
     "bonus": ("bonus", "#56B4E9", "bold"),
@@ -34,7 +34,7 @@ KINDS = {
 }
 # The static HTML's styles per kind (and its tag, a cue that survives any HTML sanitizer).
 _STATIC = {
-    "accepted": ("span", "background:rgba(0,158,115,.22);box-shadow:inset 0 -2px 0 #009E73"),
+    "accepted": ("span", "background:rgba(0,158,115,.22);box-shadow:inset 0 2px 0 #009E73"),
     "rejected": ("del", "color:#D55E00;text-decoration:line-through 2px"),
     "correction": ("u", "background:rgba(230,159,0,.25);text-decoration:underline wavy #E69F00"),
     "bonus": ("b", "background:rgba(86,180,233,.28)"),
@@ -88,6 +88,7 @@ class TokenStream(anywidget.AnyWidget):
     metrics = traitlets.Dict().tag(sync=True)  # Metrics.to_dict()
     error = traitlets.Unicode().tag(sync=True)  # first line: the message; then details, if any
     hide_rejected = traitlets.Bool(False).tag(sync=True)  # the view's toggle
+    depth = traitlets.Int(-1).tag(sync=True)  # of the run shown (-1: not known); depth 0 has no drafts to hide
     _stream_key = traitlets.Unicode().tag(sync=True)  # names this model's token store in the browser
 
     def __init__(self, **kwargs):
@@ -104,6 +105,7 @@ class TokenStream(anywidget.AnyWidget):
         with self.hold_sync():
             self.tokens, self.text, self.prompt = [], "", prompt
             self.summary, self.metrics, self.error, self.finish_reason = "", {}, "", ""
+            self.depth = depth
             self.status = "running"
 
     def event(self, event: TokenEvent | StepEvent) -> None:
@@ -129,6 +131,8 @@ class TokenStream(anywidget.AnyWidget):
             self.tokens = records
             self.text = result.text if result is not None else ""
             self.metrics = result.metrics.to_dict() if result is not None else {}
+            if result is not None:
+                self.depth = result.metrics.depth
             self.summary = result.metrics.summary() if result is not None and result.steps else ""
             self.finish_reason = result.metrics.finish_reason if result is not None else ""
             self.error = error

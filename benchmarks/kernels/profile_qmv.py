@@ -2,7 +2,7 @@
 each launched once eagerly: ring and v1 variants at M=1 and M=4, and MLX's stock qmv.
 
     ncu --clock-control none --kernel-name regex:qmv --section SpeedOfLight --section Occupancy \
-        python3 kernels/profile_qmv.py
+        python3 benchmarks/kernels/profile_qmv.py
 """
 
 import sys

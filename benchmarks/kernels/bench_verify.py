@@ -5,8 +5,8 @@ Reproduces the table of ../shared/device/README.md (mx.compile'd forward of M to
 the same run, plus an 8-bit row, and prints ms per forward, the ratio to M=1 and the effective weight
 read rate at M=1. Writes everything as JSON.
 
-    PYTHONPATH=$PWD python3 kernels/bench_verify.py --out bench.json            # the table
-    PYTHONPATH=$PWD python3 kernels/bench_verify.py --sweep --out sweep.json    # + per-linear launch configs
+    PYTHONPATH=$PWD python3 benchmarks/kernels/bench_verify.py --out bench.json            # the table
+    PYTHONPATH=$PWD python3 benchmarks/kernels/bench_verify.py --sweep --out sweep.json    # + per-linear launch configs
 
 Each layer: q, o: 5120->5120; k, v: 5120->1024; gate, up: 5120->17408; down: 17408->5120
 (11.9 GB of 4-bit weights with scales and biases, the README's stack). Random weights (the bits of
@@ -26,14 +26,14 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 try:
     from mtpnb import kernels  # noqa: E402
 except Exception:  # the package's other imports (mlx-lm, ...) are missing here: load the file alone
     import importlib.util
 
     _spec = importlib.util.spec_from_file_location(
-        "mtpnb_kernels", Path(__file__).resolve().parent.parent / "mtpnb" / "kernels.py")
+        "mtpnb_kernels", Path(__file__).resolve().parents[2] / "mtpnb" / "kernels.py")
     kernels = importlib.util.module_from_spec(_spec)
     sys.modules["mtpnb_kernels"] = kernels
     _spec.loader.exec_module(kernels)

@@ -1,18 +1,17 @@
-"""Which BLAS MLX's CPU backend calls, and the OpenBLAS remedy on Linux.
+"""Which BLAS MLX's CPU backend calls, and OpenBLAS in its place on Linux.
 
 The `mlx-cpu` wheel for Linux bundles the reference (netlib) BLAS: every float32 matmul runs at a few
 GFLOP/s whatever its batch, so verifying D+1 tokens costs ~(D+1)x one token and MTP cannot pay off.
-Debian/Ubuntu's OpenBLAS, preloaded, takes over the `cblas_*` symbols MLX calls (the preload comes
-first in the dynamic linker's global scope, before the wheel's own copy):
-
-    apt-get install libopenblas0-pthread
-    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 python ...
+Debian/Ubuntu's OpenBLAS (`apt-get install libopenblas0-pthread`) takes over the `cblas_*` symbols MLX
+calls when it sits in the process's global symbol scope before MLX is loaded. `import mtpnb` puts it
+there (`load_openblas`, a `ctypes.CDLL(path, RTLD_GLOBAL)`), so any fresh Python, `mtpnb` command or
+Jupyter kernel that imports mtpnb before mlx gets it; LD_PRELOAD does the same from outside. Opt out
+with MTPNB_NO_OPENBLAS=1; MTPNB_OPENBLAS_PATH names another library.
 
 `blas_info()` says which library actually provides the symbols in this process (the real library path,
-found with dlsym/dladdr, cross-checked against /proc/self/maps and, optionally, a matmul timing), and
-gives a one-line message with the remedy. `reexec_with_openblas()` is the launcher helper the `mtpnb`
-console command calls first: it re-executes the same command with the preload when OpenBLAS is
-installed and not yet preloaded (opt out with MTPNB_NO_OPENBLAS=1).
+found with dlsym/dladdr, cross-checked against /proc/self/maps and, optionally, a matmul timing), how
+it got there, and gives a one-line message with the remedy. `warn_once_if_reference_blas()` is the one
+line a notebook gets when MLX was imported too early (before mtpnb) to be helped.
 """
 
 from __future__ import annotations
@@ -21,10 +20,8 @@ import ctypes
 import os
 import sys
 import time
-from pathlib import Path
 
 OPT_OUT_ENV = "MTPNB_NO_OPENBLAS"
-REEXEC_GUARD_ENV = "MTPNB_OPENBLAS_REEXEC"  # set in the re-executed process: never loop
 INSTALL_HINT = "apt-get install libopenblas0-pthread"
 # Where Debian/Ubuntu put the OpenBLAS BLAS interface (pthread build first; then the others).
 OPENBLAS_CANDIDATES = tuple(
@@ -139,7 +136,9 @@ def matmul_gflops(sizes=(1, 64), n: int = 1024, repeats: int = 5) -> dict[int, f
 def blas_info(timing: bool = False) -> dict:
     """Which BLAS MLX's CPU backend uses in this process, and what to do about it.
 
-    Returns {"kind": one of KINDS, "library": path, "preloaded": bool, "openblas_installed": path|None,
+    Returns {"kind": one of KINDS, "library": path, "preloaded": bool (a BLAS in the global scope ahead of
+    MLX's own), "loaded_by": "in-process" (by `import mtpnb`) | "LD_PRELOAD" | "already loaded" | None,
+    "not_loaded_because": str|None, "openblas_installed": path|None,
     "openblas_config": str|None, "threads": OpenBLAS threads|None, "ld_preload": str, "message": one line,
     "gflops": {M: GFLOP/s} when timing=True, "batched_speedup": gflops(64)/gflops(1)}.
     """
@@ -150,6 +149,8 @@ def blas_info(timing: bool = False) -> dict:
     info: dict = {
         "platform": sys.platform,
         "ld_preload": os.environ.get("LD_PRELOAD", ""),
+        "loaded_by": _loaded_by,
+        "not_loaded_because": _not_loaded_because,
         "openblas_installed": openblas_path() if sys.platform.startswith("linux") else None,
     }
     if sys.platform == "darwin":
@@ -183,63 +184,93 @@ def blas_message(info: dict) -> str:
         timing = f" (float32 matmul {g.get('1', 0):.0f} GFLOP/s at 1 row, {g.get('64', 0):.0f} at 64)"
     if kind == "accelerate":
         return "BLAS: Apple Accelerate (MLX on macOS)" + timing
+    how = {"in-process": "loaded in-process by `import mtpnb`", "LD_PRELOAD": "preloaded with LD_PRELOAD"}.get(
+        info.get("loaded_by") or "", "loaded before MLX")
     if kind == "openblas":
-        return f"BLAS: OpenBLAS ({info.get('library')}){timing}: batched verifies are cheap on this CPU"
+        return f"BLAS: OpenBLAS ({info.get('library')}, {how}){timing}: batched verifies are cheap on this CPU"
     if kind == "reference":
-        remedy = (
-            f"start Python or Jupyter with LD_PRELOAD={info['openblas_installed']} (the `mtpnb` command does "
-            f"this itself)"
-            if info.get("openblas_installed")
-            else f"`{INSTALL_HINT}`, then run with LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
-        )
+        why = info.get("not_loaded_because")
+        if info.get("openblas_installed"):
+            remedy = ("restart Python (or the kernel) and `import mtpnb` before anything imports mlx"
+                      if why == "MLX was imported before mtpnb" else
+                      f"unset {OPT_OUT_ENV}" if why and why.startswith(OPT_OUT_ENV) else
+                      f"`import mtpnb` before mlx, or LD_PRELOAD={info['openblas_installed']}")
+        else:
+            remedy = f"`{INSTALL_HINT}`, then restart Python (or the kernel); `import mtpnb` loads it"
         return (
-            f"BLAS: the reference (netlib) BLAS bundled with mlx-cpu{timing}: a verify of D+1 tokens costs "
-            f"~(D+1)x one token, so MTP barely pays off on this CPU; remedy: {remedy}"
+            f"BLAS: the reference (netlib) BLAS bundled with mlx-cpu{timing}"
+            f"{f' ({why})' if why else ''}: a verify of D+1 tokens costs ~(D+1)x one token, so MTP barely pays "
+            f"off on this CPU; remedy: {remedy}"
         )
     return f"BLAS: {kind} ({info.get('library')}){timing}"
 
 
-# -- the launcher -----------------------------------------------------------------------------------
-def openblas_reexec_env(environ=None, platform: str | None = None, library: str | None = None) -> dict | None:
-    """The environment to re-execute this command with, or None to carry on as is.
+# -- the in-process load ------------------------------------------------------------------------------
+# How OpenBLAS got into this process (set by load_openblas, which `import mtpnb` calls first thing):
+# "in-process" (loaded by `import mtpnb`), "LD_PRELOAD", or None; and why not, when it did not.
+_loaded_by: str | None = None
+_not_loaded_because: str | None = None
+_warned = False
 
-    None when: not Linux; MTPNB_NO_OPENBLAS=1; already re-executed once; no OpenBLAS installed; or it
-    is already in LD_PRELOAD."""
-    environ = dict(os.environ if environ is None else environ)
-    platform = sys.platform if platform is None else platform
-    if not platform.startswith("linux"):
+
+def load_openblas(environ=None) -> str | None:
+    """Load OpenBLAS into the process's global symbol scope before MLX is imported; return how it got
+    there ("in-process", "LD_PRELOAD") or None.
+
+    libmlx is loaded RTLD_LOCAL, so its `cblas_*` look-ups search the global scope first (the
+    executable, LD_PRELOAD, anything opened RTLD_GLOBAL) and only then the reference BLAS bundled with
+    the wheel: a `ctypes.CDLL(path, RTLD_GLOBAL)` made *before* `import mlx.core` wins, one made after
+    comes too late for that process. Nothing is done off Linux, with MTPNB_NO_OPENBLAS=1, or when MLX
+    is already loaded (the reason is kept for `blas_info`)."""
+    global _loaded_by, _not_loaded_because
+    environ = os.environ if environ is None else environ
+    if not sys.platform.startswith("linux"):
         return None
-    if environ.get(OPT_OUT_ENV, "").strip() not in ("", "0") or environ.get(REEXEC_GUARD_ENV):
+    if _global_provider("cblas_sgemm"):  # LD_PRELOAD (or an earlier call) already put a BLAS there
+        if _loaded_by is None:
+            _loaded_by = "LD_PRELOAD" if environ.get("LD_PRELOAD") else "already loaded"
+        return _loaded_by
+    if environ.get(OPT_OUT_ENV, "").strip() not in ("", "0"):
+        _not_loaded_because = f"{OPT_OUT_ENV}=1"
         return None
-    library = library if library is not None else openblas_path()
+    if "mlx.core" in sys.modules:
+        _not_loaded_because = "MLX was imported before mtpnb"
+        return None
+    library = openblas_path()
     if not library:
+        _not_loaded_because = "OpenBLAS is not installed"
         return None
-    preload = environ.get("LD_PRELOAD", "")
-    if library in preload.replace(":", " ").split():
-        return None
-    environ["LD_PRELOAD"] = f"{library} {preload}".strip() if preload else library
-    environ[REEXEC_GUARD_ENV] = "1"
-    return environ
-
-
-def reexec_command() -> list[str]:
-    """This process's command line, to run again: `python -m mod ...`, `python script ...`, `python -c ...`."""
-    argv = list(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv])
-    return [sys.executable, *argv[1:]]
-
-
-def reexec_with_openblas() -> None:
-    """Re-execute the current command with OpenBLAS preloaded when that helps (see
-    `openblas_reexec_env`); returns normally otherwise. Call it first thing in a launcher."""
-    env = openblas_reexec_env()
-    if env is None:
-        return
-    argv = reexec_command()
-    if not Path(argv[0]).exists():
-        return
-    sys.stdout.flush()
-    sys.stderr.flush()
     try:
-        os.execve(argv[0], argv, env)
-    except OSError:
+        ctypes.CDLL(library, mode=ctypes.RTLD_GLOBAL)
+    except OSError as e:
+        _not_loaded_because = f"loading {library} failed: {e}"
+        return None
+    _loaded_by = "in-process"
+    return _loaded_by
+
+
+def reference_blas_warning() -> str | None:
+    """One line for a notebook or script that runs MLX on the reference BLAS although this machine
+    could do better (None when all is well): what happened and what to do."""
+    if not sys.platform.startswith("linux") or os.environ.get(OPT_OUT_ENV, "").strip() not in ("", "0"):
+        return None
+    if _global_provider("cblas_sgemm") or "mlx.core" not in sys.modules:
+        return None
+    if _not_loaded_because == "MLX was imported before mtpnb" and openblas_path():
+        return ("mtpnb: MLX was imported before mtpnb, so it runs on the slow reference BLAS and MTP cannot pay "
+                "off: restart the kernel and `import mtpnb` (or `%load_ext mtpnb`) before anything imports mlx")
+    if not openblas_path():
+        return (f"mtpnb: MLX runs on the slow reference BLAS and MTP cannot pay off: `{INSTALL_HINT}`, "
+                "then restart Python (or the kernel)")
+    return None
+
+
+def warn_once_if_reference_blas(file=None) -> None:
+    """Print `reference_blas_warning()` once per process (`%load_ext mtpnb`, `%mtp load`, `mtpnb.load()`)."""
+    global _warned
+    if _warned:
         return
+    message = reference_blas_warning()
+    if message:
+        _warned = True
+        print(message, file=file or sys.stderr, flush=True)

@@ -2,7 +2,7 @@
 # One H200 session for the verify kernels, after MLX's CUDA build is installed (see
 # ../shared/device/README.md): the verify-cost table (default MLX settings, then with
 # MLX_MAX_OPS_PER_BUFFER=100), an ncu view of the big shapes, the CUDA correctness tests.
-#   bash .mlxcuda2/install.sh && export PYTHONPATH=/tmp/site:$PWD && bash kernels/h200_session.sh
+#   bash .mlxcuda2/install.sh && export PYTHONPATH=/tmp/site:$PWD && bash benchmarks/kernels/h200_session.sh
 set -u
 OUT=${OUT:-/tmp/h200out}
 mkdir -p "$OUT"
@@ -11,15 +11,15 @@ export PYTHONUNBUFFERED=1
   --target /tmp/site .whl/*.whl
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.used --format=csv,noheader
 echo "== stack (default MLX settings)"
-timeout ${T_BENCH:-120} python3 kernels/bench_verify.py --floor --iters 8 --out "$OUT/bench.json" 2>&1 \
+timeout ${T_BENCH:-120} python3 benchmarks/kernels/bench_verify.py --floor --iters 8 --out "$OUT/bench.json" 2>&1 \
   | tee "$OUT/bench.txt" | grep -v "^  "
 echo "== stack, MLX_MAX_OPS_PER_BUFFER=100"
-MLX_MAX_OPS_PER_BUFFER=100 timeout ${T_OPS:-60} python3 kernels/bench_verify.py --bits 4 --floor --iters 8 \
+MLX_MAX_OPS_PER_BUFFER=100 timeout ${T_OPS:-60} python3 benchmarks/kernels/bench_verify.py --bits 4 --floor --iters 8 \
   --out "$OUT/bench_ops100.json" 2>&1 | tee "$OUT/bench_ops100.txt" | grep -E "^\| |floor|layers"
 echo "== ncu"
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
 timeout ${T_NCU:-45} $NCU --clock-control none --kernel-name regex:qmv --section SpeedOfLight \
-  --section Occupancy --section LaunchStats python3 kernels/profile_qmv.py > "$OUT/ncu.txt" 2>&1
+  --section Occupancy --section LaunchStats python3 benchmarks/kernels/profile_qmv.py > "$OUT/ncu.txt" 2>&1
 grep -E "^[0-9]+x|qmv.*\(|Duration|DRAM Throughput|Achieved Occupancy|Registers Per|Dynamic Shared" \
   "$OUT/ncu.txt" | sed -E 's/\(const __nv_bfloat16.*//; s/\(const T6.*//' | head -80
 echo "== tests"

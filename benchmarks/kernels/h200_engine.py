@@ -2,9 +2,9 @@
 first pass pays MLX's JIT compilation of every new kernel shape, the second is the steady state), then
 the trunk forward alone at 1, 2 and 4 tokens. Runs anywhere MLX runs; written for the lent H200:
 
-    bash .mlxcuda2/install.sh && export PYTHONPATH=/tmp/site:$PWD && python3 kernels/h200_engine.py
+    bash .mlxcuda2/install.sh && export PYTHONPATH=/tmp/site:$PWD && python3 benchmarks/kernels/h200_engine.py
 
-(with mlx-lm on PYTHONPATH too where the machine lacks it). Output: kernels/results/h200_engine.txt.
+(with mlx-lm on PYTHONPATH too where the machine lacks it). Output: benchmarks/kernels/results/h200_engine.txt.
 """
 
 import statistics
