@@ -138,18 +138,22 @@ def _quality_rows(quality: dict) -> list[str]:
     ]
     for label in labels:
         q = quality[label]
+        ppl = f"{q['heldout']['perplexity']:.2f} ({q['heldout']['tokens']} tokens)" if "heldout" in q else "not measured"
         for mode in ("greedy", "T=0.6"):
+            if mode not in q:
+                rows.append(f"| {label} | {ppl} | {mode} | not measured | | | | |")
+                continue
             m = q[mode]
             depths = m["depths"]
-            tpv = " / ".join(f"{depths[d]['tokens_per_verify']:.2f}" for d in ("1", "2", "3", "4"))
-            acc = " / ".join(f"{a:.2f}" for a in depths["4"]["acceptance_by_position"] if a is not None)
+            tpv = " / ".join(f"{depths[d]['tokens_per_verify']:.2f}" for d in ("1", "2", "3", "4") if d in depths)
+            acc = " / ".join(f"{a:.2f}" for a in depths.get("4", {}).get("acceptance_by_position", []) if a is not None)
             rows.append(
-                f"| {label} | {q['heldout']['perplexity']:.2f} ({q['heldout']['tokens']} tokens) | {mode} "
+                f"| {label} | {ppl} | {mode} "
                 f"| {m['loop_rate']:.0%} | {m['parse_rate']:.0%} | {tpv} "
                 f"| {depths['3']['non_looping']['tokens_per_verify'] or float('nan'):.2f} "
                 f"({depths['3']['non_looping']['completions']}) | {acc} |"
             )
-    for label in labels:
+    for label in (label for label in labels if "examples" in quality[label]):
         rows += ["", f"Five uncurated greedy completions of `{label}` (the first five prompts, depth 3):", ""]
         for ex in quality[label]["examples"]:
             header = ex["prompt"].splitlines()
@@ -160,7 +164,7 @@ def _quality_rows(quality: dict) -> list[str]:
 def render_card(training: dict, evaluation: dict | None) -> str:
     hp, corpus, hw, model = training["hyperparameters"], training["corpus"], training["hardware"], training["model"]
     measured = [(p["name"], p["heldout"]) for p in training["phases"]]
-    if evaluation:
+    if evaluation and "loss_main" in evaluation:
         measured.append((f"`evaluate` (Python {evaluation['python']}, float32)", evaluation))
     cfg = model["config"]
     lines = [
@@ -234,7 +238,7 @@ def render_card(training: dict, evaluation: dict | None) -> str:
                 for h in curve
             ),
         ]
-    if evaluation:
+    if evaluation and evaluation.get("completions"):
         lines += [
             "",
             "Greedy completions (trunk alone, `python -m mtpnb.train.evaluate`):",
@@ -242,8 +246,15 @@ def render_card(training: dict, evaluation: dict | None) -> str:
         ]
         for prompt, text in evaluation["completions"].items():
             lines += [f"Prompt `{prompt!r}`:", "", "```python", text, "```", ""]
+    if evaluation:
         if "engine" in evaluation:
             lines += ["## Speculative decoding with the MLX engine", "", *_engine_rows(evaluation["engine"]), ""]
+        if "perplexity_beside_previous" in evaluation:
+            ppl = evaluation["perplexity_beside_previous"]
+            lines += ["## Held-out perplexity beside the previous model", "", ppl["how"], "",
+                      "| model | tokens | loss per token | perplexity |", "|---|---|---|---|",
+                      *(f"| {label} | {m['tokens']} | {m['loss']:.3f} | {m['perplexity']:.2f} |"
+                        for label, m in ppl["models"].items()), ""]
         if "quality" in evaluation:
             lines += ["## Quality on the held-out packages, beside the previous model", "",
                       *_quality_rows(evaluation["quality"]), ""]

@@ -119,7 +119,11 @@ def heldout_perplexity(model_dir: Path, max_tokens: int, seq_len: int = 1024) ->
     per_package = max(1, math.ceil(max_tokens / seq_len / len(HELDOUT_PACKAGES)))
     rows = []
     for package in HELDOUT_PACKAGES:
-        ids = [i for f in installed_source(package).files for i in (*tokenizer.encode(f.text).ids, eos)]
+        ids: list[int] = []
+        for f in installed_source(package).files:
+            ids += [*tokenizer.encode(f.text).ids, eos]
+            if len(ids) >= per_package * (seq_len + 5):
+                break
         rows.append(windows(np.asarray(ids, dtype=np.int64), seq_len, 4)[:per_package, : seq_len + depth + 1])
     rows = torch.cat(rows)
     torch.manual_seed(0)
@@ -149,17 +153,23 @@ def _pooled(results: list, depth: int) -> dict:
     }
 
 
-def quality(model_dir: Path, prompts: list[dict], depth_prompts: int = 16, ppl_tokens: int = 28672) -> dict:
+def quality(model_dir: Path, prompts: list[dict], depth_prompts: int = 16, ppl_tokens: int = 28672,
+            samplings=tuple(SAMPLINGS)) -> dict:
+    """The measurements of the module docstring for one model; ppl_tokens=0 leaves the perplexity out,
+    `samplings` picks among SAMPLINGS (the parts can run in separate processes and be merged)."""
     import mtpnb
 
     from .tokenizer import load_tokenizer
 
     model_dir = Path(model_dir)
-    out = {"model": str(model_dir), "heldout": heldout_perplexity(model_dir, ppl_tokens)}
-    print(f"{model_dir}: perplexity {out['heldout']['perplexity']:.2f}", flush=True)
+    out = {"model": str(model_dir), "prompts": len(prompts)}
+    if ppl_tokens:
+        out["heldout"] = heldout_perplexity(model_dir, ppl_tokens)
+        print(f"{model_dir}: perplexity {out['heldout']['perplexity']:.2f}", flush=True)
     model = mtpnb.load(model_dir)
     tokenizer = load_tokenizer(model_dir)
-    for label, sampling in SAMPLINGS.items():
+    for label in samplings:
+        sampling = SAMPLINGS[label]
         rows, results = [], []
         for i, p in enumerate(prompts):
             prompt_ids = tokenizer.encode(p["prompt"]).ids
@@ -189,9 +199,9 @@ def quality(model_dir: Path, prompts: list[dict], depth_prompts: int = 16, ppl_t
         print(f"{model_dir} {label}: loop {out[label]['loop_rate']:.0%} parse {out[label]['parse_rate']:.0%} "
               f"tokens/verify@3 {by_depth[3]['tokens_per_verify']:.2f} (non-looping "
               f"{by_depth[3]['non_looping']['tokens_per_verify'] or math.nan:.2f})", flush=True)
-    out["prompts"] = len(prompts)
-    out["examples"] = [{"name": p["name"], "prompt": p["prompt"], "completion": r["text"]}
-                       for p, r in zip(prompts[:5], out["greedy"]["completions"][:5])]
+    if "greedy" in out:
+        out["examples"] = [{"name": p["name"], "prompt": p["prompt"], "completion": r["text"]}
+                           for p, r in zip(prompts[:5], out["greedy"]["completions"][:5])]
     return out
 
 
@@ -205,13 +215,15 @@ def main(argv=None) -> None:
     parser.add_argument("--label", action="append", help="a label per model (default: the folder name)")
     parser.add_argument("--prompts", type=int, default=56)
     parser.add_argument("--depth-prompts", type=int, default=16, help="prompts for depths 1, 2 and 4")
-    parser.add_argument("--ppl-tokens", type=int, default=28672)
+    parser.add_argument("--ppl-tokens", type=int, default=28672, help="0: no perplexity")
+    parser.add_argument("--samplings", nargs="+", choices=list(SAMPLINGS), default=list(SAMPLINGS))
     args = parser.parse_args(argv)
     prompts = function_prompts(args.prompts)
     results = json.loads(args.json.read_text()) if args.json.exists() else {}
     labels = args.label or [m.resolve().name for m in args.models]
     for label, model_dir in zip(labels, args.models):
-        results[label] = quality(model_dir, prompts, args.depth_prompts, args.ppl_tokens)
+        results.setdefault(label, {}).update(
+            quality(model_dir, prompts, args.depth_prompts, args.ppl_tokens, tuple(args.samplings)))
         args.json.write_text(json.dumps(results, indent=1) + "\n")
 
 
