@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 # brings in MLX, mlx-lm and transformers; the widgets ipywidgets and plotly; the client nothing.
 _LAZY = {
     "load": "loading", "save": "loading", "Model": "model", "Engine": "engine",
-    "GenerationParams": "engine", "connect": "remote", "Playground": "widgets",
+    "GenerationParams": "params", "connect": "remote", "Playground": "widgets",
 }
 
 __all__ = ["MTPNBError", "Result", "Metrics", "TokenEvent", "StepEvent", "Done", "TOKEN_KINDS", *_LAZY]

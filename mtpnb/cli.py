@@ -25,43 +25,10 @@ import warnings
 from pathlib import Path
 
 from . import __version__
-from .engine import MAX_DEPTH, GenerationParams
 from .errors import MTPNBError
 from .events import Done, TokenEvent
+from .params import GENERATION_ARGUMENTS, MODEL_ARGUMENTS, add_arguments, generation_params, model_options
 from .terminal import describe_model, legend, render_prompt, render_token, use_color
-
-_D = GenerationParams  # the defaults quoted in the help texts
-# The sampling flags, shared with the %%mtp magic: (flags, argparse keyword arguments). Every
-# default is None, meaning "not given": the engine's default (or, in a notebook, %mtp config's) applies.
-GENERATION_ARGUMENTS = (
-    (("--depth",), {"type": int, "metavar": "D",
-                    "help": f"drafts per verify step, 0..{MAX_DEPTH}; 0 = plain decoding (default {_D.depth})"}),
-    (("--max-tokens",), {"type": int, "metavar": "N", "help": f"most tokens to generate (default {_D.max_tokens})"}),
-    (("--temperature",), {"type": float, "metavar": "T",
-                          "help": f"sampling temperature; 0 = greedy (default {_D.temperature})"}),
-    (("--top-p",), {"type": float, "metavar": "P", "help": f"nucleus sampling mass (default {_D.top_p})"}),
-    (("--top-k",), {"type": int, "metavar": "K", "help": f"keep the K likeliest tokens; 0 = off (default {_D.top_k})"}),
-    (("--min-p",), {"type": float, "metavar": "P",
-                    "help": f"drop tokens below P x the likeliest one's probability (default {_D.min_p})"}),
-    (("--seed",), {"type": int, "metavar": "S", "help": "random seed, for a repeatable sampled output"}),
-    (("--stop",), {"action": "append", "metavar": "TEXT", "help": "stop at this text (repeatable)"}),
-    (("--chat",), {"action": argparse.BooleanOptionalAction,
-                   "help": "wrap the prompt in the model's chat template as a user message"}),
-    (("--reasoning",), {"choices": ("on", "off"),
-                        "help": "thinking on or off, for chat templates that have the switch"}),
-)
-GENERATION_PARAMS = tuple(GenerationParams.names())  # each has its flag above
-
-
-def generation_params(args: argparse.Namespace) -> dict:
-    """The sampling flags that were given, as keyword arguments of Model.generate / Model.stream."""
-    params = {}
-    for name in GENERATION_PARAMS:
-        value = getattr(args, name, None)
-        if value is not None:
-            params[name] = (value == "on") if name == "reasoning" else tuple(value) if name == "stop" else value
-    return params
-
 
 class UsageFailure(Exception):
     """A bad command line: its one-line message goes to stderr, and the exit code is 2."""
@@ -194,16 +161,14 @@ def open_model(args):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return load(args.model, revision=args.revision, quantize=args.quantize, dtype=args.dtype)
+        return load(args.model, **model_options(args))
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, *, remote: bool) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--model", "-m", metavar="SOURCE",
                        help="a model folder or Hugging Face repo id (default: the embedded default model)")
-    group.add_argument("--quantize", type=int, choices=(4, 8), help="quantize the weights at load (bits)")
-    group.add_argument("--revision", metavar="R", help="hub revision of SOURCE")
-    group.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="dtype of the float weights")
+    add_arguments(group, MODEL_ARGUMENTS)
     if remote:
         group.add_argument("--url", help="use the model served by `mtpnb serve` at this URL instead")
         group.add_argument("--api-key", metavar="KEY", help="the server's API key (default: $MTPNB_API_KEY)")
@@ -219,8 +184,7 @@ def build_parser() -> Parser:
                                 description="Generate from a prompt. On a terminal every token is coloured by "
                                 "what multi-token prediction did with it; the metrics go to stderr.")
     generate.add_argument("prompt", nargs="?", help="the prompt (default, or '-': standard input)")
-    for flags, options in GENERATION_ARGUMENTS:
-        generate.add_argument(*flags, **options)
+    add_arguments(generate, GENERATION_ARGUMENTS)
     add_model_arguments(generate, remote=True)
     output = generate.add_argument_group("output")
     output.add_argument("--color", action=argparse.BooleanOptionalAction,

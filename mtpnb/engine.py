@@ -1,6 +1,10 @@
-"""The decode loop: prefill, draft with the MTP head, verify in one trunk forward, accept exactly,
-roll back, stream events. Depth 0 (plain autoregressive decoding, the baseline) shares the prefill,
-the target distribution (`Sampling`) and the stopping (`_emit`), and is pipelined as mlx-lm does.
+"""The engine: the decode loop over arrays (prefill, draft with the MTP head, verify in one trunk
+forward, accept exactly, roll back), which yields a small `Step` record per verify, and `Engine`,
+which runs it through the stream layer (mtpnb.stream: text, stop strings, events, the Result), as
+mlx-lm's `generate_step` / `stream_generate` are split. Depth 0 (plain autoregressive decoding, the
+baseline) shares the prefill, the target distribution (`Sampling`) and the stream layer, and is
+pipelined as mlx-lm does. `Engine(model, profile=True)` times every phase behind an eval barrier
+(the bench's phase profile); otherwise no sync exists for timing alone.
 
 State between steps (n = committed tokens so far, x_n the newest, not yet fed to the trunk):
 - the trunk's caches hold positions < n;
@@ -13,75 +17,59 @@ State between steps (n = committed tokens so far, x_n the newest, not yet fed to
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field, fields
 
 import mlx.core as mx
 
 from .errors import MTPNBError
-from .events import Done, Metrics, Result, StepEvent, TokenEvent
+from .events import Done, Result, StepEvent, TokenEvent, final_result
+from .params import GenerationParams
+from .rollback import rollback_cache
+from .runtime import runtime
 from .sampling import Sampling, accept_greedy, accept_sampled, next_greedy, sample
-
-MAX_DEPTH = 8
-
-
-@dataclass(frozen=True)
-class GenerationParams:
-    depth: int = 3  # drafts per verify; 0 = plain autoregressive decoding
-    max_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()  # stop strings (EOS always stops)
-    chat: bool = False  # apply the chat template to a text prompt
-    reasoning: bool | None = None  # chat templates with a thinking switch: on / off / template default
-    sampling: Sampling = field(init=False)
-
-    def __post_init__(self):
-        if isinstance(self.depth, bool) or not isinstance(self.depth, int) or not 0 <= self.depth <= MAX_DEPTH:
-            raise MTPNBError(f"depth must be an integer from 0 (plain decoding) to {MAX_DEPTH}, not {self.depth!r}")
-        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise MTPNBError(f"max_tokens must be an integer >= 1, not {self.max_tokens!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
-            raise MTPNBError(f"seed must be a non-negative integer or None, not {self.seed!r}")
-        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
-        if not all(isinstance(s, str) and s for s in stop):
-            raise MTPNBError("stop must be a string or a list of non-empty strings")
-        object.__setattr__(self, "stop", stop)
-        object.__setattr__(self, "sampling", Sampling(self.temperature, self.top_p, self.top_k, self.min_p))
-
-    @classmethod
-    def names(cls) -> list[str]:
-        return [f.name for f in fields(cls) if f.init]
+from .stream import GenerationStream, Step
 
 
 class Engine:
-    """Runs generations on one Model. Not re-entrant: one generation at a time per engine."""
+    """Runs generations on one Model. Not re-entrant: one generation at a time per engine.
 
-    def __init__(self, model):
+    Threads: a generation started on the main thread runs there; one started on any other thread
+    runs on the MLX runtime's thread (mtpnb.runtime), its events handed back as they come, so
+    generations from threads never overlap and MLX's per-thread streams never outlive the process."""
+
+    def __init__(self, model, *, profile: bool = False):
         self.model = model
+        self.profile = profile  # phase timings on every StepEvent, with eval barriers (the bench's profile)
 
     def generate(self, prompt, **params) -> Result:
-        for event in self.stream(prompt, **params):
-            if isinstance(event, Done):
-                return event.result
-        raise AssertionError("stream ended without a result")
+        return final_result(self.stream(prompt, **params))
 
     def stream(self, prompt, **params) -> Iterator[TokenEvent | StepEvent | Done]:
         """Yield events as tokens are decided. Validates everything before the first yield;
         closing the iterator early cancels the generation (the engine stays usable)."""
-        unknown = sorted(set(params) - set(GenerationParams.names()))
-        if unknown:
-            raise MTPNBError(f"unknown parameter {unknown[0]!r}; known: {', '.join(GenerationParams.names())}")
-        gp = GenerationParams(**params)
+        gp = GenerationParams.of(**params)
         ids = self.encode(prompt, chat=gp.chat, reasoning=gp.reasoning)
         vocab = self.model.text_config.get("vocab_size")
         if vocab and max(ids) >= vocab:
             raise MTPNBError(f"token id {max(ids)} is outside the model's vocabulary of {vocab}")
-        return _Generation(self.model, ids, gp).run()
+        events = self._generation(ids, gp)
+        if threading.current_thread() is threading.main_thread() or runtime().on_thread():
+            return events
+        return runtime().iterate(events)  # another thread's generation runs on the MLX thread (mtpnb.runtime)
+
+    def _generation(self, ids: list[int], params: GenerationParams) -> Iterator[TokenEvent | StepEvent | Done]:
+        """The loop's steps through the stream layer (runs when first iterated)."""
+        model = self.model
+        if params.seed is not None:
+            mx.random.seed(params.seed)
+        mx.reset_peak_memory()
+        depth = params.depth if model.has_mtp else 0
+        loop = DecodeLoop(model, ids, Sampling(*params.sampling_settings), depth, self.profile)
+        text = GenerationStream(model.tokenizer, ids, params, depth=depth,
+                                eos=set(model.tokenizer.eos_token_ids or ()), memory=memory_mb)
+        yield from text.run(loop.steps())
 
     def encode(self, prompt, *, chat: bool = False, reasoning: bool | None = None) -> list[int]:
         """Prompt (text, token ids, or chat messages) -> token ids."""
@@ -110,79 +98,64 @@ class Engine:
         return list(ids)
 
 
-class _Generation:
-    """One generation's state and loop (created per call; holds its own caches)."""
+class DecodeLoop:
+    """One generation's decode loop over arrays (created per call; holds its own caches): yields a
+    Step per verify (per token at depth 0), the decision on the host."""
 
-    def __init__(self, model, prompt_ids: list[int], params: GenerationParams):
+    def __init__(self, model, prompt_ids: list[int], sampling: Sampling, depth: int, profile: bool = False):
         self.model = model
         self.prompt_ids = prompt_ids
-        self.params = params
-        self.sampling = params.sampling
-        self.depth = params.depth if model.has_mtp else 0
-        self.eos = set(model.tokenizer.eos_token_ids or ())
-        self.detokenizer = model.tokenizer.detokenizer
+        self.sampling = sampling
+        self.depth = depth
+        self.profile = profile
         self.vocab_size = model.text_config["vocab_size"]
-        self.tokens: list[int] = []
-        self.text = ""
-        self.events: list[TokenEvent] = []
-        self.steps: list[StepEvent] = []
-        self.finish_reason = ""
-        self._held: list[TokenEvent] = []  # queued events not yet yielded (see _release)
-        depth = max(self.depth, 1)
-        self.reached = [0] * depth  # verify steps whose draft at position j was tested
-        self.accepted_at = [0] * depth
 
-    # -- the loop ---------------------------------------------------------------------------------
-    def run(self) -> Iterator[TokenEvent | StepEvent | Done]:
-        if self.params.seed is not None:
-            mx.random.seed(self.params.seed)
-        mx.reset_peak_memory()
-        self.detokenizer.reset()
-        self.start = time.perf_counter()
-        self.finish_reason = "cancelled"
-        try:
-            yield from (self._decode() if self.depth else self._decode_plain())
-        finally:
-            self.end = time.perf_counter()
-        yield Done(self._result())
+    def steps(self) -> Iterator[Step]:
+        return self._speculative() if self.depth else self._plain()
 
-    def _decode(self):
-        """Depth >= 1: draft, verify, accept, roll back (plain decoding is `_decode_plain`)."""
+    def _speculative(self) -> Iterator[Step]:
+        """Depth >= 1: draft, verify, accept, roll back (plain decoding is `_plain`)."""
         model = self.model
         cache, head_cache = model.make_cache(), model.make_head_cache()
         hidden, logits = model.forward(mx.array(self.prompt_ids)[None], cache=cache)
-        token, p_token = _plain_to_host(next_token(self.sampling, logits[0, -1]))
-        self.ttft = time.perf_counter() - self.start
+        token, p_token = token_to_host(next_token(self.sampling, logits[0, -1]))
         pending_hidden = hidden
         pending_tokens = self.prompt_ids[1:] + [token]
+        yield Step(0, [], [], [], 0, token, p_token, first_token_at=time.perf_counter())
         step = 0
-        if (yield from self._emit(step, [], [], [], 0, token, p_token, 0.0, self.ttft)):
-            return
         while True:
             step += 1
             t0 = time.perf_counter()
             drafts, draft_dists = self._draft(pending_hidden, pending_tokens, head_cache)
-            mx.eval(drafts, draft_dists)
+            if self.profile:  # a barrier only the timing needs: otherwise the verify's sync computes them
+                mx.eval(drafts, draft_dists)
             t1 = time.perf_counter()
             verify_in = mx.concatenate([mx.array([token], dtype=mx.int32), drafts.astype(mx.int32)])[None]
             hidden, logits = model.forward(verify_in, cache=cache)
-            n_accepted, token, p_drafts, q_drafts, p_token = _to_host(self._accept(logits[0], draft_dists, drafts))
+            if self.profile:
+                mx.eval(hidden, logits)
+            t_forward = time.perf_counter()
+            n_accepted, token, p_drafts, q_drafts, p_token = to_host(self._accept(logits[0], draft_dists, drafts))
             draft_ids = drafts.tolist()
             t2 = time.perf_counter()
             K = len(draft_ids)
-            _rollback(cache, keep=n_accepted + 1, discard=K - n_accepted)
+            rollback_cache(cache, keep=n_accepted + 1, discard=K - n_accepted)
             head_cache.trim(K - 1)
+            phases = None
+            if self.profile:
+                phases = {"verify_forward_s": t_forward - t1, "accept_sync_s": t2 - t_forward,
+                          "rollback_s": time.perf_counter() - t2}
             pending_hidden = hidden[:, : n_accepted + 1]
             pending_tokens = draft_ids[:n_accepted] + [token]
-            if (yield from self._emit(step, draft_ids, p_drafts, q_drafts, n_accepted, token, p_token, t1 - t0, t2 - t1)):
-                return
+            yield Step(step, draft_ids, p_drafts, q_drafts, n_accepted, token, p_token, t1 - t0, t2 - t1, phases)
 
-    def _decode_plain(self):
+    def _plain(self) -> Iterator[Step]:
         """Depth 0, pipelined as mlx-lm's generate_step is: the forward of token n+1 is queued on the
         device (mx.async_eval, its input the still-lazy token n) before the host waits for token n, so
-        building the next graph, the events and the detokenization overlap the device's work instead
-        of leaving it idle. One forward too many at the end, discarded with the cache.
-        StepEvent.verify_s is the wait for token n, the next graph's building included."""
+        building the next graph, the events and the detokenization (the stream layer's work, done
+        while this generator is suspended) overlap the device's work instead of leaving it idle. One
+        forward too many at the end, discarded with the cache.
+        Step.verify_s is the wait for token n, the next graph's building included."""
         model = self.model
         cache = model.make_cache(rollback=False)
         _, logits = model.forward(mx.array(self.prompt_ids)[None], cache=cache)
@@ -190,17 +163,26 @@ class _Generation:
         step = 0
         while True:
             t0 = time.perf_counter()
-            if step == 0:  # the first token reaches the consumer before anything is queued
-                token, p_token = _plain_to_host(decision)
-                self.ttft = time.perf_counter() - self.start
+            if step == 0:  # the first token reaches the host before anything is queued
+                token, p_token = token_to_host(decision)
+                first_token_at = time.perf_counter()
+            t_forward = time.perf_counter()
             _, logits = model.forward(decision[0].reshape(1, 1), cache=cache)
+            if self.profile:  # serializes the pipeline: the phases say where the work goes, not how fast
+                mx.eval(logits)
+            t_queued = time.perf_counter()
             queued = next_token(self.sampling, logits[0, 0])
             mx.async_eval(queued)
             if step:
-                token, p_token = _plain_to_host(decision)
-            wait = self.ttft if step == 0 else time.perf_counter() - t0
-            if (yield from self._emit(step, [], [], [], 0, token, p_token, 0.0, wait)):
-                return
+                token, p_token = token_to_host(decision)
+            phases = None
+            if self.profile:  # step 0's token is the prefill's: its sync is the TTFT's
+                phases = {"verify_forward_s": t_queued - t_forward,
+                          "accept_sync_s": time.perf_counter() - t_queued if step else 0.0, "rollback_s": 0.0}
+            if step == 0:
+                yield Step(0, [], [], [], 0, token, p_token, phases=phases, first_token_at=first_token_at)
+            else:
+                yield Step(step, [], [], [], 0, token, p_token, 0.0, time.perf_counter() - t0, phases)
             decision, step = queued, step + 1
 
     def _draft(self, pending_hidden, pending_tokens, head_cache):
@@ -228,129 +210,13 @@ class _Generation:
             return accept_greedy(logits, draft_dists, drafts)
         return accept_sampled(self.sampling.logprobs(logits), draft_dists, drafts)
 
-    # -- output -----------------------------------------------------------------------------------
-    def _emit(self, step, drafts, p_drafts, q_drafts, n_accepted, token, p_token, draft_s, verify_s):
-        """Yield the step's events; return True when the generation is finished."""
-        K = len(drafts)
-        before = len(self.tokens)
-        finished = False
-        for j, d in enumerate(drafts[:n_accepted]):
-            self.reached[j] += 1
-            self.accepted_at[j] += 1
-            finished = self._commit(d, "accepted", step, j + 1, p_drafts[j], q_drafts[j])
-            if finished:
-                break
-        accepted = len(self.tokens) - before  # drafts kept in the output (the end may cut the step)
-        if not finished:
-            for j in range(n_accepted, K):
-                if j == n_accepted:
-                    self.reached[j] += 1
-                self._queue(TokenEvent(drafts[j], self._piece(drafts[j]), "rejected", step, j + 1, p_drafts[j], q_drafts[j]))
-            kind = "plain" if K == 0 else ("bonus" if n_accepted == K else "correction")
-            finished = self._commit(token, kind, step, 0 if kind == "plain" else n_accepted + 1, p_token, None)
-        yield from self._release(finished)
-        now = time.perf_counter()
-        event = StepEvent(step, K, accepted, len(self.tokens) - before, draft_s, verify_s, now - self.start, len(self.tokens))
-        self.steps.append(event)
-        yield event
-        return finished
 
-    def _commit(self, token, kind, step, position, p, q) -> bool:
-        """Add an output token and queue its event; True when the generation must stop."""
-        if token in self.eos:
-            self.finish_reason = "stop"
-            return True
-        self.tokens.append(token)
-        self.detokenizer.add_token(token)
-        last = len(self.tokens) >= self.params.max_tokens
-        if last:  # flush what the detokenizer holds back (a partial character, a lone space)
-            self.detokenizer.finalize()
-        piece = self.detokenizer.last_segment
-        self.text += piece
-        event = TokenEvent(token, piece, kind, step, position, p, q)
-        self._queue(event)
-        stop_at = self._stop_index(len(piece))
-        if stop_at is not None:
-            self._cut_text(stop_at)
-            self.finish_reason = "stop"
-            return True
-        if last:
-            self.finish_reason = "length"
-            return True
-        return False
-
-    def _queue(self, event: TokenEvent) -> None:
-        self.events.append(event)
-        self._held.append(event)
-
-    def _release(self, finished: bool):
-        """Yield the queued events, unless the text ends with what may be the start of a stop
-        string: those wait, so that a stop string never reaches a consumer (the events' pieces
-        always add up to the final text)."""
-        if finished or not self._stop_prefix_at_end():
-            yield from self._held
-            self._held.clear()
-
-    def _stop_prefix_at_end(self) -> bool:
-        return any(self.text.endswith(s[:n]) for s in self.params.stop for n in range(1, len(s)))
-
-    def _cut_text(self, stop_at: int) -> None:
-        """End the text where a stop string starts, trimming the queued events' pieces."""
-        excess = len(self.text) - stop_at
-        self.text = self.text[:stop_at]
-        for event in reversed(self._held):
-            if excess == 0:
-                break
-            if event.kind != "rejected":
-                cut = min(excess, len(event.text))
-                event.text = event.text[: len(event.text) - cut]
-                excess -= cut
-
-    def _stop_index(self, new_chars: int) -> int | None:
-        """Where the earliest stop string that ends in the new text starts, if any."""
-        best = None
-        for s in self.params.stop:
-            i = self.text.find(s, max(0, len(self.text) - new_chars - len(s) + 1))
-            if i >= 0 and (best is None or i < best):
-                best = i
-        return best
-
-    def _piece(self, token: int) -> str:
-        return self.model.tokenizer.decode([token])
-
-    def _result(self) -> Result:
-        return Result(list(self.tokens), self.text, self.events, self.steps, self._metrics())
-
-    def _metrics(self) -> Metrics:
-        m = Metrics(depth=self.depth, prompt_tokens=len(self.prompt_ids), generated_tokens=len(self.tokens))
-        m.finish_reason = self.finish_reason
-        m.total_s = self.end - self.start
-        ttft = getattr(self, "ttft", m.total_s)
-        m.ttft_s = ttft
-        m.prefill_tok_s = len(self.prompt_ids) / ttft if ttft > 0 else 0.0
-        if len(self.tokens) > 1 and m.total_s > ttft:
-            m.decode_tok_s = (len(self.tokens) - 1) / (m.total_s - ttft)
-        m.end_to_end_tok_s = len(self.tokens) / m.total_s if m.total_s > 0 else 0.0
-        m.decode_tok_s_first32 = _first_tokens_rate(self.steps, ttft, 32)
-        verify_steps = self.steps[1:]
-        m.verify_calls = len(verify_steps)
-        m.drafted_tokens = sum(s.drafted for s in verify_steps)
-        m.accepted_drafts = sum(s.accepted for s in verify_steps)
-        m.rejected_drafts = m.drafted_tokens - m.accepted_drafts
-        m.correction_tokens = sum(1 for e in self.events if e.kind == "correction")
-        m.bonus_tokens = sum(1 for e in self.events if e.kind == "bonus")
-        m.acceptance_rate = m.accepted_drafts / m.drafted_tokens if m.drafted_tokens else 0.0
-        if self.depth:
-            m.acceptance_by_position = [a / r if r else 0.0 for a, r in zip(self.accepted_at, self.reached)]
-        m.mean_tokens_per_verify = sum(s.emitted for s in verify_steps) / len(verify_steps) if verify_steps else 0.0
-        m.draft_s = sum(s.draft_s for s in verify_steps)
-        m.verify_s = sum(s.verify_s for s in verify_steps)
-        m.active_memory_mb = mx.get_active_memory() / 2**20
-        m.peak_memory_mb = mx.get_peak_memory() / 2**20
-        return m
+def memory_mb() -> tuple[float, float]:
+    """MLX's active memory and its peak since the current generation started, in MB."""
+    return mx.get_active_memory() / 2**20, mx.get_peak_memory() / 2**20
 
 
-def _to_host(decision):
+def to_host(decision):
     """One synchronisation: the acceptance decision as Python values."""
     n_accepted, token, p_drafts, q_drafts, p_token = decision
     mx.eval(n_accepted, token, p_drafts, q_drafts, p_token)
@@ -374,24 +240,7 @@ def draft_token(model, sampling: Sampling, g: mx.array) -> tuple[mx.array, mx.ar
     return (index if model.draft_vocab is None else model.draft_vocab[index]), dist
 
 
-def _plain_to_host(decision):
+def token_to_host(decision):
     token, p_token = decision
     mx.eval(token, p_token)
     return token.item(), p_token.item()
-
-
-def _rollback(cache, keep: int, discard: int) -> None:
-    """Forget the last `discard` of the `keep + discard` tokens the trunk just ran on."""
-    for c in cache:
-        if hasattr(c, "rollback"):
-            c.rollback(keep)
-        elif discard:
-            c.trim(discard)
-
-
-def _first_tokens_rate(steps: list[StepEvent], ttft: float, n: int) -> float:
-    """Decode tok/s over the first n generated tokens (the first comes from the prefill)."""
-    for s in steps[1:]:
-        if s.generated >= min(n, steps[-1].generated):
-            return (s.generated - 1) / (s.elapsed_s - ttft) if s.elapsed_s > ttft and s.generated > 1 else 0.0
-    return 0.0

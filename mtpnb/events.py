@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Iterable
 from typing import Any
+
+from .errors import MTPNBError
 
 # The kind of every token a generation shows.
 #   accepted   a draft token the target kept (part of the output)
@@ -23,8 +26,9 @@ TOKEN_KINDS = ("accepted", "rejected", "correction", "bonus", "plain")
 class TokenEvent:
     token: int
     text: str  # what this token adds to the output text (rejected: its own decoded text); the
-    # pieces of the output tokens add up to Result.text (a character completed by a later token
-    # lands on that token's piece)
+    # pieces of the output tokens add up to Result.text, the tokenizer's decoding of the output tokens
+    # after the prompt's (a character completed by a later token lands on that token's piece; one
+    # that an EOS leaves incomplete, on the last one)
     kind: str  # one of TOKEN_KINDS
     step: int  # index of the verify step (decode step at depth 0) that decided it, from 0
     position: int  # 1..D: draft position it was drafted at, or the position it fills; 0 for plain
@@ -45,13 +49,19 @@ class StepEvent:
     drafted: int  # drafts proposed at this step (0 at depth 0)
     accepted: int  # drafts kept in the output (the end of the generation may cut a step short)
     emitted: int  # tokens added to the output (accepted + correction/bonus)
-    draft_s: float  # wall time of the draft phase (evaluated before the verify starts)
-    verify_s: float  # wall time of verify + acceptance (until the decision is on the host)
+    draft_s: float  # wall time of building the draft phase (and computing it, when profiling)
+    verify_s: float  # wall time of verify + acceptance until the decision is on the host (the drafts'
+    # compute included, unless profiling: then the drafts are evaluated apart, in draft_s)
     elapsed_s: float  # since the generation started
     generated: int  # output tokens so far
+    phases: dict[str, float] | None = None  # when profiling (Engine(profile=True)): verify_forward_s,
+    # accept_sync_s, rollback_s of this step, each phase ended by an eval barrier
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if d["phases"] is None:  # the wire format carries it only when there is one
+            del d["phases"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "StepEvent":
@@ -145,3 +155,11 @@ class Done:
     """Last event of a stream: the whole result."""
 
     result: Result
+
+
+def final_result(events: Iterable) -> Result:
+    """The Result that ends a stream of events (its Done); the rest of the events are consumed."""
+    for event in events:
+        if isinstance(event, Done):
+            return event.result
+    raise MTPNBError("the stream ended without a result")

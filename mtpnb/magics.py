@@ -21,10 +21,9 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
-from .bench import depth_list, temperature_list
-from .cli import GENERATION_ARGUMENTS, GENERATION_PARAMS, generation_params
-from .engine import GenerationParams
 from .errors import MTPNBError
+from .params import (GENERATION_ARGUMENTS, MODEL_ARGUMENTS, GenerationParams, depth_list, generation_params,
+                     model_options, temperature_list)
 from .terminal import describe_model
 
 
@@ -105,9 +104,7 @@ class MTPMagics(Magics):
     # -- the commands ---------------------------------------------------------------------------------------
     @magic_arguments("mtp load")
     @argument("source", nargs="?", help="a model folder or Hugging Face repo id (default: the embedded default model)")
-    @argument("--quantize", type=int, choices=(4, 8), help="quantize the weights at load (bits)")
-    @argument("--revision", metavar="R", help="hub revision of SOURCE")
-    @argument("--dtype", choices=("float32", "bfloat16", "float16"), help="dtype of the float weights")
+    @_with(MODEL_ARGUMENTS)
     @OUTPUT
     def load(self, rest):
         """Load a model and its MTP head, and print its summary."""
@@ -116,7 +113,7 @@ class MTPMagics(Magics):
 
         with warnings.catch_warnings():  # the loader's notes are in the summary
             warnings.simplefilter("ignore")
-            model = load(args.source, revision=args.revision, quantize=args.quantize, dtype=args.dtype)
+            model = load(args.source, **model_options(args))
         self.model = model
         print(describe_model(model.info()))
         return self._bind(args.output, model)
@@ -240,7 +237,7 @@ class MTPMagics(Magics):
         config = {} if args.reset else dict(self.defaults)
         config.update(generation_params(args))
         config.update({k: getattr(args, k) for k in VIEW_DEFAULTS if getattr(args, k) is not None})
-        GenerationParams(**{k: v for k, v in config.items() if k in GENERATION_PARAMS})  # MTPNBError if bad
+        GenerationParams(**{k: v for k, v in config.items() if k in GenerationParams.names()})  # MTPNBError if bad
         self.defaults = config
         print(self._describe_config())
 
@@ -275,7 +272,7 @@ class MTPMagics(Magics):
         return prompt
 
     def _params(self, args) -> dict:
-        return {**{k: v for k, v in self.defaults.items() if k in GENERATION_PARAMS}, **generation_params(args)}
+        return {**{k: v for k, v in self.defaults.items() if k in GenerationParams.names()}, **generation_params(args)}
 
     def _view(self, args, name: str) -> bool:
         value = getattr(args, name)
@@ -289,7 +286,7 @@ class MTPMagics(Magics):
         return value
 
     def _describe_config(self) -> str:
-        defaults = {**{k: getattr(GenerationParams, k) for k in GENERATION_PARAMS}, **VIEW_DEFAULTS}
+        defaults = {**{k: getattr(GenerationParams, k) for k in GenerationParams.names()}, **VIEW_DEFAULTS}
         lines = ["Defaults of %%mtp and %mtp compare (* set with %mtp config; a cell's flags override them):"]
         for key, default in defaults.items():
             value = self.defaults.get(key, default)

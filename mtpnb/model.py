@@ -17,6 +17,12 @@ from .rollback import RollbackArraysCache
 
 @dataclass
 class Model:
+    """Threading rule: one generation at a time per model. Generate from the main thread, or from any
+    thread: a generation started off the main thread runs on the process's one MLX thread
+    (mtpnb.runtime), so generations from threads queue one behind another and the process exits
+    cleanly. The widgets and the server run theirs there too, and the widgets refuse to start a
+    generation on a model that is already generating for them."""
+
     trunk: nn.Module  # the mlx-lm model (its `mtp.*` weights stripped)
     head: MTPHead | None
     tokenizer: Any  # mlx_lm TokenizerWrapper
@@ -113,7 +119,7 @@ class Model:
 
     def generate(self, prompt, **params):
         """Decode a prompt (text, token ids, or chat messages) and return a Result.
-        Parameters: see `mtpnb.engine.GenerationParams`."""
+        Parameters: see `mtpnb.params.GenerationParams`."""
         return self.engine.generate(prompt, **params)
 
     def stream(self, prompt, **params):

@@ -21,7 +21,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .errors import MTPNBError
-from .events import Done, Metrics, Result, StepEvent, TokenEvent
+from .events import Done, Metrics, Result, StepEvent, TokenEvent, final_result
+from .params import GenerationParams
 
 KEY_ENV = "MTPNB_API_KEY"
 # GenerationParams name -> request field
@@ -69,10 +70,7 @@ class RemoteModel:
         return dict(self._info)
 
     def generate(self, prompt, **params) -> Result:
-        for event in self.stream(prompt, **params):
-            if isinstance(event, Done):
-                return event.result
-        raise MTPNBError("the stream ended without a result")
+        return final_result(self.stream(prompt, **params))
 
     def stream(self, prompt, **params) -> Iterator[TokenEvent | StepEvent | Done]:
         """Like Model.stream: validates and sends before the first event; yields the events."""
@@ -97,12 +95,7 @@ class RemoteModel:
 
     # -- requests -------------------------------------------------------------------------------------
     def _request(self, prompt, params: dict) -> tuple[str, dict]:
-        from .engine import GenerationParams  # the same checks and messages as a local model
-
-        unknown = sorted(set(params) - set(GenerationParams.names()))
-        if unknown:
-            raise MTPNBError(f"unknown parameter {unknown[0]!r}; known: {', '.join(GenerationParams.names())}")
-        GenerationParams(**params)
+        GenerationParams.of(**params)  # the same checks and messages as a local model
         chat = bool(params.get("chat"))
         body: dict[str, Any] = {"model": self.name, "stream": True}
         for name, field in FIELDS.items():

@@ -127,3 +127,13 @@ def install(model: nn.Module) -> bool:
             module.__class__ = RecordingGatedDeltaNet
             found = True
     return found
+
+
+def rollback_cache(cache: list, keep: int, discard: int) -> None:
+    """Forget the last `discard` of the `keep + discard` tokens a trunk's caches just ran on
+    (RollbackArraysCache replays the kept ones; the attention caches trim)."""
+    for c in cache:
+        if hasattr(c, "rollback"):
+            c.rollback(keep)
+        elif discard:
+            c.trim(discard)

@@ -26,7 +26,7 @@ from functools import partial
 import mlx.core as mx
 from mlx_lm.sample_utils import apply_min_p, apply_top_p
 
-from .errors import MTPNBError
+from .params import check_sampling
 
 RESIDUAL_EPS = 1e-7
 
@@ -39,15 +39,9 @@ class Sampling:
     min_p: float = 0.0
 
     def __post_init__(self):
-        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
-            raise MTPNBError(f"temperature must be a number >= 0, not {self.temperature!r}")
-        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
-            raise MTPNBError(f"top_p must be in (0, 1], not {self.top_p!r}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise MTPNBError(f"top_k must be an integer >= 0 (0 = off), not {self.top_k!r}")
-        if not isinstance(self.min_p, (int, float)) or not 0 <= self.min_p < 1:
-            raise MTPNBError(f"min_p must be in [0, 1), not {self.min_p!r}")
-
+        checked = check_sampling(self.temperature, self.top_p, self.top_k, self.min_p)
+        for name, value in zip(("temperature", "top_p", "top_k", "min_p"), checked):
+            object.__setattr__(self, name, value)
         # One fused graph per shape instead of ~20 ops dispatched per call (the settings are constants).
         object.__setattr__(self, "logprobs", mx.compile(self._logprobs))
 

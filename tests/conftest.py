@@ -3,7 +3,7 @@ import warnings
 import pytest
 
 import mtpnb
-from mtpnb.testing import make_checkpoint
+from mtpnb.fixtures import make_checkpoint
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ import pytest
 from mtpnb import bench
 from mtpnb import platform as platform_module
 from mtpnb.events import StepEvent
+from mtpnb.metrics import acceptance_counts
 from mtpnb.platform import (
     KINDS,
     OPT_OUT_ENV,
@@ -154,7 +155,7 @@ def test_tokens_per_verify_and_acceptance_counts():
     assert bench.expected_tokens_per_verify([1.0, 1.0, 1.0]) == 4.0
     steps = [StepEvent(0, 0, 0, 1, 0, 0, 0, 1)]  # the prefill step is not a verify
     steps += [StepEvent(i + 1, 3, a, a + 1, 0, 0, 0, 0) for i, a in enumerate([0, 1, 3, 2])]
-    reached, accepted = bench.acceptance_counts(steps, 3)
+    reached, accepted = acceptance_counts(steps, 3)
     assert reached == [4, 3, 2] and accepted == [3, 2, 1]
     assert bench.median([3, None, 1, float("nan"), 2]) == 2 and bench.median([]) is None
 

@@ -8,7 +8,7 @@ import pytest
 
 import mtpnb
 from mtpnb import MTPNBError
-from mtpnb.engine import _rollback
+from mtpnb.rollback import rollback_cache
 from mtpnb.sampling import Sampling
 
 PROMPTS = ([5, 7, 9], [100, 3, 44, 3], [250, 251], [17])
@@ -85,7 +85,7 @@ def test_rollback_gives_the_logits_of_a_fresh_prefill(checkpoints, monkeypatch, 
         for d in verify[1:D]:
             g, _ = model.mtp_forward(g[:, -1:], mx.array([[d]]), cache=head_cache)
         hidden_v, _ = model.forward(mx.array([verify]), cache=cache)
-        _rollback(cache, keep=keep, discard=len(verify) - keep)
+        rollback_cache(cache, keep=keep, discard=len(verify) - keep)
         head_cache.trim(D - 1)
         _, logits = model.forward(mx.array([[follow]]), cache=cache)
         committed = prompt + verify[:keep]

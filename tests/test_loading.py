@@ -15,7 +15,7 @@ import pytest
 
 import mtpnb
 from mtpnb import MTPNBError
-from mtpnb.testing import make_checkpoint
+from mtpnb.fixtures import make_checkpoint
 
 from conftest import load_quietly
 from fakehub import FakeHub

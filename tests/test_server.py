@@ -21,7 +21,7 @@ import pytest
 
 import mtpnb
 from mtpnb import Done, MTPNBError, StepEvent, TokenEvent
-from mtpnb.engine import GenerationParams
+from mtpnb.params import GenerationParams
 
 openai = pytest.importorskip("openai")
 

@@ -17,6 +17,7 @@ from comm.base_comm import BaseComm
 
 import mtpnb
 from mtpnb.events import Metrics, Result
+from mtpnb.runtime import runtime
 from mtpnb.widgets import (Comparison, Generation, LiveCharts, Playground, TokenStream, show_comparison, show_generation,
                            speedup, stream_to_widget)
 from mtpnb.widgets.charts import MAX_POINTS
@@ -163,11 +164,11 @@ def test_playground_stop_button(model):
     assert playground.result.metrics.finish_reason == "cancelled"
 
 
-def test_generations_share_one_decode_thread(model):
+def test_generations_share_one_mlx_thread(model):
     # MLX leaves an OS thread behind for every thread that evaluated arrays: one for all generations
     for _ in range(3):
         stream_to_widget(model, PROMPT, max_tokens=4)[1].wait()
-    assert [t.name for t in threading.enumerate()].count("mtpnb-decode") == 1
+    assert [t.name for t in threading.enumerate()].count(runtime().name) == 1
 
 
 def test_kernel_interrupt_stops_a_blocking_wait(model):

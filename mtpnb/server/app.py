@@ -333,7 +333,7 @@ class Server:
         server.close()
 
     `model` is a loaded mtpnb.Model (then nothing else should generate with it while it serves), or
-    what mtpnb.load takes (a folder, a hub id, None for the default model), loaded on the worker thread.
+    what mtpnb.load takes (a folder, a hub id, None for the default model), loaded on the MLX runtime's thread.
     """
 
     def __init__(self, model=None, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
@@ -355,7 +355,7 @@ class Server:
         self.defaults = dict(SERVER_DEFAULTS)
         self.defaults.update({k: v for k, v in (("depth", depth), ("reasoning", reasoning),
                                                 ("temperature", temperature)) if v is not None})
-        from ..engine import GenerationParams
+        from ..params import GenerationParams
 
         GenerationParams(**{k: v for k, v in self.defaults.items() if v is not None})  # bad defaults: fail now
         self.max_tokens_limit = max_tokens_limit
@@ -468,6 +468,6 @@ class Server:
 
     def metrics(self) -> dict:
         snap = self.stats.snapshot()
-        snap.update(model=self.model_name, queued=self.worker.queue.qsize(),
+        snap.update(model=self.model_name, queued=self.worker.queued,
                     busy=self.worker.current is not None)
         return snap

@@ -14,6 +14,8 @@ import logging
 import os
 import sys
 
+from ..params import MAX_DEPTH, MODEL_ARGUMENTS, GenerationParams, add_arguments, model_options
+
 DESCRIPTION = ("Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, "
                "/v1/models, /health, /metrics), with per-token MTP events in an extension field.")
 KEY_ENV = "MTPNB_API_KEY"
@@ -32,7 +34,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     key.add_argument("--api-key-file", metavar="FILE", help="read the API key from FILE (first line)")
     parser.add_argument("--model-name", metavar="NAME", help="the model id clients use (default: the model's name)")
     parser.add_argument("--depth", type=int, default=None, metavar="D",
-                        help="default drafts per verify, 0..8 (default 3; a request's mtp_depth overrides)")
+                        help=f"default drafts per verify, 0..{MAX_DEPTH} (default {GenerationParams.depth}; a request's "
+                        "mtp_depth overrides)")
     parser.add_argument("--reasoning", choices=("on", "off"), default=None,
                         help="default thinking switch for chat templates that have one (default: the template's)")
     parser.add_argument("--temperature", type=float, default=None,
@@ -47,10 +50,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         help="requests that may wait for the model before new ones get 503 (default 64)")
     parser.add_argument("--max-connections", type=int, default=128, metavar="N",
                         help="open connections at once (default 128)")
-    parser.add_argument("--quantize", type=int, choices=(4, 8), default=None, help="quantize the weights at load")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                        help="dtype of the float weights")
-    parser.add_argument("--revision", default=None, help="hub revision of MODEL")
+    add_arguments(parser, MODEL_ARGUMENTS)
     parser.add_argument("--quiet", action="store_true", help="log warnings only, not every request")
     return parser
 
@@ -104,8 +104,7 @@ def run_serve(args) -> int:
     from ..errors import MTPNBError
     from .app import Server
 
-    load_options = {k: v for k, v in (("quantize", args.quantize), ("dtype", args.dtype),
-                                      ("revision", args.revision)) if v is not None}
+    load_options = model_options(args)
     try:
         server = Server(
             args.model, host=args.host, port=args.port, api_key=key, model_name=args.model_name, depth=args.depth,

@@ -37,9 +37,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import MTPNBError
+from ..params import GenerationParams
 
 # Defaults a request falls back to (the server's flags override them).
-SERVER_DEFAULTS = {"depth": 3, "reasoning": None, "temperature": 0.0}
+SERVER_DEFAULTS = {"depth": GenerationParams.depth, "reasoning": None, "temperature": GenerationParams.temperature}
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
                405: "invalid_request_error", 411: "invalid_request_error", 413: "invalid_request_error",
@@ -159,8 +160,6 @@ def parse_request(endpoint: str, data: dict, *, model_name: str, defaults: dict,
     for name, value in defaults.items():
         if value is not None:
             params.setdefault(name, value)
-
-    from ..engine import GenerationParams  # the engine's own checks and one-line messages
 
     try:
         checked = GenerationParams(**params, chat=chat)

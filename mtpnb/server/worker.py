@@ -1,6 +1,7 @@
-"""The one thread that runs the MLX engine: requests wait in a FIFO queue and are generated one at a
-time, in arrival order. A handler thread talks to its job through `job.out`; setting `job.cancelled`
-(the client went away) stops the generation at its next event (the engine's generator is closed)."""
+"""Requests to the MLX engine: each is a task of the process's MLX runtime (mtpnb.runtime, the one
+thread that runs MLX), generated one at a time in arrival order; at most `max_queue` wait. A handler
+thread talks to its job through `job.out`; setting `job.cancelled` (the client went away) stops the
+generation at its next event (the engine's generator is closed)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import time
 
 from ..errors import MTPNBError
 from ..events import Done
+from ..runtime import Task, runtime, wait_interruptibly
 from .protocol import APIError
 
 log = logging.getLogger("mtpnb.server")
@@ -23,6 +25,7 @@ class Job:
         # ("start", prompt tokens) ("event", TokenEvent | StepEvent | Done) ("error", APIError) ("end", None)
         self.out: queue.SimpleQueue = queue.SimpleQueue()
         self.cancelled = threading.Event()
+        self.ended = threading.Event()  # the worker is done with it
         self.enqueued = time.monotonic()
 
     def cancel(self) -> None:
@@ -69,91 +72,71 @@ class Worker:
         self.load_options = load_options or {}
         self.model = None
         self.max_prompt_tokens = max_prompt_tokens
-        self.queue: queue.Queue = queue.Queue(maxsize=max_queue)
+        self.max_queue = max_queue
         self.stats = stats
         self.current: Job | None = None
-        self.loaded = threading.Event()
-        self.load_error: BaseException | None = None
         self.closing = False
-        self.thread = threading.Thread(target=self._run, name="mtpnb-serve-worker", daemon=True)
+        self._waiting: dict[Job, Task] = {}  # submitted, not started
+        self._lock = threading.Lock()
 
     # -- the handler side ---------------------------------------------------------------------------
     def submit(self, job: Job) -> None:
         if self.closing:
             raise APIError(503, "the server is shutting down", code="shutting_down")
-        try:
-            self.queue.put_nowait(job)
-        except queue.Full:
-            raise APIError(503, f"the server is busy: {self.queue.maxsize} requests are waiting "
-                                "(mtpnb serve --max-queue); retry later", code="server_busy") from None
+        with self._lock:
+            if len(self._waiting) >= self.max_queue:
+                raise APIError(503, f"the server is busy: {self.max_queue} requests are waiting "
+                                    "(mtpnb serve --max-queue); retry later", code="server_busy")
+            self._waiting[job] = runtime().submit(self._run, job)
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiting)
 
     @property
     def pending(self) -> int:
-        return self.queue.qsize() + (self.current is not None)
+        return self.queued + (self.current is not None)
 
     def start(self) -> None:
-        self.thread.start()
-        self.loaded.wait()
-        if self.load_error is not None:
-            raise self.load_error
+        """Load the model (a folder / hub id / None) on the MLX thread; raises what the loader raised."""
+        self.model = runtime().submit(self._load).wait()
+
+    def _load(self):
+        if hasattr(self.source, "stream"):  # a model already loaded
+            return self.source
+        from ..loading import load
+
+        return load(self.source, **self.load_options)
 
     def close(self, timeout: float = 5.0) -> None:
         self.closing = True
-        if self.current is not None:
-            self.current.cancel()
-        while True:  # refuse what is still waiting
-            try:
-                job = self.queue.get_nowait()
-            except queue.Empty:
-                break
-            if job is not None:
-                job.cancel()
+        current = self.current
+        if current is not None:
+            current.cancel()
+        with self._lock:
+            waiting, self._waiting = self._waiting, {}
+        for job, task in waiting.items():  # refuse what is still waiting
+            job.cancel()
+            if task.cancel():
                 job.out.put(("error", APIError(503, "the server is shutting down", code="shutting_down")))
-        try:
-            self.queue.put(None, timeout=timeout)
-        except queue.Full:
-            pass
-        if self.thread.is_alive() and threading.current_thread() is not self.thread:
-            self.thread.join(timeout)
+        if current is not None and not runtime().on_thread():
+            wait_interruptibly(current.ended, timeout)
 
-    # -- the worker thread ----------------------------------------------------------------------------
-    def _run(self) -> None:
-        import mlx.core as mx
-
-        try:
-            self._loop(mx)
-        finally:
-            # MLX streams are per thread and must be destroyed by their thread before the process
-            # exits (otherwise: "terminate called without an active exception", exit code 134).
-            mx.clear_streams()
-
-    def _loop(self, mx) -> None:
-        try:
-            mx.default_stream(mx.default_device())  # this thread's stream
-            model = self.source
-            if not hasattr(model, "stream"):  # a folder / hub id / None: load it on this thread
-                from ..loading import load
-
-                model = load(model, **self.load_options)
-            self.model = model
-        except BaseException as e:  # noqa: BLE001 - handed to start()
-            self.load_error = e
-            self.loaded.set()
+    # -- the MLX thread ---------------------------------------------------------------------------------
+    def _run(self, job: Job) -> None:
+        with self._lock:
+            self._waiting.pop(job, None)
+        if self.closing:
+            job.out.put(("error", APIError(503, "the server is shutting down", code="shutting_down")))
             return
-        self.loaded.set()
-        while True:
-            job = self.queue.get()
-            if job is None or self.closing:
-                if job is not None:
-                    job.out.put(("error", APIError(503, "the server is shutting down", code="shutting_down")))
-                return
-            self.current = job
-            try:
-                self._serve(job)
-            except BaseException:  # never let one request take the worker down
-                log.exception("request %s failed", job.request.id)
-            finally:
-                self.current = None
+        self.current = job
+        try:
+            self._serve(job)
+        except BaseException:  # never let one request take the worker down
+            log.exception("request %s failed", job.request.id)
+        finally:
+            self.current = None
+            job.ended.set()
 
     def _serve(self, job: Job) -> None:
         req = job.request

@@ -19,6 +19,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from ..events import Result, StepEvent, TokenEvent
+from ..metrics import count_positions
 
 RATE_WINDOW_S = 1.0  # the solid line's tok/s is measured over the verify steps of the last second
 MAX_POINTS = 240  # points kept on the time axis (a minute at 4 redraws a second)
@@ -95,9 +96,7 @@ class LiveCharts(widgets.VBox):
         if event.step == 0:
             self._ttft = event.elapsed_s
         else:
-            for j in range(min(event.accepted + 1, event.drafted)):
-                self._reached[j] += 1
-                self._accepted[j] += j < event.accepted
+            count_positions(event, self._reached, self._accepted)
             self._emitted[min(event.emitted, len(self._emitted)) - 1] += 1
             self._drafted_total += event.drafted
             self._accepted_total += event.accepted

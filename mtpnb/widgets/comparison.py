@@ -1,7 +1,7 @@
 """Comparison: the same prompt at depth 0 (plain decoding) and at depth D, side by side, with the speedup.
 
 The two generations run one after the other on the same model (at the same time they would share
-the cores and slow each other down), both on a background thread.
+the cores and slow each other down), in one task of the MLX runtime (mtpnb.runtime).
 
     comparison = Comparison(model)
     comparison.run("def fibonacci(n):", depth=3, max_tokens=64)
@@ -11,15 +11,15 @@ the cores and slow each other down), both on a background thread.
 from __future__ import annotations
 
 import html
-import threading
 from collections.abc import Callable
 
 import ipywidgets as widgets
 
-from ..engine import GenerationParams
 from ..errors import MTPNBError
 from ..events import Result
-from .runner import Generation, describe_error, wait_interruptibly
+from ..params import GenerationParams
+from ..runtime import Task, runtime
+from .runner import Generation, describe_error
 from .token_stream import TokenStream
 
 
@@ -77,10 +77,7 @@ class Comparison(widgets.VBox):
         self._generations: list[Generation] = []  # the depth-0 run, then the depth-D one
         self._next: tuple = ()  # (prompt, params) of the depth-D run
         self._stopped = False
-        self._finished = threading.Event()
-        self._finished.set()
-        self._callbacks: list[Callable[[Comparison], None]] = []
-        self._callbacks_lock = threading.Lock()
+        self._task: Task | None = None  # both runs, on the runtime's thread
         self._say("Runs the same prompt at depth 0 and at depth D, one after the other.")
         super().__init__([self.verdict, widgets.HBox([self.base, self.mtp])], **kwargs)
 
@@ -92,26 +89,21 @@ class Comparison(widgets.VBox):
     def run(self, prompt, *, depth: int = 3, **params) -> "Comparison":
         """Start the depth-0 run, then the depth-`depth` one once it is done; returns at once.
         Parameters as for model.stream; MTPNBError here for bad ones, or a model without an MTP head."""
-        if not self._finished.is_set():
+        if not self.done:
             raise MTPNBError("a comparison is already running: stop it first")
         if not self.model.has_mtp:
             raise MTPNBError(f"{self.model.name} has no MTP head: there is no depth to compare with depth 0")
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
             raise MTPNBError(f"a comparison needs a depth >= 1, not {depth!r}")
         base = Generation(self.model, prompt, {**params, "depth": 0}, [self.base])  # checks the parameters
-        GenerationParams(**params, depth=depth)  # and the depth, without starting anything
+        GenerationParams.of(**params, depth=depth)  # and the depth, without starting anything
         self._next = (prompt, {**params, "depth": depth})
         self._generations, self._stopped, self.results = [base], False, None
-        self._finished.clear()
         self.mtp.reset()
         self.mtp.label = f"depth {depth} (MTP)"
         self._say(f"Generating at depth 0, then at depth {depth}…")
-        base.add_done_callback(self._after_base)
-        try:
-            base.start()
-        except BaseException:
-            self._finished.set()
-            raise
+        base.claim()
+        self._task = runtime().submit(self._run_both, base)
         return self
 
     def stop(self) -> None:
@@ -123,24 +115,20 @@ class Comparison(widgets.VBox):
     def wait(self, timeout: float | None = None) -> tuple[Result, Result] | None:
         """Block until both runs have finished; return (depth-0 result, depth-D result), or None if
         either was stopped or failed. A KeyboardInterrupt stops the comparison and still waits."""
-        try:
-            wait_interruptibly(self._finished, timeout)
-        except KeyboardInterrupt:
-            self.stop()
-            self._finished.wait()
+        if self._task is not None:
+            self._task.settle(timeout, on_interrupt=self.stop)
         return self.results
 
     @property
     def done(self) -> bool:
-        return self._finished.is_set()
+        return self._task is None or self._task.done
 
     def add_done_callback(self, fn: Callable[["Comparison"], None]) -> None:
         """Call fn(comparison) when the comparison ends (at once if none is running)."""
-        with self._callbacks_lock:
-            if not self.done:
-                self._callbacks.append(fn)
-                return
-        fn(self)
+        if self._task is None:
+            fn(self)
+        else:
+            self._task.add_done_callback(lambda _: fn(self))
 
     def show_error(self, message: str) -> None:
         self._say(message.splitlines()[0], error=True)
@@ -154,26 +142,24 @@ class Comparison(widgets.VBox):
                              f'<div style="display:flex;gap:8px">{panes}</div></div>')
         return data
 
-    # -- the decode thread ----------------------------------------------------------------------
-    def _after_base(self, base: Generation) -> None:
-        if base.status != "done" or self._stopped:
-            self._end()
-            return
-        prompt, params = self._next
-        try:
-            mtp = Generation(self.model, prompt, params, [self.mtp])
-            self._generations.append(mtp)
-            mtp.add_done_callback(lambda _: self._end())
-            self._say(f"Generating at depth {params['depth']}…")
-            mtp.start()
-        except Exception as exc:
-            self.mtp.show_error(describe_error(exc))
-            self._end(failed=True)
-            return
-        if self._stopped:  # Stop pressed while this run was being set up
-            mtp.stop()
-
-    def _end(self, failed: bool = False) -> None:
+    # -- the runtime's thread -------------------------------------------------------------------
+    def _run_both(self, base: Generation) -> None:
+        base.run()
+        failed = False
+        if base.status == "done" and not self._stopped:
+            prompt, params = self._next
+            try:
+                mtp = Generation(self.model, prompt, params, [self.mtp])
+                self._generations.append(mtp)
+                self._say(f"Generating at depth {params['depth']}…")
+                mtp.claim()
+            except Exception as exc:
+                self.mtp.show_error(describe_error(exc))
+                failed = True
+            else:
+                if self._stopped:  # Stop pressed while this run was being set up
+                    mtp.stop()
+                mtp.run()
         statuses = [g.status for g in self._generations]
         if statuses == ["done", "done"]:
             self.results = tuple(g.result for g in self._generations)
@@ -182,11 +168,6 @@ class Comparison(widgets.VBox):
             self._say("The comparison failed: see the error below.", error=True)
         else:
             self._say("Stopped: no speedup to report.")
-        with self._callbacks_lock:
-            self._finished.set()
-            callbacks, self._callbacks = self._callbacks, []
-        for fn in callbacks:
-            fn(self)
 
     def _verdict(self) -> str:
         return describe_speedup(self.speedup, sampled=self._next[1].get("temperature", 0) > 0)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import ipywidgets as widgets
 
-from ..engine import MAX_DEPTH
+from ..params import MAX_DEPTH
 from ..errors import MTPNBError
 
 _WIDE = {"description_width": "88px"}

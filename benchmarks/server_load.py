@@ -1,9 +1,9 @@
 """Load benchmark of `mtpnb serve` over loopback: a bounded number of concurrent clients for a bounded
 time, then a check that nothing was lost or hung.
 
-    python -m mtpnb.server.bench                        # the tiny random checkpoint, 8 clients, 20 s
-    python -m mtpnb.server.bench MODEL --clients 16 --duration 60 --max-tokens 128
-    python -m mtpnb.server.bench --url http://127.0.0.1:8000 --api-key-file F   # a running server
+    python benchmarks/server_load.py                        # the tiny random checkpoint, 8 clients, 20 s
+    python benchmarks/server_load.py MODEL --clients 16 --duration 60 --max-tokens 128
+    python benchmarks/server_load.py --url http://127.0.0.1:8000 --api-key-file F   # a running server
 
 Clients mix chat and completions, streamed and not; every --cancel-every-th request is a stream the
 client abandons after two chunks (the server must cancel it and carry on). Prints requests/s,
@@ -107,7 +107,7 @@ def start_server(model: str | None, extra: list[str]):
     """`python -m mtpnb.server` on a free loopback port -> (process, url, key file dir)."""
     tmp = tempfile.TemporaryDirectory(prefix="mtpnb-bench-")
     if model is None:
-        from ..testing import make_checkpoint
+        from mtpnb.fixtures import make_checkpoint
 
         model = str(make_checkpoint(Path(tmp.name) / "tiny"))
     key_file = Path(tmp.name) / "key"
@@ -136,7 +136,7 @@ def start_server(model: str | None, extra: list[str]):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m mtpnb.server.bench", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python benchmarks/server_load.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("model", nargs="?", default=None, help="model to serve (default: a tiny random checkpoint)")
     ap.add_argument("--url", help="benchmark this running server instead of starting one")
     ap.add_argument("--api-key-file", help="with --url: the server's key")

@@ -1,17 +1,21 @@
-"""Small random checkpoints in the formats mtpnb loads, written the way their real producers write
-them: for tests, demos and the notebook that shows how loading works, with no download.
+"""Random checkpoints in the formats mtpnb loads, written the way their real producers write them,
+with no download: small ones for tests, demos and the notebook that shows how loading works, and a
+stand-in shaped like the default model for benchmarking the machinery.
 
     path = make_checkpoint("/tmp/tiny", family="qwen3_5", layout="hf", mtp="inline")
+    path = make_standin("/tmp/standin")       # the default model's config, random weights
 """
 
 from __future__ import annotations
 
 import json
+import sysconfig
 from pathlib import Path
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from .errors import MTPNBError
 from .head import MTP_NORM_SUFFIXES, MTPHead, head_args
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -86,22 +90,13 @@ def make_checkpoint(path, *, family: str = "qwen3_5", layout: str = "hf", mtp: s
     logit_scale: multiplies the embeddings, to make the distributions sharper (> 1) or flatter.
     Returns the folder.
     """
-    from .loading import _model_classes, read_config  # the loader's own classes: same module tree
-
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     config = tiny_config(family, mtp=mtp is not None, **config_options)
     (path / "config.json").write_text(json.dumps(config, indent=2))
     write_byte_tokenizer(path)
-    mx.random.seed(seed)
-    trunk_class, args_class = _model_classes(read_config(path))
-    trunk = trunk_class(args_class.from_dict(read_config(path)))
-    weights = _randomized(dict(tree_flatten(trunk.parameters())), logit_scale)
-    head_weights = {}
-    if mtp is not None:
-        head_weights = dict(tree_flatten(MTPHead(head_args(config)).parameters()))
-        head_weights = _echo(head_weights) if head == "echo" else _randomized(head_weights, 1.0)
-        head_weights = {f"mtp.{k}": v for k, v in head_weights.items()}
+    weights, head_weights = _random_weights(path, config, head=head if mtp is not None else None, seed=seed,
+                                            logit_scale=logit_scale)
     if layout == "hf":
         weights = _to_hf_layout(weights, family)
         head_weights = {k: v - 1.0 if k.endswith(MTP_NORM_SUFFIXES) else v for k, v in head_weights.items()}
@@ -116,6 +111,62 @@ def make_checkpoint(path, *, family: str = "qwen3_5", layout: str = "hf", mtp: s
         weights.update(head_weights)
     mx.save_safetensors(str(path / "model.safetensors"), weights)
     return path
+
+
+def make_standin(path, head: str = "echo", seed: int = 0) -> Path:
+    """A random checkpoint shaped like the default model (its config.json; a BPE tokenizer of the same
+    size trained on a slice of the standard library outside the held-out modules), in the MLX layout,
+    for benchmarking the machinery without the trained weights. head="echo" drafts the trunk's own last
+    token (some acceptance on the repetitive text of a random trunk); "random" accepts almost nothing.
+    Its speedups mean nothing. An existing stand-in at `path` is reused."""
+    from .loading import DEFAULT_MODEL_DIR
+    from .train.corpus import HELDOUT_MODULES
+    from .train.tokenizer import save_tokenizer, train_tokenizer
+
+    path = Path(path)
+    if (path / "config.json").exists() and (path / "model.safetensors").exists():
+        return path
+    path.mkdir(parents=True, exist_ok=True)
+    config = json.loads((DEFAULT_MODEL_DIR / "config.json").read_text())
+    config.update(mtp_norms_shifted=True, dtype="float32", torch_dtype="float32")  # random float32 weights
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    root = Path(sysconfig.get_paths()["stdlib"])
+    texts, size = [], 0
+    for f in sorted(root.glob("*.py")):
+        if f.stem in HELDOUT_MODULES:
+            continue
+        try:
+            texts.append(f.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError):
+            continue
+        size += len(texts[-1])
+        if size > 4_000_000:
+            break
+    if not texts:
+        raise MTPNBError(f"no standard-library source in {root} to train the stand-in's tokenizer on")
+    save_tokenizer(train_tokenizer(texts, config["vocab_size"]), path, config["max_position_embeddings"])
+    weights, head_weights = _random_weights(path, config, head=head, seed=seed)
+    weights.update(head_weights)
+    mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "mlx"})
+    return path
+
+
+def _random_weights(path: Path, config: dict, *, head: str | None, seed: int,
+                    logit_scale: float = 1.0) -> tuple[dict, dict]:
+    """Random trunk weights for the config at `path` (mlx-lm's names) and, unless head is None, the
+    MTP head's ("random" or "echo", see make_checkpoint), named mtp.*."""
+    from .loading import _model_classes, read_config  # the loader's own classes: same module tree
+
+    mx.random.seed(seed)
+    trunk_class, args_class = _model_classes(read_config(path))
+    trunk = trunk_class(args_class.from_dict(read_config(path)))
+    weights = _randomized(dict(tree_flatten(trunk.parameters())), logit_scale)
+    head_weights = {}
+    if head is not None:
+        head_weights = dict(tree_flatten(MTPHead(head_args(config)).parameters()))
+        head_weights = _echo(head_weights) if head == "echo" else _randomized(head_weights, 1.0)
+        head_weights = {f"mtp.{k}": v for k, v in head_weights.items()}
+    return weights, head_weights
 
 
 def _randomized(weights: dict, logit_scale: float) -> dict:

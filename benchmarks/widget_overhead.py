@@ -3,8 +3,8 @@ in shuffled order) headless, on the widgets' runner without widgets, and streami
 TokenStream (and LiveCharts). The widget ratio is against the runner without widgets (same threads:
 it isolates what the widgets cost), and, second, against headless `model.generate` on the main thread.
 
-    python -m mtpnb.widgets.bench                    # the default model (a tiny random one if absent)
-    python -m mtpnb.widgets.bench --max-tokens 256 --repeats 7 --depth 3
+    python benchmarks/widget_overhead.py                    # the default model (a tiny random one if absent)
+    python benchmarks/widget_overhead.py --max-tokens 256 --repeats 7 --depth 3
 
 The widgets talk to a comm that JSON-encodes every message as a kernel would and counts them (there
 is no front end to send to). Decode tok/s is the engine's own figure: the time the widgets spend
@@ -27,11 +27,11 @@ import time
 import comm
 from comm.base_comm import BaseComm
 
-from ..events import StepEvent
-from ..loading import DEFAULT_MODEL_DIR, load
-from ..testing import make_checkpoint
-from .runner import FLUSH_INTERVAL_S, Generation
-from .show import GenerationView
+from mtpnb.events import StepEvent
+from mtpnb.fixtures import make_checkpoint
+from mtpnb.loading import DEFAULT_MODEL_DIR, load
+from mtpnb.widgets.runner import FLUSH_INTERVAL_S, Generation
+from mtpnb.widgets.show import GenerationView
 
 JUPYTER_MSG_RATE = 1000  # Jupyter Server's default iopub limits: messages / s and bytes / s
 JUPYTER_DATA_RATE = 1_000_000
@@ -73,7 +73,7 @@ def widget_work(result, seconds: float, charts: bool) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m mtpnb.widgets.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python benchmarks/widget_overhead.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="a model folder or hub repo (default: the embedded default model, "
                                         "or a tiny random checkpoint when there is none); 'tiny' for that one")
     parser.add_argument("--prompt", default="def fibonacci(n):\n")
@@ -94,16 +94,16 @@ def main(argv: list[str] | None = None) -> dict:
     def headless():
         return model.generate(args.prompt, **params)
 
-    def on_the_decode_thread(sinks):  # the widgets' runner: decode thread, ticker, these sinks
+    def on_the_runtime_thread(sinks):  # the widgets' runner: the MLX runtime's thread, ticker, these sinks
         def run():
             return Generation(model, args.prompt, params, sinks()).start().wait()
         return run
 
     modes = {
         "headless": headless,
-        "runner, no widget": on_the_decode_thread(list),  # the like-for-like baseline
-        "widget": on_the_decode_thread(lambda: GenerationView().sinks),
-        "widget + charts": on_the_decode_thread(lambda: GenerationView(charts=True).sinks),
+        "runner, no widget": on_the_runtime_thread(list),  # the like-for-like baseline
+        "widget": on_the_runtime_thread(lambda: GenerationView().sinks),
+        "widget + charts": on_the_runtime_thread(lambda: GenerationView(charts=True).sinks),
     }
     for run in modes.values():  # warm-up: first-call costs out of the timings
         run()
