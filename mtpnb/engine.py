@@ -71,8 +71,10 @@ class Engine:
                                 eos=set(model.tokenizer.eos_token_ids or ()), memory=memory_mb)
         yield from text.run(loop.steps())
 
-    def encode(self, prompt, *, chat: bool = False, reasoning: bool | None = None) -> list[int]:
-        """Prompt (text, token ids, or chat messages) -> token ids."""
+    def encode(self, prompt, *, chat: bool = False, reasoning: bool | None = None,
+               tools: list | None = None) -> list[int]:
+        """Prompt (text, token ids, or chat messages) -> token ids. `tools` (OpenAI's function tools)
+        are rendered by the chat template, for templates that render them."""
         tokenizer = self.model.tokenizer
         if isinstance(prompt, str) and chat:
             prompt = [{"role": "user", "content": prompt}]
@@ -84,6 +86,8 @@ class Engine:
             if not all(isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in prompt):
                 raise MTPNBError("chat messages must be dicts with string 'role' and 'content'")
             extra = {} if reasoning is None else {"enable_thinking": reasoning}
+            if tools:
+                extra["tools"] = tools
             ids = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True, **extra)
             if isinstance(ids, dict):  # transformers 5 may return a BatchEncoding
                 ids = ids["input_ids"]

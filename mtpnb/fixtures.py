@@ -207,3 +207,249 @@ def _to_hf_layout(weights: dict, family: str) -> dict:
             v = v - 1.0
         out[k] = v
     return out
+
+
+# -- checkpoints written by transformers' own classes (needs torch + transformers) ---------------
+
+HF_FAMILIES = ("qwen3_5_moe", "qwen3_next", "deepseek_v3", "glm4_moe", "mimo")
+# transformers has no MiMo class (MiMo ships remote code): its trunk is Qwen2's, written by Qwen2ForCausalLM
+# under MiMo's model_type.
+CONFIG_AS = {"mimo": {"model_type": "mimo", "architectures": ["MiMoForCausalLM"], "num_nextn_predict_layers": 1}}
+
+
+def hf_tiny_config(family: str, *, vocab_size: int = 259, tie: bool = False):
+    """A tiny transformers config of `family` with its MTP layer(s) declared, float32."""
+    import transformers
+
+    common = dict(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6, tie_word_embeddings=tie,
+                  max_position_embeddings=4096, eos_token_id=0, pad_token_id=0, bos_token_id=None,
+                  initializer_range=0.02)
+    moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+    hybrid = dict(  # Qwen3.5 MoE and Qwen3-Next: Gated DeltaNet / gated attention, a shared expert
+        shared_expert_intermediate_size=48, layer_types=["linear_attention", "full_attention"] * 2,
+        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=32, linear_value_head_dim=16,
+        linear_conv_kernel_dim=4,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
+    )
+    if family == "qwen3_5_moe":
+        config = transformers.Qwen3_5MoeTextConfig(
+            **common, **moe, **hybrid, mtp_num_hidden_layers=1, mtp_use_dedicated_embeddings=False)
+        config.architectures = ["Qwen3_5MoeForCausalLM"]
+    elif family == "qwen3_next":
+        config = transformers.Qwen3NextConfig(**common, **moe, **hybrid, norm_topk_prob=True)
+        config.num_nextn_predict_layers = 1  # Qwen3-Next's name for the count of MTP layers
+        config.architectures = ["Qwen3NextForCausalLM"]
+    elif family == "deepseek_v3":
+        common.update(num_hidden_layers=3, num_key_value_heads=4)
+        del common["head_dim"]
+        config = transformers.DeepseekV3Config(
+            **common, **moe, intermediate_size=96, n_shared_experts=1, n_routed_experts=4, n_group=2, topk_group=1,
+            routed_scaling_factor=2.5, first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=32,
+            qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, num_nextn_predict_layers=1,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        )
+        config.architectures = ["DeepseekV3ForCausalLM"]
+    elif family == "glm4_moe":
+        common.update(num_hidden_layers=3)
+        config = transformers.Glm4MoeConfig(
+            **common, **moe, intermediate_size=96, n_shared_experts=1, n_routed_experts=4, n_group=1, topk_group=1,
+            routed_scaling_factor=1.0, first_k_dense_replace=1, use_qk_norm=True, attention_bias=True,
+            num_nextn_predict_layers=1,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+        )
+        config.architectures = ["Glm4MoeForCausalLM"]
+    elif family == "mimo":
+        common.update(num_hidden_layers=3, intermediate_size=96)
+        config = transformers.Qwen2Config(**common, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    else:
+        raise ValueError(f"unknown family {family!r}; transformers-written checkpoints exist for {HF_FAMILIES}")
+    config._attn_implementation = "sdpa"
+    return config
+
+
+def hf_classes(family: str):
+    """transformers' (causal LM class, decoder layer class, index of the MTP layer's kind of layer) of a
+    family: a full-attention layer for the Qwen families, the layer after the trunk for DeepSeek/GLM."""
+    if family == "qwen3_5_moe":
+        from transformers import Qwen3_5MoeForCausalLM
+        from transformers.models.qwen3_5_moe.modeling_qwen3_5_moe import Qwen3_5MoeDecoderLayer
+
+        return Qwen3_5MoeForCausalLM, Qwen3_5MoeDecoderLayer, 1
+    if family == "qwen3_next":
+        from transformers import Qwen3NextForCausalLM
+        from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextDecoderLayer
+
+        return Qwen3NextForCausalLM, Qwen3NextDecoderLayer, 1
+    if family == "deepseek_v3":
+        from transformers import DeepseekV3ForCausalLM
+        from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3DecoderLayer
+
+        return DeepseekV3ForCausalLM, DeepseekV3DecoderLayer, 3  # the MTP layer follows the 3 trunk layers
+    if family == "glm4_moe":
+        from transformers import Glm4MoeForCausalLM
+        from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeDecoderLayer
+
+        return Glm4MoeForCausalLM, Glm4MoeDecoderLayer, 3
+    if family == "mimo":
+        from transformers import Qwen2ForCausalLM
+        from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
+
+        return Qwen2ForCausalLM, Qwen2DecoderLayer, 0  # mtp_layers.0
+    raise ValueError(f"unknown family {family!r}")
+
+
+def make_hf_checkpoint(path, *, family: str = "qwen3_5_moe", experts: str = "per_expert", head: str = "random",
+                       seed: int = 0, vocab_size: int = 259, tie: bool | None = None,
+                       logit_scale: float = 1.0) -> Path:
+    """Write a random float32 checkpoint with transformers' own classes (`save_pretrained`), plus the MTP
+    layer's tensors in the family's published layout, and mtpnb's byte tokenizer.
+
+    family: one of HF_FAMILIES.
+    experts: "per_expert" (what transformers' save_pretrained writes: `experts.{e}.gate_proj.weight`...)
+        or "fused" (trunk and head experts as the published BF16 checkpoints hold them:
+        `experts.gate_up_proj` [E, 2I, H], `experts.down_proj` [E, H, I]).
+    head: "random", or "echo" (the MTP layer passes the hidden state through, so the head re-predicts
+        the trunk's last token: drafts are right exactly while the output repeats itself).
+    tie: tied embeddings (by default only with the echo head: a random trunk with tied embeddings
+        tends to repeat tokens; with logit_scale ~0.1 not always, so every acceptance count occurs).
+    logit_scale: multiplies the embeddings.
+    Norm weights are spread around their neutral value so a wrong convention shows.
+    """
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    if head not in ("random", "echo"):
+        raise ValueError(f"unknown head {head!r}")
+    tie = head == "echo" if tie is None else tie
+    nextn = family in ("deepseek_v3", "glm4_moe", "mimo")  # mlx-lm's classes always have an lm_head: tie by copy
+    config = hf_tiny_config(family, vocab_size=vocab_size, tie=tie and not nextn)
+    causal_lm, decoder_layer, attention_layer = hf_classes(family)
+    model = causal_lm(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.add_(0.2 * torch.randn_like(p))
+        model.get_input_embeddings().weight.mul_(logit_scale)
+        if tie and nextn:
+            model.lm_head.weight.copy_(model.get_input_embeddings().weight)
+    model.save_pretrained(path)
+
+    layer = decoder_layer(config, layer_idx=attention_layer)
+    layer_weights = {k: torch.randn_like(v) * (0.2 if k.endswith("norm.weight") else 0.1)
+                     for k, v in layer.state_dict().items()}
+    if family == "mimo":
+        mtp = _mimo_head(config, layer_weights, head, prefix="model.mtp_layers.0.")
+    elif nextn:
+        mtp = _nextn_head(config, layer_weights, model, head, prefix=f"model.layers.{attention_layer}.")
+    else:
+        mtp = _qwen_head(config, layer_weights, head, prefix="mtp.")
+    weights = load_file(path / "model.safetensors")
+    weights.update({k: v.contiguous() for k, v in mtp.items()})
+    weights = fuse_experts(weights) if experts == "fused" else split_experts(weights)
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    if family in CONFIG_AS:
+        written = json.loads((path / "config.json").read_text())
+        (path / "config.json").write_text(json.dumps({**written, **CONFIG_AS[family]}, indent=2))
+    write_byte_tokenizer(path)
+    return path
+
+
+def _qwen_head(config, layer_weights: dict, head: str, prefix: str) -> dict:
+    """`mtp.*`: fc, the three norms stored as w for x_hat * (1 + w), and the decoder layer."""
+    import torch
+
+    hidden = config.hidden_size
+    mtp = {f"layers.0.{k}": v for k, v in layer_weights.items()}
+    mtp.update({"fc.weight": torch.randn(hidden, 2 * hidden) * 0.1, "norm.weight": torch.randn(hidden) * 0.2,
+                "pre_fc_norm_embedding.weight": torch.randn(hidden) * 0.2,
+                "pre_fc_norm_hidden.weight": torch.randn(hidden) * 0.2})
+    if head == "echo":  # fc passes the hidden state through, the layer adds nothing, norms scale by 1
+        mtp["fc.weight"] = torch.cat([torch.zeros(hidden, hidden), torch.eye(hidden)], dim=1)
+        for k in mtp:
+            if k.endswith(("o_proj.weight", "experts.down_proj", "shared_expert.down_proj.weight", "norm.weight")):
+                mtp[k] = torch.zeros_like(mtp[k])
+    return {prefix + k: v for k, v in mtp.items()}
+
+
+def _nextn_head(config, layer_weights: dict, model, head: str, prefix: str) -> dict:
+    """`model.layers.{N}.*`: enorm, hnorm, eh_proj, shared_head.{norm, head}, embed_tokens (copies of
+    the trunk's, as published) and the decoder layer; plain norms (x_hat * w)."""
+    import torch
+
+    hidden = config.hidden_size
+    mtp = {k: (1.0 + v if k.endswith("norm.weight") else v) for k, v in layer_weights.items()}
+    mtp.update({"eh_proj.weight": torch.randn(hidden, 2 * hidden) * 0.1,
+                "enorm.weight": 1.0 + torch.randn(hidden) * 0.2, "hnorm.weight": 1.0 + torch.randn(hidden) * 0.2,
+                "shared_head.norm.weight": 1.0 + torch.randn(hidden) * 0.2,
+                "shared_head.head.weight": model.lm_head.weight.detach().clone(),
+                "embed_tokens.weight": model.get_input_embeddings().weight.detach().clone()})
+    if head == "echo":
+        mtp["eh_proj.weight"] = torch.cat([torch.zeros(hidden, hidden), torch.eye(hidden)], dim=1)
+        for k in mtp:
+            if k.endswith(("o_proj.weight", "experts.down_proj", "shared_experts.down_proj.weight")):
+                mtp[k] = torch.zeros_like(mtp[k])
+            elif k.endswith("norm.weight"):
+                mtp[k] = torch.ones_like(mtp[k])
+    return {prefix + k: v for k, v in mtp.items()}
+
+
+def _mimo_head(config, layer_weights: dict, head: str, prefix: str) -> dict:
+    """`model.mtp_layers.0.*`: token_layernorm, hidden_layernorm, input_proj (over cat[hidden, embedding]),
+    final_layernorm and the decoder layer's own names; plain norms (x_hat * w)."""
+    import torch
+
+    hidden = config.hidden_size
+    mtp = {k: (1.0 + v if k.endswith("norm.weight") else v) for k, v in layer_weights.items()}
+    mtp.update({"input_proj.weight": torch.randn(hidden, 2 * hidden) * 0.1,
+                **{f"{n}.weight": 1.0 + torch.randn(hidden) * 0.2
+                   for n in ("token_layernorm", "hidden_layernorm", "final_layernorm")}})
+    if head == "echo":
+        mtp["input_proj.weight"] = torch.cat([torch.eye(hidden), torch.zeros(hidden, hidden)], dim=1)
+        for k in mtp:
+            if k.endswith(("o_proj.weight", "mlp.down_proj.weight")):
+                mtp[k] = torch.zeros_like(mtp[k])
+            elif k.endswith("norm.weight"):
+                mtp[k] = torch.ones_like(mtp[k])
+    return {prefix + k: v for k, v in mtp.items()}
+
+
+def split_experts(weights: dict) -> dict:
+    """Fused 3-D experts (torch) -> one tensor per expert and projection, as save_pretrained writes them."""
+    out = {}
+    for k, v in weights.items():
+        if k.endswith(".experts.gate_up_proj"):
+            mlp, mid = k.removesuffix(".gate_up_proj"), v.shape[1] // 2
+            for e in range(v.shape[0]):
+                out[f"{mlp}.{e}.gate_proj.weight"] = v[e, :mid].contiguous()
+                out[f"{mlp}.{e}.up_proj.weight"] = v[e, mid:].contiguous()
+        elif k.endswith(".experts.down_proj"):
+            for e in range(v.shape[0]):
+                out[f"{k.removesuffix('.down_proj')}.{e}.down_proj.weight"] = v[e].contiguous()
+        else:
+            out[k] = v
+    return out
+
+
+def fuse_experts(weights: dict) -> dict:
+    """Per-expert tensors (torch) -> fused 3-D `experts.gate_up_proj` / `experts.down_proj` (no `.weight`)."""
+    import re
+
+    import torch
+
+    weights = split_experts(weights)
+    per_expert = re.compile(r"^(.+\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+    groups, out = {}, {}
+    for k, v in weights.items():
+        if m := per_expert.match(k):
+            groups.setdefault(m[1], {}).setdefault(m[3], {})[int(m[2])] = v
+        else:
+            out[k] = v
+    for experts, projs in groups.items():
+        stack = {n: torch.stack([e[i] for i in range(len(e))]) for n, e in projs.items()}
+        out[f"{experts}.gate_up_proj"] = torch.cat([stack["gate_proj"], stack["up_proj"]], dim=1).contiguous()
+        out[f"{experts}.down_proj"] = stack["down_proj"].contiguous()
+    return out

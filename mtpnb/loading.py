@@ -30,16 +30,9 @@ from mlx_lm.utils import load_tokenizer, make_shards, quantize_model, save_confi
 
 from . import rollback
 from .errors import MTPNBError
-from .head import MTP_NORM_SUFFIXES, MTPHead, head_args
+from .families import FAMILIES, NOT_YET, family_of, mlx_module
 from .model import Model
 
-# model_type -> mlx-lm module with the trunk classes
-FAMILIES = {
-    "qwen3_5": "qwen3_5",
-    "qwen3_5_text": "qwen3_5",
-    "qwen3": "qwen3",
-    "llama": "llama",
-}
 MTP_SIDECARS = ("mtp.safetensors", "model-mtp.safetensors")
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "tokenizer.model", "*.tiktoken"]
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
@@ -72,7 +65,7 @@ def load(
     notes: list[str] = []
 
     trunk, config = _load_trunk(path, config)
-    head_weights, hf_layout = _scan_weights(path)
+    head_weights, hf_layout = _scan_weights(path, config)
     head = _build_head(head_weights, config, text_config, hf_layout, path) if head_weights else None
     if head is None:
         notes.append(f"no MTP weights in {name}: decoding autoregressively (depth 0)")
@@ -89,7 +82,8 @@ def load(
         with contextlib.redirect_stdout(io.StringIO()):  # mlx-lm prints its bits-per-weight
             trunk, config = quantize_model(trunk, config, group_size=group_size, bits=quantize)
         if head is not None:
-            nn.quantize(head, group_size=group_size, bits=quantize, class_predicate=_quantizable(group_size))
+            nn.quantize(head, group_size=group_size, bits=quantize,
+                        class_predicate=_head_quantization(trunk, config, group_size))
         notes.append(f"quantized at load to {quantize}-bit, group {group_size}")
     mx.eval(trunk.parameters(), head.parameters() if head is not None else [])
     rollback.install(trunk)
@@ -156,19 +150,22 @@ def read_config(path: Path) -> dict:
         raise MTPNBError(f"{path / 'config.json'} is not valid JSON ({e.msg}, line {e.lineno})") from None
     model_type = config.get("model_type")
     text_config = config.get("text_config", config)
-    if FAMILIES.get(model_type) is None and FAMILIES.get(text_config.get("model_type")) is None:
+    if family_of(config)[0] is None:
+        if (name := NOT_YET.get(model_type) or NOT_YET.get(text_config.get("model_type"))) is not None:
+            raise MTPNBError(f"{name} ({model_type}) is not supported yet; mtpnb runs {', '.join(sorted(FAMILIES))}")
         raise MTPNBError(
             f"model_type {model_type!r} is not supported; mtpnb runs {', '.join(sorted(FAMILIES))}"
         )
-    _check_layer_types(text_config)
+    family_of(config)[0].normalize_config(text_config)
+    _check_layer_types(config, text_config)
     return config
 
 
-def _check_layer_types(text_config: dict) -> None:
-    """mlx-lm's qwen3_5 reads `full_attention_interval` and ignores `layer_types`: derive the one
-    from the other, and refuse patterns it cannot express."""
+def _check_layer_types(config: dict, text_config: dict) -> None:
+    """mlx-lm's qwen3_5 and qwen3_next read `full_attention_interval` and ignore `layer_types`: derive
+    the one from the other, and refuse patterns they cannot express."""
     types = text_config.get("layer_types")
-    if not types or not text_config.get("model_type", "").startswith("qwen3_5"):
+    if not types or not family_of(config)[0].is_hybrid(text_config):
         return
     if "full_attention" not in types:
         raise MTPNBError("layer_types has no full_attention layer; mtpnb needs the Qwen3.5 hybrid pattern")
@@ -186,12 +183,14 @@ def _model_classes(config: dict):
     """mlx-lm's classes for the family, with a sanitize that leaves `mtp.*` to us."""
     import importlib
 
-    model_type = config.get("model_type")
-    module = importlib.import_module(f"mlx_lm.models.{FAMILIES.get(model_type) or FAMILIES[config['text_config']['model_type']]}")
+    module = importlib.import_module(f"mlx_lm.models.{mlx_module(config)}")
+    family = family_of(config)[0]
+    text_config = config.get("text_config", config)
 
     class Trunk(module.Model):
         def sanitize(self, weights):
-            weights = {k: v for k, v in weights.items() if not k.startswith("mtp.")}
+            weights = {k: v for k, v in weights.items() if not family.is_head_weight(k, text_config)}
+            weights = family.sanitize_trunk(weights)
             return super().sanitize(weights) if hasattr(super(), "sanitize") else weights
 
     Trunk.__name__ = Trunk.__qualname__ = module.Model.__name__
@@ -211,11 +210,12 @@ def _load_trunk(path: Path, config: dict):
         raise MTPNBError(f"cannot read the weights in {path}: {_one_line(e)}") from None
 
 
-def _scan_weights(path: Path) -> tuple[dict[str, mx.array], bool]:
-    """Every `mtp.*` tensor in the main weight files and the known sidecar files, and whether the
-    files are in Hugging Face layout (unsanitized conv1d [C, 1, K], mlx-lm's own test).
-    mx.load is lazy: only the head's tensors are read."""
+def _scan_weights(path: Path, config: dict) -> tuple[dict[str, mx.array], bool]:
+    """Every tensor of the MTP head (its family says which) in the main weight files and the known
+    sidecar files, and whether the files are in Hugging Face layout (unsanitized conv1d [C, 1, K],
+    mlx-lm's own test). mx.load is lazy: only the head's tensors are read."""
     files = sorted(set(glob.glob(str(path / "model*.safetensors"))) | {str(path / s) for s in MTP_SIDECARS})
+    family, text_config = family_of(config)[0], config.get("text_config", config)
     weights, hf_layout = {}, False
     for f in files:
         if not os.path.exists(f):
@@ -224,29 +224,27 @@ def _scan_weights(path: Path) -> tuple[dict[str, mx.array], bool]:
             tensors = mx.load(f)
         except (RuntimeError, OSError) as e:
             raise MTPNBError(f"cannot read {f}: {_one_line(e)}") from None
-        weights.update({k: v for k, v in tensors.items() if k.startswith("mtp.")})
+        weights.update({k: v for k, v in tensors.items() if family.is_head_weight(k, text_config)})
         hf_layout |= any("conv1d.weight" in k and v.shape[-1] != 1 for k, v in tensors.items())
     return weights, hf_layout
 
 
-def _build_head(weights: dict, config: dict, text_config: dict, hf_layout: bool, path: Path) -> MTPHead:
+def _build_head(weights: dict, config: dict, text_config: dict, hf_layout: bool, path: Path) -> nn.Module:
     if text_config.get("mtp_use_dedicated_embeddings"):
         raise MTPNBError("MTP heads with dedicated embeddings are not supported yet")
-    if any(".experts." in k or "shared_expert" in k for k in weights):
-        raise MTPNBError("mixture-of-experts MTP heads are not supported yet")
-    head = MTPHead(head_args(text_config))
+    family = family_of(config)[0]
+    head = family.build_head(text_config)
+    weights = family.head_weights(weights, text_config, _head_norms_need_shift(config, text_config, hf_layout))
     quant = config.get("quantization")
     if quant and any(k.endswith(".scales") for k in weights):
-        nn.quantize(
+        nn.quantize(  # per-layer settings (a MoE router kept at 8 bits) as mtpnb.save recorded them
             head,
             group_size=quant["group_size"],
             bits=quant["bits"],
-            class_predicate=lambda p, m: f"mtp.{p}.scales" in weights,
+            class_predicate=lambda p, m: f"{p}.scales" in weights and quant.get(f"mtp.{p}", True),
         )
-    if _head_norms_need_shift(config, text_config, hf_layout):
-        weights = {k: v + 1.0 if k.endswith(MTP_NORM_SUFFIXES) and v.ndim == 1 else v for k, v in weights.items()}
     try:
-        head.load_weights([(k[len("mtp.") :], v) for k, v in weights.items()], strict=True)
+        head.load_weights(list(weights.items()), strict=True)
     except ValueError as e:
         raise MTPNBError(f"the mtp.* weights in {path} do not match the config: {_one_line(e)}") from None
     head.eval()
@@ -259,8 +257,8 @@ def _head_norms_need_shift(config: dict, text_config: dict, hf_layout: bool) -> 
         return False
     if "quantization" in config:  # quantized means converted to MLX layout, norms with it
         return False
-    if text_config.get("model_type", "").startswith("qwen3_5"):
-        return hf_layout  # an MLX conversion of a Qwen3.5 checkpoint shifts the head with the trunk
+    if family_of(config)[0].is_hybrid(text_config):
+        return hf_layout  # an MLX conversion of a hybrid checkpoint shifts the head with the trunk
     return True
 
 
@@ -286,9 +284,18 @@ def _cast(module: nn.Module, dtype) -> None:
     )
 
 
-def _quantizable(group_size: int):
-    def predicate(_, module):
-        return hasattr(module, "to_quantized") and module.weight.shape[-1] % group_size == 0
+def _head_quantization(trunk: nn.Module, config: dict, group_size: int):
+    """Quantize the head as mlx-lm quantized the trunk (its per-layer rule: a MoE router stays at
+    8 bits), recording per-layer settings in config["quantization"] under `mtp.<path>`."""
+    rule = getattr(trunk, "quant_predicate", None)
+
+    def predicate(path, module):
+        if not (hasattr(module, "to_quantized") and module.weight.shape[-1] % group_size == 0):
+            return False
+        params = rule(f"mtp.{path}", module) if rule is not None else True
+        if isinstance(params, dict):
+            config["quantization"][f"mtp.{path}"] = params
+        return params
 
     return predicate
 

@@ -11,7 +11,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
-from .head import MTPHead
+from .head import MiMoHead, MTPHead, NextNHead
 from .rollback import RollbackArraysCache
 
 
@@ -24,7 +24,7 @@ class Model:
     generation on a model that is already generating for them."""
 
     trunk: nn.Module  # the mlx-lm model (its `mtp.*` weights stripped)
-    head: MTPHead | None
+    head: MTPHead | NextNHead | MiMoHead | None
     tokenizer: Any  # mlx_lm TokenizerWrapper
     config: dict
     path: Path
@@ -73,6 +73,7 @@ class Model:
 
     def draft_logits(self, g: mx.array) -> mx.array:
         """The head's logits over the draft vocabulary (the whole one when none is set)."""
+        g = self.head.pre_logits(g)
         return self.lm_head(g) if self._draft_weight is None else g @ self._draft_weight.T
 
     def forward(self, ids: mx.array, cache=None) -> tuple[mx.array, mx.array]:
@@ -82,11 +83,12 @@ class Model:
 
     def mtp_forward(self, hidden: mx.array, next_ids: mx.array, cache=None) -> tuple[mx.array, mx.array]:
         """One head step: hidden [B, T, H] at positions t, next_ids [B, T] = tokens at t+1
-        -> (g [B, T, H], logits [B, T, V]) predicting the tokens at t+2."""
+        -> (g [B, T, H], logits [B, T, V]) predicting the tokens at t+2. g is what the next step
+        takes (the head's `pre_logits` brings it to what lm_head reads)."""
         if self.head is None:
             raise RuntimeError(f"{self.name} has no MTP head")
         g = self.head(hidden, self.embed(next_ids), cache=cache)
-        return g, self.lm_head(g)
+        return g, self.lm_head(self.head.pre_logits(g))
 
     def make_cache(self, rollback: bool = True) -> list:
         """Trunk caches: KV caches for attention and, for Gated DeltaNet, taped caches that can roll

@@ -22,6 +22,7 @@ import mlx.nn as nn
 from mlx_lm.models.cache import ArraysCache
 from mlx_lm.models.gated_delta import _gated_delta_step_ops, compute_g, gated_delta_update, normalize_qk
 from mlx_lm.models.qwen3_5 import GatedDeltaNet
+from mlx_lm.models.qwen3_next import Qwen3NextGatedDeltaNet
 
 
 STEPWISE_MAX_TOKENS = 16  # calls up to this long (verifies) keep every step's state where it is free
@@ -59,19 +60,17 @@ class RollbackArraysCache(ArraysCache):
             )[1]
 
 
-class RecordingGatedDeltaNet(GatedDeltaNet):
-    """mlx-lm's Qwen3.5 GatedDeltaNet that leaves a tape in a RollbackArraysCache.
+class _Recording:
+    """The shared __call__ of mlx-lm's Gated DeltaNets, leaving a tape in a RollbackArraysCache.
 
-    Same computation as the parent's __call__ (single sequence, no padding, no sharding)."""
+    Same computation as the parents' __call__ (single sequence, no padding, no sharding); the
+    subclasses differ only in how the input projections are laid out (`_projections`)."""
 
     def __call__(self, inputs: mx.array, mask=None, cache=None) -> mx.array:
         if not isinstance(cache, RollbackArraysCache):
             return super().__call__(inputs, mask, cache)
         B, S, _ = inputs.shape
-        qkv = self.in_proj_qkv(inputs)
-        z = self.in_proj_z(inputs).reshape(B, S, self.num_v_heads, self.head_v_dim)
-        b = self.in_proj_b(inputs)
-        a = self.in_proj_a(inputs)
+        qkv, z, b, a = self._projections(inputs)
 
         conv_state = cache[0]
         if conv_state is None:
@@ -104,6 +103,24 @@ class RecordingGatedDeltaNet(GatedDeltaNet):
         return self.out_proj(out.reshape(B, S, -1))
 
 
+class RecordingGatedDeltaNet(_Recording, GatedDeltaNet):
+    """Qwen3.5's Gated DeltaNet (separate q/k/v, z, b and a projections)."""
+
+    def _projections(self, inputs):
+        B, S, _ = inputs.shape
+        z = self.in_proj_z(inputs).reshape(B, S, self.num_v_heads, self.head_v_dim)
+        return self.in_proj_qkv(inputs), z, self.in_proj_b(inputs), self.in_proj_a(inputs)
+
+
+class RecordingQwen3NextGatedDeltaNet(_Recording, Qwen3NextGatedDeltaNet):
+    """Qwen3-Next's Gated DeltaNet (q/k/v/z and b/a fused per key head)."""
+
+    def _projections(self, inputs):
+        B, S, _ = inputs.shape
+        q, k, v, z, b, a = self.fix_query_key_value_ordering(self.in_proj_qkvz(inputs), self.in_proj_ba(inputs))
+        return mx.concatenate([q.reshape(B, S, -1), k.reshape(B, S, -1), v.reshape(B, S, -1)], axis=-1), z, b, a
+
+
 def _gated_delta_states(q, k, v, a, b, A_log, dt_bias, state):
     """mlx-lm's gated_delta_update on its ops path (the same ops in the same order, so the same
     numbers), keeping the state after every step: -> (y [B, T, Hv, Dv], [state after step t])."""
@@ -119,12 +136,15 @@ def _gated_delta_states(q, k, v, a, b, A_log, dt_bias, state):
     return mx.stack(ys, axis=1), states
 
 
+RECORDING = {GatedDeltaNet: RecordingGatedDeltaNet, Qwen3NextGatedDeltaNet: RecordingQwen3NextGatedDeltaNet}
+
+
 def install(model: nn.Module) -> bool:
-    """Make every Qwen3.5 Gated DeltaNet of `model` record tapes; True if the model has any."""
+    """Make every Gated DeltaNet (Qwen3.5, Qwen3-Next) of `model` record tapes; True if the model has any."""
     found = False
     for _, module in model.named_modules():
-        if type(module) is GatedDeltaNet:
-            module.__class__ = RecordingGatedDeltaNet
+        if type(module) in RECORDING:
+            module.__class__ = RECORDING[type(module)]
             found = True
     return found
 

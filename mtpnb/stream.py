@@ -180,9 +180,6 @@ class GenerationStream:
         return self.tokenizer.decode([token])
 
     def _result(self) -> Result:
-        return Result(list(self.tokens), self.text, self.events, self.steps, self._metrics())
-
-    def _result(self) -> Result:
         active_mb, peak_mb = self.memory()
         metrics = compute_metrics(self.events, self.steps, depth=self.depth, prompt_tokens=self.prompt_tokens,
                                   ttft_s=getattr(self, "ttft", self.end - self.start), total_s=self.end - self.start,

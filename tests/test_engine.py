@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import mtpnb
+from conftest import assert_rollback_matches_fresh_prefill
 from mtpnb import MTPNBError
-from mtpnb.rollback import rollback_cache
 from mtpnb.sampling import Sampling
 
 PROMPTS = ([5, 7, 9], [100, 3, 44, 3], [250, 251], [17])
@@ -71,31 +71,7 @@ def test_rollback_gives_the_logits_of_a_fresh_prefill(checkpoints, monkeypatch, 
     from mtpnb import rollback
 
     monkeypatch.setattr(rollback, "_stepwise", lambda: stepwise)
-    model = mtpnb.load(checkpoints(family=family))  # random head: its cache must roll back too
-    prompt = [11, 42, 7, 99, 3, 150]
-    D = 4
-    verify = [21, 33, 8, 77, 120]  # the last committed token and D drafts
-    follow = 64
-    for keep in range(1, D + 2):
-        cache, head_cache = model.make_cache(), model.make_head_cache()
-        hidden, _ = model.forward(mx.array([prompt])[None, 0], cache=cache)
-        model.mtp_forward(hidden, mx.array([prompt[1:] + [verify[0]]]), cache=head_cache)
-        # D - 1 speculative head steps, as drafting does, then the verify
-        g = hidden[:, -1:]
-        for d in verify[1:D]:
-            g, _ = model.mtp_forward(g[:, -1:], mx.array([[d]]), cache=head_cache)
-        hidden_v, _ = model.forward(mx.array([verify]), cache=cache)
-        rollback_cache(cache, keep=keep, discard=len(verify) - keep)
-        head_cache.trim(D - 1)
-        _, logits = model.forward(mx.array([[follow]]), cache=cache)
-        committed = prompt + verify[:keep]
-        fresh_hidden, fresh_logits = model.forward(mx.array([committed + [follow]]))
-        np.testing.assert_allclose(np.array(logits[0, -1]), np.array(fresh_logits[0, -1]), atol=1e-5)
-        # head: the kept positions enter its cache, then one more step must match a fresh head pass
-        _, head_logits = model.mtp_forward(hidden_v[:, :keep], mx.array([verify[1:keep] + [follow]]), cache=head_cache)
-        full = committed + [follow]
-        _, fresh_head = model.mtp_forward(fresh_hidden[:, :-1], mx.array([full[1:]]))
-        np.testing.assert_allclose(np.array(head_logits[0, -1]), np.array(fresh_head[0, -1]), atol=1e-5)
+    assert_rollback_matches_fresh_prefill(mtpnb.load(checkpoints(family=family)))  # random head: its cache rolls back too
 
 
 def test_events_add_up_to_the_result(hybrid_model):

@@ -138,6 +138,7 @@ def _truncate(path):
     (lambda p: (p / "config.json").unlink(), "no config.json"),
     (lambda p: (p / "config.json").write_text("{not json"), "not valid JSON"),
     (_config_edit(model_type="gpt_neox"), "not supported"),
+    (_config_edit(model_type="mimo_v2_flash"), "MiMo-V2-Flash .* not supported yet; mtpnb runs .*mimo"),
     (_config_edit(hidden_size=96), "do not match"),
     (_config_edit(layer_types=["full_attention"] * 4), "pattern"),
     (lambda p: (p / "model.safetensors").unlink(), "no model"),

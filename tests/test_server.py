@@ -46,14 +46,13 @@ def _serve_cmd(*args):
     return [sys.executable, "-m", "mtpnb.server", *map(str, args)]
 
 
-class LiveServer:
-    def __init__(self, proc, url, log_path):
-        self.proc, self.url, self.log_path = proc, url, log_path
-        self.host, self.port = url.split("//")[1].split(":")
-        self.port = int(self.port)
+class InProcess:
+    """The address of an in-process Server, for request()."""
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+    def __init__(self, url):
+        self.url = url
+        self.host, port = url.split("//")[1].split(":")
+        self.port = int(port)
 
 
 @pytest.fixture(scope="module")
@@ -68,40 +67,15 @@ def local(checkpoint):
 
 @pytest.fixture(scope="module")
 def server(checkpoint, tmp_path_factory):
+    from conftest import ServerProcess
+
     tmp = tmp_path_factory.mktemp("serve")
     key_file = tmp / "key"
     key_file.write_text(KEY + "\n")
-    log_path = tmp / "server.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            _serve_cmd(checkpoint, "--port", 0, "--api-key-file", key_file, "--max-tokens-limit", LIMIT,
-                       "--max-body-bytes", BODY_LIMIT, "--max-queue", 32),
-            stdout=subprocess.PIPE, stderr=log, env=_env(), text=True,
-        )
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout] + [lines.put("")], daemon=True).start()
-    url, seen, deadline = None, [], time.monotonic() + 120
-    while url is None and time.monotonic() < deadline:
-        try:
-            line = lines.get(timeout=1.0)
-        except queue.Empty:
-            continue
-        if not line:
-            break
-        seen.append(line)
-        m = re.search(r"listening on (http://\S+)/v1", line)
-        url = m and m.group(1)
-    if url is None:
-        proc.kill()
-        pytest.fail(f"the server did not start: {''.join(seen)} {log_path.read_text()}")
-    live = LiveServer(proc, url, log_path)
+    live = ServerProcess([checkpoint, "--api-key-file", key_file, "--max-tokens-limit", LIMIT,
+                          "--max-body-bytes", BODY_LIMIT, "--max-queue", 32], tmp / "server.log")
     yield live
-    proc.send_signal(signal.SIGINT)
-    try:
-        rc = proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        rc = proc.wait()
+    rc = live.stop()
     assert rc == 0, f"the server exited with {rc}: {live.log()[-2000:]}"
     assert KEY not in live.log()
 
@@ -202,7 +176,7 @@ def test_in_process_refusals_and_a_keyless_loopback_server(checkpoint):
     with pytest.raises(MTPNBError, match="empty"):
         Server(checkpoint, port=0, api_key="  ")
     with Server(checkpoint, port=0) as srv:  # loopback: no key needed
-        live = LiveServer(None, srv.url, None)
+        live = InProcess(srv.url)
         status, body = request(live, "GET", "/v1/models", key=None)
         assert status == 200 and body["data"][0]["id"] == Path(checkpoint).name
         status, body = request(live, "POST", "/v1/completions", {"prompt": "hi", "max_tokens": 3}, key=None)
@@ -580,3 +554,71 @@ def test_connect_errors_and_cancel(server, local):
 def test_the_server_logs_requests_but_never_the_key(server):
     log = server.log()
     assert "POST /v1/completions" in log and KEY not in log
+
+
+# -- Prometheus ---------------------------------------------------------------------------------------------------
+def scrape(server, query="?format=prometheus", accept=None) -> dict:
+    """{(sample name, labels minus model_name): value}, parsed by prometheus_client's own parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    conn = http.client.HTTPConnection(server.host, server.port, timeout=60)
+    conn.request("GET", "/metrics" + query, headers={"Authorization": f"Bearer {KEY}", **({"Accept": accept} if accept else {})})
+    resp = conn.getresponse()
+    text = resp.read().decode()
+    conn.close()
+    assert resp.status == 200, text
+    assert resp.getheader("Content-Type").startswith("text/plain; version=0.0.4")
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = {k: v for k, v in s.labels.items() if k != "model_name"}
+            assert s.labels.get("model_name", MODEL_NAME) == MODEL_NAME or family.name == "mtpnb:http_errors"
+            samples[(s.name, tuple(sorted(labels.items())))] = s.value
+    return samples
+
+
+def test_prometheus_metrics_count_what_the_engine_did(server, local, name, monkeypatch):
+    pytest.importorskip("prometheus_client")
+    monkeypatch.setitem(globals(), "MODEL_NAME", name)
+    before = scrape(server)
+    runs = [("The quick brown fox", dict(max_tokens=40, temperature=1.0, seed=7, depth=3)),
+            ("hello", dict(max_tokens=12, depth=0)), ("abc", dict(max_tokens=20, depth=2))]
+    refs = [local.generate(prompt, **params) for prompt, params in runs]
+    for prompt, params in runs:
+        body = {"prompt": prompt, "max_tokens": params["max_tokens"], "mtp_depth": params["depth"],
+                "temperature": params.get("temperature", 0), "seed": params.get("seed")}
+        assert request(server, "POST", "/v1/completions", body)[0] == 200
+    assert_error(*request(server, "POST", "/v1/completions", {"prompt": "x", "mtp_depth": 99}), 400)
+    after = scrape(server, "", accept="text/plain;version=0.0.4;q=0.9,*/*;q=0.1")  # as a scraper asks
+
+    def delta(sample, **labels):
+        key = (sample, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    steps = [s for r in refs for s in r.steps if s.drafted]
+    assert delta("mtpnb:spec_decode_num_drafts_total") == len(steps) > 0
+    assert delta("mtpnb:spec_decode_num_draft_tokens_total") == sum(r.metrics.drafted_tokens for r in refs)
+    accepted = sum(r.metrics.accepted_drafts for r in refs)
+    assert delta("mtpnb:spec_decode_num_accepted_tokens_total") == accepted
+    per_pos = [delta("mtpnb:spec_decode_num_accepted_tokens_per_pos_total", position=str(p)) for p in range(3)]
+    assert per_pos == [sum(s.accepted > p for s in steps) for p in range(3)] and sum(per_pos) == accepted
+    assert ("mtpnb:spec_decode_num_accepted_tokens_per_pos_total", (("position", "2"),)) in after  # zeros show
+    assert delta("mtpnb:generation_tokens_total") == sum(r.metrics.generated_tokens for r in refs)
+    assert delta("mtpnb:prompt_tokens_total") == sum(r.metrics.prompt_tokens for r in refs)
+    assert delta("mtpnb:time_to_first_token_seconds_count") == 3
+    assert delta("mtpnb:e2e_request_latency_seconds_count") == 3
+    assert delta("mtpnb:request_time_per_output_token_seconds_count") == 3
+    assert delta("mtpnb:request_success_total", finished_reason="length") == 3
+    assert delta("mtpnb:http_errors_total", status="400") == 1
+    assert after[("mtpnb:num_requests_waiting", ())] == 0 and after[("mtpnb:num_requests_running", ())] == 0
+    # the JSON view stays the default (mtpnb.connect reads it); OpenMetrics on request; bad formats refused
+    assert request(server, "GET", "/metrics")[1]["model"] == name
+    assert request(server, "GET", "/metrics", headers={"Accept": "application/json, text/plain"})[1]["model"] == name
+    for how in ({"headers": {"Accept": "application/openmetrics-text; version=1.0.0"}}, {}):
+        conn = http.client.HTTPConnection(server.host, server.port, timeout=60)
+        path = "/metrics" if how else "/metrics?format=openmetrics"
+        conn.request("GET", path, headers={"Authorization": f"Bearer {KEY}", **how.get("headers", {})})
+        resp = conn.getresponse()
+        text = resp.read().decode()
+        assert resp.getheader("Content-Type").startswith("application/openmetrics-text") and text.endswith("# EOF\n")
+    assert_error(*request(server, "GET", "/metrics?format=xml"), 400, contains="unknown metrics format")

@@ -405,3 +405,48 @@ def test_the_issue_reproductions_through_the_server(default_model):
         r = remote.generate(ISSUE_PROMPTS[0], depth=3, max_tokens=6)
         assert ISSUE_PROMPTS[0] + r.text == default_model.tokenizer.decode(
             default_model.tokenizer.encode(ISSUE_PROMPTS[0]) + r.tokens)
+
+
+# -- the front ends, end to end on the default model ------------------------------------------------------------------
+def test_the_front_ends_show_prompt_plus_text(default_model, capsys):
+    """`mtpnb generate` (piped and coloured), `%%mtp` (the token view and --no-stream) and the widgets'
+    token records all show the prompt followed by exactly the decoded text."""
+    import re
+
+    from IPython.core.interactiveshell import InteractiveShell
+
+    from mtpnb import cli
+    from mtpnb.terminal import STYLES
+    from mtpnb.widgets import stream_to_widget
+
+    prompt = ISSUE_PROMPTS[0]
+    tokenizer = default_model.tokenizer
+    ref = check_stream(default_model, prompt, depth=3, max_tokens=6)
+    decoded = tokenizer.decode(tokenizer.encode(prompt) + ref.tokens)
+    assert prompt + ref.text == decoded
+
+    assert cli.main(["generate", "--no-color", "--depth", "3", "--max-tokens", "6", prompt]) == 0
+    assert capsys.readouterr().out == ref.text + "\n"  # piped: the text only, then a newline
+    assert cli.main(["generate", "--color", "--depth", "3", "--max-tokens", "6", prompt]) == 0
+    coloured = capsys.readouterr().out
+    rejected = re.compile(r"\x1b\[%sm[^\n]*?\x1b\[0m" % re.escape(STYLES["rejected"][1]))  # shown, not output
+    assert rejected.search(coloured)
+    shown = re.sub(r"\x1b\[[0-9;]*m", "", rejected.sub("", coloured))
+    assert shown.startswith(decoded + "\n")  # the prompt dimmed, the output tokens coloured
+
+    shell = InteractiveShell.instance()
+    shell.run_line_magic("load_ext", "mtpnb")
+    try:
+        shell.run_line_magic("mtp", "load")
+        capsys.readouterr()
+        r = shell.run_cell_magic("mtp", "--depth 3 --max-tokens 6 -o r", prompt)
+        assert r.text == ref.text and decoded + "\n-- " in capsys.readouterr().out  # the token view's rendering
+        shell.run_cell_magic("mtp", "--no-stream --depth 3 --max-tokens 6", prompt)
+        assert capsys.readouterr().out.startswith(ref.text + "\n")
+    finally:
+        shell.run_line_magic("unload_ext", "mtpnb")
+
+    view, generation = stream_to_widget(default_model, prompt, depth=3, max_tokens=6)
+    assert generation.wait().text == ref.text
+    assert "".join(text for kind, text, *_ in view.stream.tokens if kind != "rejected") == ref.text
+    assert view.stream.prompt + view.stream.text == decoded

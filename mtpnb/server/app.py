@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 
 from ..errors import MTPNBError
 from ..events import Done, StepEvent, TokenEvent
+from . import anthropic, prometheus
 from .protocol import SERVER_DEFAULTS, APIError, Encoder, dumps, parse_body, parse_request
 from .worker import Job, Stats, Worker
 
@@ -129,12 +130,13 @@ class Handler(BaseHTTPRequestHandler):
         try:
             if path == "/health":
                 return self._only(method, "GET") or self._json(200, {"status": "ok"})
-            routes = {"/models": "GET", "/metrics": "GET", "/chat/completions": "POST", "/completions": "POST"}
+            routes = {"/models": "GET", "/metrics": "GET", "/chat/completions": "POST", "/completions": "POST",
+                      "/messages": "POST"}
             name = path.startswith("/models/") and path[len("/models/"):]
             if path not in routes and not name:
                 raise APIError(404, f"no such endpoint: {method} {urlsplit(self.path).path}", code="not_found")
             self._only(method, routes.get(path, "GET"))
-            app.check_auth(self.headers.get("Authorization"))
+            app.check_auth(self.headers.get("Authorization"), self.headers.get("x-api-key"))
             if name:
                 if name != app.model_name:
                     raise APIError(404, f"model {name!r} not found; this server serves {app.model_name!r}",
@@ -143,20 +145,27 @@ class Handler(BaseHTTPRequestHandler):
             if path == "/models":
                 return self._json(200, {"object": "list", "data": [app.model_card()]})
             if path == "/metrics":
-                return self._json(200, app.metrics())
-            return self._generate("chat" if path == "/chat/completions" else "completion")
+                return self._metrics()
+            endpoints = {"/chat/completions": "chat", "/completions": "completion", "/messages": "messages"}
+            return self._generate(endpoints[path])
         except APIError as e:
             app.stats.count(f"http_{e.status}")
-            self._json(e.status, e.body(), close=not self._body_read and self.command == "POST")
+            self._json(e.status, self._error_body(path, e), close=not self._body_read and self.command == "POST")
         except (BrokenPipeError, ConnectionError, TimeoutError):
             self.close_connection = True
         except Exception as e:  # noqa: BLE001 - a bug: answer 500, keep serving
             log.exception("internal error on %s %s", method, path)
             app.stats.count("http_500")
             try:
-                self._json(500, APIError(500, f"internal server error: {type(e).__name__}").body(), close=True)
+                error = APIError(500, f"internal server error: {type(e).__name__}")
+                self._json(500, self._error_body(path, error), close=True)
             except OSError:
                 self.close_connection = True
+
+    @staticmethod
+    def _error_body(path: str, error: APIError) -> dict:
+        """Each API's error shape: Anthropic's on /v1/messages, OpenAI's elsewhere."""
+        return anthropic.error_body(error) if path == "/messages" else error.body()
 
     def _only(self, method: str, allowed: str) -> None:
         if method != allowed:
@@ -205,20 +214,25 @@ class Handler(BaseHTTPRequestHandler):
     def _generate(self, endpoint: str) -> None:
         app = self.server.app
         data = parse_body(self._read_body())
-        req = parse_request(endpoint, data, model_name=app.model_name, defaults=app.defaults,
-                            max_tokens_limit=app.max_tokens_limit)
+        limits = dict(model_name=app.model_name, defaults=app.defaults, max_tokens_limit=app.max_tokens_limit)
+        if endpoint == "messages":
+            req = anthropic.parse_request(data, **limits)
+            encoder = anthropic.Encoder(req, app.model.tokenizer)
+        else:
+            req = parse_request(endpoint, data, **limits)
+            encoder = Encoder(req, app.fingerprint, app.model.tokenizer)
         job = Job(req)
         app.worker.submit(job)
         app.stats.count("requests")
-        encoder = Encoder(req, app.fingerprint)
         try:
             kind, value = self._next(job)
             if kind == "error":
                 raise value
             if kind != "start":  # "end": cancelled before it started
                 return
+            opening = encoder.begin(value)  # value: the prompt's token ids
             if req.stream:
-                self._stream(job, encoder)
+                self._stream(job, encoder, opening)
             else:
                 result = self._collect(job)
                 if result is not None:
@@ -247,21 +261,20 @@ class Handler(BaseHTTPRequestHandler):
             if isinstance(value, Done):
                 return value.result
 
-    def _stream(self, job: Job, encoder: Encoder) -> None:
+    def _stream(self, job: Job, encoder, opening: list) -> None:
+        """Server-sent events: the encoder (protocol.Encoder or anthropic.Encoder) makes them."""
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream; charset=utf-8")
         self.send_header("Cache-Control", "no-cache")
         self.send_header("X-Accel-Buffering", "no")
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
-        first = encoder.first()
-        if first:
-            self._sse(first)
+        self._sse(opening)
         tokens: list[TokenEvent] = []
         while True:
             kind, value = self._next(job)
-            if kind == "error":  # after the headers: an error event in OpenAI's shape, then the end
-                self._sse(value.body())
+            if kind == "error":  # after the headers: an error event in the API's shape, then the end
+                self._sse(encoder.error(value))
                 break
             if kind == "end":
                 if tokens:
@@ -278,14 +291,17 @@ class Handler(BaseHTTPRequestHandler):
                 if tokens:
                     self._sse(encoder.step(tokens, None))
                     tokens = []
-                for chunk in encoder.last(value.result):
-                    self._sse(chunk)
-        self._sse("[DONE]")
+                self._sse(encoder.last(value.result))
+        self._sse(encoder.end())
         self.wfile.write(b"0\r\n\r\n")
 
-    def _sse(self, obj) -> None:
-        data = b"data: " + (obj.encode() if isinstance(obj, str) else dumps(obj)) + b"\n\n"
-        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+    def _sse(self, events: list) -> None:
+        """Write (event name or None, payload) pairs as server-sent events, one chunk each."""
+        for name, payload in events:
+            data = b"data: " + (payload.encode() if isinstance(payload, str) else dumps(payload)) + b"\n\n"
+            if name:
+                data = b"event: " + name.encode() + b"\n" + data
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
 
     def _client_gone(self) -> bool:
         """The peer closed its side (EOF pending) or the socket failed."""
@@ -296,6 +312,25 @@ class Handler(BaseHTTPRequestHandler):
             return self.connection.recv(1, socket.MSG_PEEK) == b""
         except (OSError, ValueError):
             return True
+
+    def _metrics(self) -> None:
+        """JSON (mtpnb.connect's view) or Prometheus' exposition, by content negotiation."""
+        app = self.server.app
+        try:
+            accept = prometheus.negotiate(urlsplit(self.path).query, self.headers.get("Accept"))
+        except ValueError as e:
+            raise APIError(400, str(e), param="format") from None
+        if accept is None:
+            return self._json(200, app.metrics())
+        if app.prometheus is None:
+            raise APIError(501, prometheus.INSTALL, code="not_installed")
+        data, content_type = app.prometheus.render(accept, model_name=app.model_name, waiting=app.worker.queued,
+                                                   running=int(app.worker.current is not None))
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
 
     # -- responses ------------------------------------------------------------------------------------
     def _json(self, status: int, body: dict, close: bool = False) -> None:
@@ -361,7 +396,8 @@ class Server:
         self.max_tokens_limit = max_tokens_limit
         self.max_body_bytes = max_body_bytes
         self.socket_timeout = socket_timeout
-        self.stats = Stats()
+        self.prometheus = prometheus.PrometheusMetrics.create()
+        self.stats = Stats(prometheus=self.prometheus)
         self.worker = Worker(model, max_queue=max_queue, max_prompt_tokens=max_prompt_tokens,
                              load_options=load_options, stats=self.stats)
         self._max_prompt_tokens = max_prompt_tokens
@@ -442,11 +478,16 @@ class Server:
         host = self.host if self.host not in ("", "0.0.0.0", "::") else "127.0.0.1"
         return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
 
-    def check_auth(self, header: str | None) -> None:
+    def check_auth(self, header: str | None, api_key: str | None = None) -> None:
+        """`Authorization: Bearer KEY` (OpenAI's clients) or `x-api-key: KEY` (Anthropic's)."""
         if self._key is None:
             return
+        if api_key is not None:
+            if not hmac.compare_digest(api_key.strip().encode(), self._key):  # constant time
+                raise APIError(401, "invalid API key", code="invalid_api_key")
+            return
         if not header:
-            raise APIError(401, "this server needs an API key: send 'Authorization: Bearer KEY'",
+            raise APIError(401, "this server needs an API key: send 'Authorization: Bearer KEY' (or 'x-api-key: KEY')",
                            code="missing_api_key")
         scheme, _, token = header.strip().partition(" ")
         ok = hmac.compare_digest(token.strip().encode(), self._key)  # constant time

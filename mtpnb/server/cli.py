@@ -16,8 +16,9 @@ import sys
 
 from ..params import MAX_DEPTH, MODEL_ARGUMENTS, GenerationParams, add_arguments, model_options
 
-DESCRIPTION = ("Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, "
-               "/v1/models, /health, /metrics), with per-token MTP events in an extension field.")
+DESCRIPTION = ("Serve a model over OpenAI- and Anthropic-compatible HTTP APIs (/v1/chat/completions, "
+               "/v1/completions, /v1/messages, /v1/models, /health, /metrics), tool calls included, with "
+               "per-token MTP events in extension fields.")
 KEY_ENV = "MTPNB_API_KEY"
 
 

@@ -25,6 +25,11 @@ Non-streamed response
 
 The streamed text (`delta.content` / `text`) is the concatenation of the output tokens' pieces; the
 engine holds back tokens whose text may begin a stop string, so it always equals the final text.
+
+Tools (chat): `tools` (function tools) are rendered by the model's chat template; `tool_choice` "auto"
+(default) or "none" (the tools are then not shown). The model's calls leave the content and arrive as
+`tool_calls` (streamed: one delta per call, whole, with its index), finish_reason "tool_calls"; earlier
+calls and `role: tool` results in `messages` are rendered back by the template. See tools.py.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from typing import Any
 
 from ..errors import MTPNBError
 from ..params import GenerationParams
+from .tools import OutputSplitter, call_id
 
 # Defaults a request falls back to (the server's flags override them).
 SERVER_DEFAULTS = {"depth": GenerationParams.depth, "reasoning": None, "temperature": GenerationParams.temperature}
@@ -95,6 +101,7 @@ class Request:
     id: str = ""
     created: int = 0
     stop: tuple = ()
+    tools: list | None = None  # chat: the tools the template renders (OpenAI's shape), None: no tools
     extra: dict = field(default_factory=dict)
 
 
@@ -120,9 +127,9 @@ def parse_request(endpoint: str, data: dict, *, model_name: str, defaults: dict,
     _unsupported(endpoint, data)
 
     if endpoint == "chat":
-        prompt, chat = _messages(data.get("messages")), True
+        prompt, chat, tools = _messages(data.get("messages")), True, _tools(data)
     else:
-        prompt, chat = _prompt(data.get("prompt")), False
+        prompt, chat, tools = _prompt(data.get("prompt")), False, None
 
     params: dict[str, Any] = {}
     for name in ("temperature", "top_p", "min_p"):
@@ -176,7 +183,7 @@ def parse_request(endpoint: str, data: dict, *, model_name: str, defaults: dict,
     return Request(
         endpoint=endpoint, prompt=prompt, chat=chat, params=params, stream=stream, include_usage=include_usage,
         mtp_events=stream if mtp_events is None else mtp_events, model=model_name,
-        id=prefix + uuid.uuid4().hex[:24], created=int(time.time()), stop=checked.stop,
+        id=prefix + uuid.uuid4().hex[:24], created=int(time.time()), stop=checked.stop, tools=tools,
     )
 
 
@@ -196,8 +203,9 @@ def _unsupported(endpoint: str, data: dict) -> None:
         raise APIError(400, "repetition_penalty is not supported by mtpnb serve", param="repetition_penalty")
     if data.get("logit_bias"):
         raise APIError(400, "logit_bias is not supported by mtpnb serve", param="logit_bias")
-    if data.get("tools") or data.get("functions"):
-        raise APIError(400, "tools / function calling are not supported by mtpnb serve", param="tools")
+    if data.get("functions") or data.get("function_call"):
+        raise APIError(400, "functions / function_call (deprecated) are not supported: send tools and tool_choice",
+                       param="functions")
     fmt = data.get("response_format")
     if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
         raise APIError(400, "response_format other than text is not supported by mtpnb serve",
@@ -209,6 +217,31 @@ def _unsupported(endpoint: str, data: dict) -> None:
             raise APIError(400, "suffix is not supported by mtpnb serve", param="suffix")
         if data.get("best_of") not in (None, 1):
             raise APIError(400, "best_of must be 1", param="best_of")
+        if data.get("tools"):
+            raise APIError(400, "tools need a chat template: send them to /v1/chat/completions", param="tools")
+
+
+def _tools(data: dict) -> list | None:
+    """The request's tools in the shape chat templates read, or None (no tools, or tool_choice "none")."""
+    tools, choice = data.get("tools"), data.get("tool_choice")
+    if choice not in (None, "auto", "none"):
+        raise APIError(400, "tool_choice must be 'auto' or 'none': mtpnb serve cannot force a call ('required' or "
+                            "a named function)", param="tool_choice")
+    if tools is None:
+        return None
+    if not isinstance(tools, list):
+        raise APIError(400, "tools must be a list of {type: function, function: {name, description, parameters}}",
+                       param="tools")
+    out = []
+    for i, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) and tool.get("type", "function") == "function" else None
+        if not (isinstance(function, dict) and isinstance(function.get("name"), str) and function["name"]):
+            raise APIError(400, f"tools[{i}] must be {{type: function, function: {{name, description, parameters}}}}",
+                           param="tools")
+        if not isinstance(function.get("parameters", {}), dict):
+            raise APIError(400, f"tools[{i}].function.parameters must be a JSON Schema object", param="tools")
+        out.append({"type": "function", "function": function})
+    return out if out and choice != "none" else None
 
 
 def _messages(messages) -> list[dict]:
@@ -219,6 +252,9 @@ def _messages(messages) -> list[dict]:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise APIError(400, f"messages[{i}] must be an object with a string role", param="messages")
         content = m.get("content")
+        calls = m.get("tool_calls") if m["role"] == "assistant" else None
+        if content is None and calls:
+            content = ""  # an assistant turn that only called tools
         if isinstance(content, list):  # content parts: text only
             texts = []
             for part in content:
@@ -229,7 +265,37 @@ def _messages(messages) -> list[dict]:
         elif not isinstance(content, str):
             raise APIError(400, f"messages[{i}].content must be a string or a list of text parts",
                            param="messages")
-        out.append({"role": m["role"], "content": _utf8(content, f"messages[{i}].content")})
+        message = {"role": m["role"], "content": _utf8(content, f"messages[{i}].content")}
+        if calls:
+            message["tool_calls"] = _tool_calls(calls, f"messages[{i}].tool_calls")
+        if m["role"] == "tool":
+            for key in ("tool_call_id", "name"):
+                if isinstance(m.get(key), str):
+                    message[key] = m[key]
+        out.append(message)
+    return out
+
+
+def _tool_calls(calls, where: str) -> list[dict]:
+    """An assistant turn's tool calls with their arguments as objects (what chat templates iterate)."""
+    if not isinstance(calls, list):
+        raise APIError(400, f"{where} must be a list", param="messages")
+    out = []
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not (isinstance(function, dict) and isinstance(function.get("name"), str)):
+            raise APIError(400, f"{where}[{j}] must be {{id, type: function, function: {{name, arguments}}}}",
+                           param="messages")
+        arguments = function.get("arguments")
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except json.JSONDecodeError:
+                raise APIError(400, f"{where}[{j}].function.arguments is not valid JSON", param="messages") from None
+        if not isinstance(arguments, dict):
+            raise APIError(400, f"{where}[{j}].function.arguments must be a JSON object", param="messages")
+        out.append({"id": call.get("id"), "type": "function",
+                    "function": {"name": function["name"], "arguments": arguments}})
     return out
 
 
@@ -291,59 +357,97 @@ def usage(metrics) -> dict:
 
 
 class Encoder:
-    """Builds one request's response body or stream chunks."""
+    """Builds one request's response body or stream chunks.
 
-    def __init__(self, req: Request, fingerprint: str):
+    The stream methods (shared with anthropic.Encoder) return lists of SSE events, (event name or
+    None, payload); app.py writes them. With tools, the output text goes through a tools.OutputSplitter:
+    tool calls leave the content and arrive as `tool_calls` deltas, each whole, when its end is seen."""
+
+    def __init__(self, req: Request, fingerprint: str, tokenizer=None):
         self.req = req
         self.chat = req.endpoint == "chat"
         self.fingerprint = fingerprint
-        self.sent = ""  # the text streamed so far
+        self.sent = ""  # the output text streamed so far (tool calls included)
+        self.splitter = OutputSplitter(tokenizer, req.tools) if req.tools else None
+        self.calls = 0  # tool calls given out
 
     def _chunk(self, choice: dict, **top) -> dict:
         return {"id": self.req.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
                 "created": self.req.created, "model": self.req.model, "system_fingerprint": self.fingerprint,
                 "choices": [choice] if choice is not None else [], **top}
 
-    def first(self) -> dict | None:
-        if not self.chat:
-            return None
-        return self._chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                            "finish_reason": None})
+    def _split(self, text: str, *, final: bool, stream: bool) -> tuple[str, list[dict]]:
+        """Text -> (content, tool calls in OpenAI's shape)."""
+        if self.splitter is None:
+            return text, []
+        segments = self.splitter.feed(text) + (self.splitter.finish() if final else [])
+        calls = []
+        for s in segments:
+            if s.kind == "tool_call":
+                call = {"id": call_id(), "type": "function",
+                        "function": {"name": s.name, "arguments": json.dumps(s.arguments, ensure_ascii=False)}}
+                calls.append({"index": self.calls, **call} if stream else call)
+                self.calls += 1
+        return "".join(s.text for s in segments if s.kind != "tool_call"), calls
 
-    def step(self, tokens: list, step) -> dict:
+    def begin(self, prompt_ids: list[int]) -> list[tuple]:
+        """The prompt is encoded: the stream's opening events."""
+        if not self.chat:
+            return []
+        return [(None, self._chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                    "finish_reason": None}))]
+
+    def step(self, tokens: list, step) -> list[tuple]:
         """A chunk for one verify step: its output text and (extension) its token events."""
         ext = {"mtp": [t.to_dict() for t in tokens]}
-        content = "".join(t.text for t in tokens if t.kind != "rejected")
-        self.sent += content
+        text = "".join(t.text for t in tokens if t.kind != "rejected")
+        self.sent += text
+        content, calls = self._split(text, final=False, stream=True)
         if step is not None:
             ext["mtp_step"] = step.to_dict()
         if self.chat:
-            choice = {"index": 0, "delta": {"content": content, **ext}, "logprobs": None, "finish_reason": None}
+            delta = {"content": content, **({"tool_calls": calls} if calls else {}), **ext}
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
         else:
             choice = {"index": 0, "text": content, "logprobs": None, "finish_reason": None, **ext}
-        return self._chunk(choice)
+        return [(None, self._chunk(choice))]
 
-    def last(self, result) -> list[dict]:
+    def last(self, result) -> list[tuple]:
         """The closing chunks: the rest of the text with finish_reason (+ usage and metrics)."""
         m = result.metrics
         rest = result.text[len(self.sent):] if result.text.startswith(self.sent) else ""
-        finish = FINISH.get(m.finish_reason, "stop")
+        content, calls = self._split(rest, final=True, stream=True)
+        finish = self._finish(m)
         if self.chat:
-            choice = {"index": 0, "delta": {"content": rest} if rest else {}, "logprobs": None, "finish_reason": finish}
+            delta = {**({"content": content} if content else {}), **({"tool_calls": calls} if calls else {})}
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
         else:
-            choice = {"index": 0, "text": rest, "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "text": content, "logprobs": None, "finish_reason": finish}
         if self.req.include_usage:
-            return [self._chunk(choice), self._chunk(None, usage=usage(m), mtp=m.to_dict())]
-        return [self._chunk(choice, usage=usage(m), mtp=m.to_dict())]
+            return [(None, self._chunk(choice)), (None, self._chunk(None, usage=usage(m), mtp=m.to_dict()))]
+        return [(None, self._chunk(choice, usage=usage(m), mtp=m.to_dict()))]
+
+    def error(self, error: APIError) -> list[tuple]:
+        """After the headers: an error event in OpenAI's shape (then end())."""
+        return [(None, error.body())]
+
+    def end(self) -> list[tuple]:
+        return [(None, "[DONE]")]
+
+    def _finish(self, m) -> str:
+        finish = FINISH.get(m.finish_reason, "stop")
+        return "tool_calls" if self.calls and finish == "stop" else finish
 
     def response(self, result) -> dict:
         m = result.metrics
-        finish = FINISH.get(m.finish_reason, "stop")
+        content, calls = self._split(result.text, final=True, stream=False)
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": result.text}, "logprobs": None,
-                      "finish_reason": finish}
+            message = {"role": "assistant", "content": content if content or not calls else None}
+            if calls:
+                message["tool_calls"] = calls
+            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": self._finish(m)}
         else:
-            choice = {"index": 0, "text": result.text, "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "text": result.text, "logprobs": None, "finish_reason": self._finish(m)}
         if self.req.mtp_events:
             choice["mtp"] = [e.to_dict() for e in result.events]
             choice["mtp_steps"] = [s.to_dict() for s in result.steps]

@@ -22,7 +22,7 @@ log = logging.getLogger("mtpnb.server")
 class Job:
     def __init__(self, request):
         self.request = request
-        # ("start", prompt tokens) ("event", TokenEvent | StepEvent | Done) ("error", APIError) ("end", None)
+        # ("start", prompt token ids) ("event", TokenEvent | StepEvent | Done) ("error", APIError) ("end", None)
         self.out: queue.SimpleQueue = queue.SimpleQueue()
         self.cancelled = threading.Event()
         self.ended = threading.Event()  # the worker is done with it
@@ -35,7 +35,8 @@ class Job:
 class Stats:
     """Counters and the metrics of recent generations, for /metrics."""
 
-    def __init__(self, keep: int = 100):
+    def __init__(self, keep: int = 100, prometheus=None):
+        self.prometheus = prometheus  # a prometheus.PrometheusMetrics fed alongside, or None
         self.lock = threading.Lock()
         self.started = time.time()
         self.recent: collections.deque = collections.deque(maxlen=keep)
@@ -44,8 +45,11 @@ class Stats:
     def count(self, name: str, n: int = 1) -> None:
         with self.lock:
             self.counts[name] += n
+        if self.prometheus is not None and name.startswith("http_"):  # "http_<status>": a refused request
+            self.prometheus.http_error(int(name[len("http_"):]))
 
-    def record(self, job: Job, metrics: dict | None, finish_reason: str, wait_s: float) -> None:
+    def record(self, job: Job, metrics: dict | None, finish_reason: str, wait_s: float, result=None) -> None:
+        """A request left the worker: `result` (an mtpnb.Result) when it finished, else None."""
         req = job.request
         with self.lock:
             self.counts["completed" if finish_reason not in ("cancelled", "error") else finish_reason] += 1
@@ -56,6 +60,8 @@ class Stats:
             self.recent.append({"id": req.id, "endpoint": req.endpoint, "created": req.created,
                                 "stream": req.stream, "queue_wait_s": round(wait_s, 4),
                                 "finish_reason": finish_reason, "metrics": metrics})
+        if self.prometheus is not None:
+            self.prometheus.finish(req.model, finish_reason, result, wait_s)
 
     def snapshot(self) -> dict:
         with self.lock:
@@ -147,7 +153,12 @@ class Worker:
             return
         model = self.model
         try:
-            ids = model.engine.encode(req.prompt, chat=req.chat, reasoning=req.params.get("reasoning"))
+            if req.tools and not model.tokenizer.has_tool_calling:
+                raise APIError(400, f"{model.name}'s chat template does not render tools (mlx-lm finds no tool-call "
+                                    "format in it): send the request without tools", code="tools_not_supported",
+                               param="tools")
+            ids = model.engine.encode(req.prompt, chat=req.chat, reasoning=req.params.get("reasoning"),
+                                      tools=req.tools)
             if self.max_prompt_tokens and len(ids) > self.max_prompt_tokens:
                 raise APIError(400, f"the prompt has {len(ids)} tokens, above this server's limit of "
                                     f"{self.max_prompt_tokens} (mtpnb serve --max-prompt-tokens)",
@@ -164,7 +175,7 @@ class Worker:
             log.exception("request %s: the engine failed to start", req.id)
             self._fail(job, APIError(500, f"the generation failed to start: {_one_line(e)}"), wait_s)
             return
-        job.out.put(("start", len(ids)))
+        job.out.put(("start", ids))
         result = None
         try:
             for event in events:
@@ -184,7 +195,7 @@ class Worker:
             log.info("%s cancelled (client gone)", req.id)
         else:
             m = result.metrics
-            self.stats.record(job, m.to_dict(), m.finish_reason, wait_s)
+            self.stats.record(job, m.to_dict(), m.finish_reason, wait_s, result)
             log.info("%s %s: %d+%d tokens, %s, %.2fs (queued %.2fs)%s", req.id, req.endpoint, m.prompt_tokens,
                      m.generated_tokens, m.finish_reason, m.total_s, wait_s,
                      f", acceptance {m.acceptance_rate:.0%}" if m.depth and m.drafted_tokens else "")

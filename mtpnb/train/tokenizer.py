@@ -24,10 +24,50 @@ SPLIT_PATTERN = (
 )
 
 # ChatML, as Qwen3 writes it: `enable_thinking=False` pre-fills an empty think block after the
-# assistant header; left undefined (or true) the model is free to open one itself.
+# assistant header; left undefined (or true) the model is free to open one itself. Tools are rendered as
+# Qwen3.5's template renders them (a system block listing them as JSON, calls written as
+# <tool_call><function=NAME><parameter=ARG>VALUE</parameter></function></tool_call>, results as
+# <tool_response> blocks in a user turn), so that mlx-lm recognises the format (its qwen3_coder tool
+# parser) and models trained on Qwen's format read it. Without tools the rendering is plain ChatML.
+TOOLS_PREAMBLE = (
+    "# Tools\n\nYou have access to the following functions:\n\n<tools>"
+)
+TOOLS_INSTRUCTIONS = (
+    "\n</tools>\n\nIf you choose to call a function ONLY reply in the following format with NO suffix:\n\n"
+    "<tool_call>\n<function=example_function_name>\n<parameter=example_parameter_1>\nvalue_1\n</parameter>\n"
+    "</function>\n</tool_call>"
+)
 CHAT_TEMPLATE = (
+    "{%- if tools %}"
+    "{{- '<|im_start|>system\\n" + TOOLS_PREAMBLE.replace("\n", "\\n") + "' }}"
+    "{%- for tool in tools %}{{- '\\n' + (tool | tojson) }}{%- endfor %}"
+    "{{- '" + TOOLS_INSTRUCTIONS.replace("\n", "\\n") + "' }}"
+    "{%- if messages[0]['role'] == 'system' %}{{- '\\n\\n' + messages[0]['content'] }}{%- endif %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- endif %}"
     "{%- for message in messages %}"
+    "{%- if message['role'] == 'system' and tools and loop.first %}"
+    "{%- elif message['role'] == 'assistant' and message.get('tool_calls') %}"
+    "{{- '<|im_start|>assistant\\n' + (message['content'] or '') }}"
+    "{%- for tool_call in message['tool_calls'] %}"
+    "{%- set call = tool_call['function'] if tool_call.get('function') else tool_call %}"
+    "{%- if not loop.first or message['content'] %}{{- '\\n' }}{%- endif %}"
+    "{{- '<tool_call>\\n<function=' + call['name'] + '>\\n' }}"
+    "{%- for name, value in call['arguments'] | items %}"
+    "{{- '<parameter=' + name + '>\\n' }}"
+    "{{- value if value is string else value | tojson }}"
+    "{{- '\\n</parameter>\\n' }}"
+    "{%- endfor %}"
+    "{{- '</function>\\n</tool_call>' }}"
+    "{%- endfor %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- elif message['role'] == 'tool' %}"
+    "{%- if loop.first or messages[loop.index0 - 1]['role'] != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}"
+    "{{- '\\n<tool_response>\\n' + message['content'] + '\\n</tool_response>' }}"
+    "{%- if loop.last or messages[loop.index0 + 1]['role'] != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}"
+    "{%- else %}"
     "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endif %}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}"
     "{{- '<|im_start|>assistant\\n' }}"
