@@ -137,7 +137,7 @@ def model_depth(model_dir: Path) -> int:
 
 
 def _pooled(results: list, depth: int) -> dict:
-    from mtpnb.bench import acceptance_counts
+    from mtpnb.metrics import acceptance_counts
 
     reached, accepted = [0] * depth, [0] * depth
     for r in results:
