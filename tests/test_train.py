@@ -6,7 +6,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mtpnb.train.corpus import HELDOUT_MODULES, STDLIB, select
+from mtpnb.train.corpus import (
+    HELDOUT_MODULES,
+    HELDOUT_PACKAGES,
+    PACKAGES,
+    STDLIB,
+    Deduplicator,
+    _keep_package_path,
+    mtpnb_closure,
+    stdlib_source,
+)
 from mtpnb.train.tokenizer import SPECIAL_TOKENS, save_tokenizer, train_tokenizer
 
 
@@ -16,37 +25,74 @@ def _write(root: Path, rel: str, text: str = "x = 1\n") -> None:
     path.write_text(text)
 
 
-def test_corpus_selection_is_deterministic_and_excludes_heldout(tmp_path):
+def test_stdlib_selection_is_deterministic_drops_tests_and_holds_out_bench_modules(tmp_path):
     for rel in (
         "abc.py",
         "textwrap.py",
         "json/decoder.py",
         "email/parser.py",
         "test/test_other.py",
-        "test/test_textwrap.py",
-        "test/test_json/test_decode.py",
+        "test/support/helper.py",
+        "idlelib/idle_test/test_x.py",
         "site-packages/pkg/mod.py",
         "encodings/cp1252.py",
         "__pycache__/abc.py",
     ):
         _write(tmp_path, rel)
     _write(tmp_path, "broken.py", "def f(:\n")
-    first, second = select(tmp_path), select(tmp_path)
-    assert first == second
-    assert [f.path for f in first.train] == ["abc.py", "email/parser.py", "test/test_other.py"]
-    assert [f.path for f in first.heldout] == [
-        "json/decoder.py",
-        "test/test_json/test_decode.py",
-        "test/test_textwrap.py",
-        "textwrap.py",
-    ]
-    assert first.unparsable == ["broken.py"]
-    assert first.train[0].bytes == 6 and len(first.train[0].sha256) == 64
+    (train, heldout), (train2, heldout2) = stdlib_source(tmp_path), stdlib_source(tmp_path)
+    assert train == train2 and heldout == heldout2
+    assert [f.path for f in train.files] == ["abc.py", "email/parser.py", "test/support/helper.py"]
+    assert [f.path for f in heldout] == ["json/decoder.py", "textwrap.py"]
+    assert train.skipped == {"tests": 2, "not UTF-8 or does not parse": 1}
+    assert train.files[0].bytes == 6 and len(train.files[0].sha256) == 64
+
+
+def test_package_files_leave_out_tests_and_vendored_code():
+    skipped = {}
+    kept = [p for p in ("pkg/core.py", "pkg/tests/test_core.py", "pkg/test_x.py", "pkg/x_test.py", "conftest.py",
+                        "pkg/_vendor/six.py", "pkg/data.json", "pkg/sub/mod.py") if _keep_package_path(p, skipped)]
+    assert kept == ["pkg/core.py", "pkg/sub/mod.py"]
+    assert skipped == {"tests": 4, "vendored": 1}
+
+
+def test_deduplicator_finds_exact_and_near_duplicates():
+    base = (STDLIB / "queue.py").read_text()
+    dedup = Deduplicator()
+    assert dedup.seen(base) is None
+    assert dedup.seen(base.replace("\n", "   \n")) == "exact"  # trailing whitespace only
+    edited = base.replace("def qsize(self):", "def size(self):")
+    assert dedup.seen(edited) == "near"
+    assert dedup.seen((STDLIB / "bisect.py").read_text()) is None
+
+
+def test_training_never_sees_the_packages_mtpnb_test_installs():
+    closure = set(mtpnb_closure())
+    assert {"mtpnb", "numpy", "mlx-lm", "pytest", "requests", "jinja2"} <= closure
+    assert "torch" not in closure  # the train extra is not part of it
+    assert set(HELDOUT_PACKAGES) <= closure
+    from packaging.utils import canonicalize_name
+
+    assert not {canonicalize_name(name) for name, _, _ in PACKAGES} & closure
 
 
 def test_heldout_modules_exist_in_this_stdlib():
     for name in HELDOUT_MODULES:
         assert (STDLIB / f"{name}.py").exists() or (STDLIB / name / "__init__.py").exists(), name
+
+
+def test_quality_measures_loops_and_first_function_bodies():
+    from mtpnb.train.quality import first_body, loops, parses
+
+    assert loops(list(range(8)) * 3) and not loops(list(range(8)) * 2 + list(range(7)))
+    assert not loops(list(range(128)))
+    header = '    def area(self):\n        """The area."""\n'
+    body = "        w = self.w\n        return w * self.h\n\n    def perimeter(self):\n        retu"
+    assert first_body(header, 4, body, finished=False) == header + "        w = self.w\n        return w * self.h\n\n"
+    assert parses(first_body(header, 4, body, finished=False))
+    cut = "        total = sum(\n            x for x in"
+    assert first_body(header, 4, cut, finished=False) == header + "        total = sum(\n"
+    assert not parses(first_body(header, 4, cut, finished=False))
 
 
 def test_tokenizer_round_trips_python_source(tmp_path):
@@ -104,7 +150,7 @@ def test_smoke_training_writes_a_loadable_folder(smoke_model):
     training = json.loads((smoke_model / "training.json").read_text())
     assert [p["name"] for p in training["phases"]] == ["joint", "head"]
     assert all(np.isfinite(p["heldout"]["loss_main"]) for p in training["phases"])
-    assert "## Evaluation on the held-out modules" in (smoke_model / "README.md").read_text()
+    assert "## Evaluation on the held-out text" in (smoke_model / "README.md").read_text()
 
     ids = torch.tensor([[5, 17, 42, 7, 99, 3]])
     ours = load_model(smoke_model)

@@ -95,6 +95,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--no-phases", action="store_true", help="skip the per-phase profile runs")
     parser.add_argument("--compare-blas", action="store_true",
                         help="also measure depth 0 and the verify-cost curve with and without OpenBLAS (two subprocesses)")
+    parser.add_argument("--compare", metavar="MODEL2",
+                        help="a second model (same tokenizer), alternated with MODEL in the same run: the report adds "
+                             "its speedups, depth-0 tok/s and cost model beside MODEL's")
     parser.add_argument("--standin", metavar="DIR",
                         help="bench a random checkpoint shaped like the default model, written to DIR if missing "
                              "(machinery only: its speedups mean nothing)")
@@ -152,6 +155,13 @@ def run_from_args(args: argparse.Namespace, argv: Sequence[str] | None = None) -
     except MTPNBError as e:
         print(f"mtpnb bench: {e}", file=sys.stderr)
         return 2
+    other = None
+    if args.compare:
+        try:
+            other = load(args.compare, **model_options(args))
+        except MTPNBError as e:
+            print(f"mtpnb bench: --compare: {e}", file=sys.stderr)
+            return 2
     if not prompts:
         prompts = None if args.prompts is None else code_prompts(args.prompts, modules=heldout_modules(model.path))
     started = time.perf_counter()
@@ -164,7 +174,7 @@ def run_from_args(args: argparse.Namespace, argv: Sequence[str] | None = None) -
         report = run_bench(
             model, prompts=prompts, depths=args.depths, temperatures=args.temperatures, top_p=args.top_p,
             top_k=args.top_k, max_tokens=args.max_tokens, repeats=args.repeats, warmup=args.warmup,
-            quick=args.quick, peers=not args.no_peers, phases=not args.no_phases, progress=progress,
+            quick=args.quick, peers=not args.no_peers, phases=not args.no_phases, progress=progress, other=other,
         )
     except MTPNBError as e:
         print(f"mtpnb bench: {e}", file=sys.stderr)

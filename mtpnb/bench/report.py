@@ -85,6 +85,19 @@ class BenchReport:
             v = d.get(key)
             depth = d.get(key.replace("speedup", "depth"))
             lines.append(f"{key}: {v:.2f} (depth {depth})" if v is not None else f"{key}: -")
+        if d.get("compare"):
+            c = d["compare"]
+            lines.append("")
+            lines.append(f"alternated in the same run with {c['model']['name']} "
+                         f"({(c['model'].get('parameters') or 0) / 1e6:.1f}M params; t1 {c['cost_model']['t1_ms']:.1f} ms, "
+                         "verify cost " + " ".join(f"{r:.2f}" for r in c["cost_model"]["verify_ratio"]) + "):")
+            for r in c["results"]:
+                lines.append(f"{r['temperature']:>5.2f}  depth {r['depth']}  decode {r['decode_tok_s'] or 0:.1f} tok/s  "
+                             f"speedup {r['speedup'] or 0:.2f}x  tok/verify {r.get('tokens_per_verify') or 1:.2f}")
+            for key in ("best_speedup_greedy", "best_speedup_sampled"):
+                v = c.get(key)
+                depth = c.get(key.replace("speedup", "depth"))
+                lines.append(f"{key}: {v:.2f} (depth {depth})" if v is not None else f"{key}: -")
         for t, detail in d.get("depth0_vs_mlx_lm_detail", {}).items():
             if detail:
                 lines.append(f"mtpnb depth 0 / mlx-lm plain decoding at temperature {t}: {detail['text']}")

@@ -44,12 +44,15 @@ def run_bench(
     phases: bool = True,
     cost_repeats: int | None = None,
     progress: Progress | None = None,
+    other=None,
 ) -> BenchReport:
     """Benchmark `model` (an mtpnb.Model): depths against depth 0 and mlx-lm, alternately, in this process.
 
     prompts: texts (or {"name", "text"} dicts); default: code prompts from the held-out modules
         (6, or 2 with quick=True). max_tokens / repeats / warmup default to FULL or QUICK.
     progress(done, total, label) is called before each generation.
+    other: a second mtpnb.Model with the same tokenizer; its depths run in the same schedule, alternated
+        with `model`'s, and data["compare"] holds its rows, best speedups and cost model.
     """
     preset = QUICK if quick else FULL
     max_tokens = preset["max_tokens"] if max_tokens is None else max_tokens
@@ -81,6 +84,13 @@ def run_bench(
 
     configs = [Config("mlx-lm", 0, model)] if peers else []
     configs += [Config("mtpnb", d, model) for d in depths]
+    other_configs, other_cost = [], None
+    if other is not None:
+        if not other.has_mtp or any(other.engine.encode(p["text"]) != ids for p, ids in zip(prompt_list, encoded)):
+            raise MTPNBError(f"--compare needs a model with an MTP head and the same tokenizer as {model.name}")
+        other_cost = _cost_model(other, encoded, samplers, max(depths), max_tokens, cost_repeats)
+        other_configs = [Config("mtpnb", d, other) for d in depths]
+        configs += other_configs
     total = warmup * len(configs) * len(samplers) + repeats * len(encoded) * len(samplers) * len(configs)
     if phases:
         total += len(depths) * len(samplers)
@@ -101,7 +111,13 @@ def run_bench(
                 profiles[(depth, sampler)] = phase_profile(model, encoded[0], depth, sampler, max_tokens, 777)
 
     results = [_row(config, sampler, records, cost, profiles.get((config.depth, sampler)))
-               for sampler in samplers for config in configs]
+               for sampler in samplers for config in configs if config not in other_configs]
+    compared = None
+    if other is not None:
+        other_results = [_row(config, sampler, records, other_cost, None)
+                         for sampler in samplers for config in other_configs]
+        compared = {"model": model_info(other), **_best(other_results, temperatures), "cost_model": other_cost,
+                    "results": other_results}
     vs_mlx, vs_mlx_detail = {}, {}
     if peers:
         for sampler in samplers:
@@ -143,6 +159,8 @@ def run_bench(
         },
         "notes": notes,
     }
+    if compared is not None:
+        data["compare"] = compared
     if load_start is not None:  # a busy machine makes every figure noisier: say how busy it was
         data["platform"]["load_average"] = load_start
         data["platform"]["load_average_end"] = list(os.getloadavg())

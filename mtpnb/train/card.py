@@ -70,18 +70,109 @@ def _engine_rows(engine: dict) -> list[str]:
     return rows
 
 
+def _corpus_lines(corpus: dict) -> list[str]:
+    tokenizer = ("Tokenizer: byte-level BPE (`tokenizers`), special tokens `<|endoftext|>` (eos, also the file "
+                 "separator), `<|im_start|>`, `<|im_end|>`; ChatML chat template.")
+    if not corpus.get("heldout_packages"):  # a stdlib-only corpus
+        return [
+            f"Python {corpus['python']} standard library source: {corpus['train_files']} files, "
+            f"{corpus['train_bytes'] / 1e6:.1f} MB, {corpus['train_tokens'] / 1e6:.2f}M tokens for training; "
+            f"held out: {corpus['heldout_files']} files ({corpus['heldout_tokens'] / 1e3:.0f}k tokens), the modules "
+            f"{', '.join(f'`{m}`' for m in corpus['heldout_modules'])}. The selection rules, every file and its "
+            f"sha256 are in `manifest.json`. {tokenizer}"
+        ]
+    return [
+        f"The Python {corpus['python']} standard library without its test suites, and the source of "
+        f"{corpus['train_sources'] - 1} well-known permissively licensed (MIT, BSD, Apache-2.0) pure-Python packages "
+        "from PyPI (`pip download --no-deps`, pinned): no tests, no vendored code, exact and near-duplicate files "
+        f"removed. **{corpus['train_tokens'] / 1e6:.1f}M distinct training tokens** ({corpus['train_files']} files, "
+        f"{corpus['train_bytes'] / 1e6:.0f} MB).",
+        "",
+        "No package that `pip install mtpnb[test]` brings in (its requirements and theirs) is trained on: that is "
+        "the code users have open beside the notebook, and the held-out text is whole packages of it: "
+        f"{', '.join(f'`{m}`' for m in corpus['heldout_packages'])}, with the standard library modules "
+        f"{', '.join(f'`{m}`' for m in corpus['heldout_modules'])} (`mtpnb bench` prompts from them); "
+        f"{corpus['heldout_files']} files, {corpus['heldout_tokens'] / 1e6:.2f}M tokens. `manifest.json` has the "
+        "rules, every package with its version, licence, file count, tokens and sha256, the closure left out, "
+        f"and every held-out file. {tokenizer}",
+    ]
+
+
+def _shape_rows(shapes: dict) -> list[str]:
+    acceptance = shapes["assumed_acceptance"]
+    rows = [
+        f"Candidate shapes with untrained weights (`python -m mtpnb.train.shapes`; bf16 on disk, float32 MLX on "
+        f"this 2-core CPU with OpenBLAS, warm caches at {shapes['context_tokens']} tokens of context; the fastest "
+        f"of {shapes['repeats']} interleaved repeats, since other work shared the machine: 1-minute load average "
+        f"{', '.join(f'{v:.1f}' for v in shapes['load_average_1min'])}). The bound is "
+        "E[tokens per verify] / (t_verify(D+1)/t_1 + D t_draft/t_1) at an assumed acceptance of "
+        f"{acceptance['greedy']:g} (greedy) and {acceptance['sampled']:g} (T=0.6) per draft position.",
+        "",
+        "| shape | parameters | on disk | t_1 | plain decoding | t_verify(M)/t_1, M = 1..5 | draft step / t_1 "
+        "| bound greedy, D = 3 / 4 | bound T=0.6, D = 3 / 4 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in shapes["candidates"]:
+        bg, bs = c["bound_at_assumed"]["greedy"], c["bound_at_assumed"]["sampled"]
+        rows.append(
+            f"| {c['name']} | {c['parameters']['total'] / 1e6:.1f}M | {c['weights_mb']:.1f} MB | {c['t1_ms']:.1f} ms "
+            f"| {c['plain_tok_s']:.1f} tok/s | {' / '.join(f'{v:.2f}' for v in c['verify_ratio'])} "
+            f"| {c['draft_ratio']['greedy']:.2f} | {bg['3']:.2f} / {bg['4']:.2f} | {bs['3']:.2f} / {bs['4']:.2f} |"
+        )
+    return rows
+
+
+def _quality_rows(quality: dict) -> list[str]:
+    labels = list(quality)
+    rows = [
+        "`python -m mtpnb.train.quality` (definitions in its docstring): the same held-out tokens and the same "
+        f"{quality[labels[0]]['prompts']} function-header prompts (signature + docstring, a few lines before) from "
+        "the held-out packages for every model; 128 tokens per completion with mtpnb's engine (float32); loop = "
+        "some 8-token span 3+ times; parse = the first function body parses; tokens per verify and acceptance per "
+        "draft position (P(accepted | reached)) pooled over the completions (depth 3: all prompts; depths 1, 2, 4: "
+        "the first prompts).",
+        "",
+        "| model | held-out perplexity | sampling | loop rate | parse rate | tokens/verify, depth 1 / 2 / 3 / 4 "
+        "| depth 3, non-looping | acceptance by position, depth 4 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for label in labels:
+        q = quality[label]
+        ppl = f"{q['heldout']['perplexity']:.2f} ({q['heldout']['tokens']} tokens)" if "heldout" in q else "not measured"
+        for mode in ("greedy", "T=0.6"):
+            if mode not in q:
+                rows.append(f"| {label} | {ppl} | {mode} | not measured | | | | |")
+                continue
+            m = q[mode]
+            depths = m["depths"]
+            tpv = " / ".join(f"{depths[d]['tokens_per_verify']:.2f}" for d in ("1", "2", "3", "4") if d in depths)
+            acc = " / ".join(f"{a:.2f}" for a in depths.get("4", {}).get("acceptance_by_position", []) if a is not None)
+            rows.append(
+                f"| {label} | {ppl} | {mode} "
+                f"| {m['loop_rate']:.0%} | {m['parse_rate']:.0%} | {tpv} "
+                f"| {depths['3']['non_looping']['tokens_per_verify'] or float('nan'):.2f} "
+                f"({depths['3']['non_looping']['completions']}) | {acc} |"
+            )
+    for label in (label for label in labels if "examples" in quality[label]):
+        rows += ["", f"Five uncurated greedy completions of `{label}` (the first five prompts, depth 3):", ""]
+        for ex in quality[label]["examples"]:
+            header = ex["prompt"].splitlines()
+            rows += [f"`{ex['name']}`:", "", "```python", *header[-6:], ex["completion"].rstrip("\n"), "```", ""]
+    return rows
+
+
 def render_card(training: dict, evaluation: dict | None) -> str:
     hp, corpus, hw, model = training["hyperparameters"], training["corpus"], training["hardware"], training["model"]
     measured = [(p["name"], p["heldout"]) for p in training["phases"]]
-    if evaluation:
+    if evaluation and "loss_main" in evaluation:
         measured.append((f"`evaluate` (Python {evaluation['python']}, float32)", evaluation))
     cfg = model["config"]
     lines = [
         "# mtpnb default model",
         "",
         "A small Qwen3.5-format code model with one multi-token-prediction (MTP) layer, trained by mtpnb on",
-        "the Python standard library's own source, so that mtpnb's notebooks, demos and tests have a model",
-        "whose MTP head really predicts. It writes plausible Python; it is not a useful assistant.",
+        "permissively licensed Python source, so that mtpnb's notebooks, demos and tests have a model whose",
+        "MTP head really predicts. It continues Python code; it is not an assistant and follows no instructions.",
         "",
         "## Model",
         "",
@@ -99,13 +190,7 @@ def render_card(training: dict, evaluation: dict | None) -> str:
         "",
         "## Corpus",
         "",
-        f"Python {corpus['python']} standard library source: {corpus['train_files']} files, "
-        f"{corpus['train_bytes'] / 1e6:.1f} MB, {corpus['train_tokens'] / 1e6:.2f}M tokens for training; "
-        f"held out: {corpus['heldout_files']} files ({corpus['heldout_tokens'] / 1e3:.0f}k tokens), the modules "
-        f"{', '.join(f'`{m}`' for m in corpus['heldout_modules'])} and their tests. The selection rules, every "
-        "file and its sha256 are in `manifest.json`. Tokenizer: byte-level BPE trained on the training files "
-        "(`tokenizers`), special tokens `<|endoftext|>` (eos, also the file separator), `<|im_start|>`, "
-        "`<|im_end|>`; ChatML chat template.",
+        *_corpus_lines(corpus),
         "",
         "## Training",
         "",
@@ -127,13 +212,13 @@ def render_card(training: dict, evaluation: dict | None) -> str:
         "",
         *_phase_rows(training["phases"]),
         "",
-        "## Evaluation on the held-out modules",
+        "## Evaluation on the held-out text",
         "",
         "Teacher-forced over non-overlapping windows: `agree` is how often head step k's top-1 equals the "
         "trunk's own greedy token at that position, `chain` how often steps 1..k all do; "
         "`1 + sum(chain)` estimates greedy tokens per verify step at depth D. The phase rows were measured "
-        "at the end of each training phase (bf16 autocast on the training device); the held-out text is the "
-        "modules first, then their tests.",
+        "at the end of each training phase (bf16 autocast on the training device) on the first held-out "
+        "windows; the `evaluate` row in float32 on this machine, over the manifest's held-out files in order.",
         "",
         *_heldout_rows(measured),
     ]
@@ -153,7 +238,7 @@ def render_card(training: dict, evaluation: dict | None) -> str:
                 for h in curve
             ),
         ]
-    if evaluation:
+    if evaluation and evaluation.get("completions"):
         lines += [
             "",
             "Greedy completions (trunk alone, `python -m mtpnb.train.evaluate`):",
@@ -161,8 +246,20 @@ def render_card(training: dict, evaluation: dict | None) -> str:
         ]
         for prompt, text in evaluation["completions"].items():
             lines += [f"Prompt `{prompt!r}`:", "", "```python", text, "```", ""]
+    if evaluation:
         if "engine" in evaluation:
             lines += ["## Speculative decoding with the MLX engine", "", *_engine_rows(evaluation["engine"]), ""]
+        if "perplexity_beside_previous" in evaluation:
+            ppl = evaluation["perplexity_beside_previous"]
+            lines += ["## Held-out perplexity beside the previous model", "", ppl["how"], "",
+                      "| model | tokens | loss per token | perplexity |", "|---|---|---|---|",
+                      *(f"| {label} | {m['tokens']} | {m['loss']:.3f} | {m['perplexity']:.2f} |"
+                        for label, m in ppl["models"].items()), ""]
+        if "quality" in evaluation:
+            lines += ["## Quality on the held-out packages, beside the previous model", "",
+                      *_quality_rows(evaluation["quality"]), ""]
+        if "shapes" in evaluation:
+            lines += ["## Why this shape", "", *_shape_rows(evaluation["shapes"]), ""]
     lines += [
         "",
         "## Reproduce",

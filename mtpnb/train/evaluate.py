@@ -1,6 +1,6 @@
-"""Evaluate a trained model folder on the held-out stdlib modules.
+"""Evaluate a trained model folder on its held-out text (the manifest's held-out files).
 
-    python -m mtpnb.train.evaluate MODEL_DIR [--max-tokens N] [--engine] [--write]
+    python -m mtpnb.train.evaluate MODEL_DIR [--max-tokens N] [--engine] [--quality JSON] [--shapes JSON] [--write]
 
 - trunk next-token cross-entropy and perplexity on the held-out text;
 - per MTP step k = 1..D: cross-entropy against the real next tokens, top-1 agreement with the trunk's
@@ -11,6 +11,8 @@
 - with `--engine`, the engine's own acceptance on held-out prompts (greedy and sampled) and its decode
   speed per depth (`engine_metrics`, `acceptance_table`).
 
+`--quality` and `--shapes` take the results of `mtpnb.train.quality` (held-out perplexity, loop and parse
+rates, acceptance per depth, beside the previous model) and `mtpnb.train.shapes` (the shape choice).
 `--write` stores evaluation.json in MODEL_DIR and renders the model card again.
 """
 
@@ -100,18 +102,29 @@ def greedy_complete(model: MTPModel, tokenizer, prompt: str, max_new_tokens: int
 
 
 def heldout_texts(model_dir: Path) -> tuple[list[str], int]:
-    """The held-out files named in the folder's manifest, read from this interpreter's stdlib, and how
-    many of them match the manifest's sha256 (the stdlib of another Python version differs)."""
+    """The held-out files named in the folder's manifest, read from this interpreter's stdlib and this
+    environment's packages, and how many of them match the manifest's sha256 (another Python version or
+    another package version differs)."""
+    from .corpus import installed_source
+
     manifest = json.loads((Path(model_dir) / "manifest.json").read_text())
     root = Path(sysconfig.get_paths()["stdlib"])
+    installed = {}
+    for name in manifest.get("heldout_packages", []):
+        try:
+            installed.update({f.path: f.text for f in installed_source(name).files})
+        except Exception:  # noqa: BLE001  (a package missing here: its files are skipped, the count says so)
+            continue
     texts, matching = [], 0
     for entry in manifest["heldout"]:
-        path = root / entry["path"]
-        if not path.exists():
+        if entry["path"] in installed:
+            text = installed[entry["path"]]
+        elif (root / entry["path"]).exists():
+            text = (root / entry["path"]).read_text(encoding="utf-8")
+        else:
             continue
-        data = path.read_bytes()
-        matching += hashlib.sha256(data).hexdigest() == entry["sha256"]
-        texts.append(data.decode("utf-8"))
+        matching += hashlib.sha256(text.encode()).hexdigest() == entry["sha256"]
+        texts.append(text)
     return texts, matching
 
 
@@ -208,14 +221,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-tokens", type=int, help="evaluate on the first N held-out tokens only")
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--engine", action="store_true", help="also measure acceptance and speed with the MLX engine")
+    parser.add_argument("--quality", type=Path, metavar="JSON",
+                        help="results of `python -m mtpnb.train.quality` (this model and the previous one) to include")
+    parser.add_argument("--shapes", type=Path, metavar="JSON", help="results of `python -m mtpnb.train.shapes` to include")
     parser.add_argument("--write", action="store_true", help="write evaluation.json and re-render README.md")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     results = evaluate(args.model_dir, args.max_tokens, args.seq_len)
+    for key in ("quality", "shapes"):
+        if getattr(args, key) is not None:
+            results[key] = json.loads(getattr(args, key).read_text())
     if args.engine:
         depth = json.loads((args.model_dir / "training.json").read_text())["hyperparameters"]["depth"]
         results["engine"] = engine_metrics(args.model_dir, depth)
-    print(json.dumps({k: v for k, v in results.items() if k != "completions"}, indent=1))
+    print(json.dumps({k: v for k, v in results.items() if k not in ("completions", "quality", "shapes")}, indent=1))
     for prompt, text in results["completions"].items():
         print(f"--- {prompt!r}\n{text}")
     if args.write:

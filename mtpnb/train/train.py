@@ -11,6 +11,11 @@ Two phases, each a plain loop (sample a batch, forward, loss, backward, clip, Ad
 With --time-budget-s the step counts come from the budget: after CALIBRATION_STEPS steps the loop times
 itself and fixes its last step, so the learning-rate schedule stays a function of the step.
 Writes OUT in the Hugging Face layout (export.py), training.json and the model card.
+
+Resumable (a lent GPU runs commands of a few minutes): with --checkpoint PATH the run starts from PATH
+when it exists (weights, optimizer, step, phase, step counts, history, data-sampler state) and, with
+--run-seconds S, stops after about S seconds, saves PATH and exports what it has to OUT (bf16) so that
+the same command, run again, carries on where it stopped; it prints `finished` once both phases are done.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import transformers
 from .card import write_card
 from .corpus import prepare
 from .evaluate import heldout_metrics, windows
-from .export import export
+from .export import export, read_weights
 from .model import MTPModel, build_config, count_parameters
 
 CARD_CONFIG_KEYS = (
@@ -86,6 +91,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--vocab-size", type=int, default=8192, help="tokenizer size when the corpus is built")
     g.add_argument("--hidden-size", type=int, default=384)
     g.add_argument("--num-layers", type=int, default=8)
+    g.add_argument("--full-attention-interval", type=int, default=4, help="every Nth layer is full attention")
     g.add_argument("--num-heads", type=int, default=6)
     g.add_argument("--num-kv-heads", type=int, default=2)
     g.add_argument("--head-dim", type=int, default=64)
@@ -114,25 +120,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--eval-every", type=int, default=200, help="held-out evaluation every N steps (0: at phase ends)")
     g.add_argument("--eval-batches", type=int, default=16, help="held-out batches per evaluation (0: all)")
     g.add_argument("--max-shard-mib", type=float, help="split the weights into files below this size")
+    g = p.add_argument_group("resuming")
+    g.add_argument("--checkpoint", type=Path, help="resume from this file if it exists; save it when stopping")
+    g.add_argument("--run-seconds", type=float, help="stop this invocation after about this many seconds")
+    g.add_argument("--init-from", type=Path, help="start from the weights of an exported folder (no optimizer state)")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = p.parse_args(argv)
     args.command_line = shlex.join(_without_paths(argv))
+    args.corpus_caps = {}
     if args.smoke:
         for key, value in SMOKE.items():
             setattr(args, key, value)
         args.time_budget_s = None
+        args.corpus_caps = {k: SMOKE[k] for k in ("max_train_bytes", "max_heldout_bytes")}
     return args
 
 
+PATH_ARGS = ("--out", "--data", "--checkpoint", "--init-from")
+
+
 def _without_paths(argv: list[str]) -> list[str]:
-    """The command line minus --out/--data and their values (for the model card)."""
+    """The command line minus paths, --run-seconds and their values (for the model card)."""
     kept, skip = [], False
     for arg in argv:
         if skip:
             skip = False
-        elif arg in ("--out", "--data"):
+        elif arg in PATH_ARGS:
             skip = True
-        elif not arg.startswith(("--out=", "--data=")):
+        elif arg in ("--run-seconds",):
+            skip = True
+        elif not arg.startswith(tuple(f"{a}=" for a in (*PATH_ARGS, "--run-seconds"))):
             kept.append(arg)
     return kept
 
@@ -222,22 +239,54 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+@dataclass
+class Progress:
+    """Where training stands: what a checkpoint holds besides the weights."""
+
+    phase: int = 0  # index into the phases
+    step: int = 0  # steps done in that phase
+    steps: dict | None = None  # phase name -> last step, once fixed (given or calibrated)
+    wall_s: dict | None = None  # phase name -> training seconds so far (evaluations left out)
+    history: list | None = None
+    records: list | None = None
+    optimizer: dict | None = None  # the current phase's optimizer state
+    sampler: torch.Tensor | None = None  # the current phase's batch generator state
+
+
 def run_phase(
-    phase: Phase, model: MTPModel, data: np.ndarray, heldout_rows: torch.Tensor, args, autocast, history: list
-) -> dict:
-    """One training loop; returns the phase's record (steps, tokens, timing, final train and held-out
-    metrics). Time spent on held-out evaluations is left out of tokens_per_s."""
+    phase: Phase, model: MTPModel, data: np.ndarray, heldout_rows: torch.Tensor, args, autocast,
+    progress: Progress, deadline: float | None,
+) -> dict | None:
+    """One training loop, from progress.step on; returns the phase's record (steps, tokens, timing, final
+    train and held-out metrics), or None when `deadline` (perf_counter) came first: then `progress` holds
+    the optimizer and sampler state to resume from. Time spent on held-out evaluations is left out of
+    tokens_per_s."""
+    history = progress.history
     batches = Batches.create(data, args.seq_len + args.depth + 1, args.batch_size, args.device, phase.seed)
     optimizer = adamw(phase.params, args.weight_decay, args.device)
-    steps = phase.steps if phase.budget_s is None else None  # None until calibrated
-    last = max(phase.steps, args.warmup_steps + 1) if steps is not None else None
+    if progress.optimizer is not None:
+        optimizer.load_state_dict(progress.optimizer)
+        batches.generator.set_state(progress.sampler)
+    steps = progress.steps.get(phase.name)
+    if steps is None and phase.budget_s is None:
+        steps = phase.steps
+    last = max(steps, args.warmup_steps + 1) if steps is not None else None
     recent = []
     eval_s = 0.0
     model.train()
     sync(args.device)
     start = time.perf_counter()
-    step = 0
+    wall_before = progress.wall_s.get(phase.name, 0.0)
+    step = progress.step
+    first = step
     while steps is None or step < steps:
+        if deadline is not None and time.perf_counter() > deadline and steps is not None:
+            sync(args.device)
+            progress.step = step
+            progress.optimizer = optimizer.state_dict()
+            progress.sampler = batches.generator.get_state()
+            progress.wall_s[phase.name] = wall_before + time.perf_counter() - start - eval_s
+            return None
         lr = lr_at(step, phase.lr, args.warmup_steps, last or 10**9, args.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -249,15 +298,16 @@ def run_phase(
         optimizer.step()
         step += 1
         recent.append((None if loss_main is None else loss_main.detach(), [l.detach() for l in loss_mtp]))
-        if step == 5:
+        if step == first + 5:
             sync(args.device)
             calibration_start = time.perf_counter()
-        if steps is None and step == CALIBRATION_STEPS:
+        if steps is None and step == first + CALIBRATION_STEPS:
             sync(args.device)
             now = time.perf_counter()
             per_step = (now - calibration_start) / (CALIBRATION_STEPS - 5)
             steps = step + max(0, int((phase.budget_s - (now - start)) / per_step))
             last = max(steps, args.warmup_steps + 1)
+            progress.steps[phase.name] = steps
             print(f"[{phase.name}] {per_step * 1e3:.0f} ms/step: {steps} steps fit in {phase.budget_s:.0f} s", flush=True)
         if step % args.log_every == 0 or step == steps:
             means = {
@@ -265,13 +315,13 @@ def run_phase(
                 "loss_mtp": [float(np.mean([ls[k].item() for _, ls in recent])) for k in range(args.depth)],
             }
             recent.clear()
-            elapsed = time.perf_counter() - start
+            elapsed = wall_before + time.perf_counter() - start - eval_s
             history.append({"phase": phase.name, "step": step, "elapsed_s": round(elapsed, 2), "lr": lr, **means})
             main = "frozen" if means["loss_main"] is None else f"{means['loss_main']:.3f}"
             print(
                 f"[{phase.name}] step {step}/{steps} lr {lr:.2e} main {main} mtp "
                 f"{' '.join(f'{v:.3f}' for v in means['loss_mtp'])} | "
-                f"{step * batches.batch_size * args.seq_len / (elapsed - eval_s) / 1e3:.0f}k tok/s",
+                f"{(step - first) * batches.batch_size * args.seq_len / (time.perf_counter() - start - eval_s) / 1e3:.0f}k tok/s",
                 flush=True,
             )
         if args.eval_every and step % args.eval_every == 0 and step != steps:
@@ -282,11 +332,12 @@ def run_phase(
             history.append({"phase": phase.name, "step": step, "heldout": heldout})
             print(f"[{phase.name}] step {step} held-out: {json.dumps(heldout)}", flush=True)
     sync(args.device)
-    wall = time.perf_counter() - start - eval_s
+    wall = wall_before + time.perf_counter() - start - eval_s
     tokens = step * args.batch_size * args.seq_len
     final = next(h for h in reversed(history) if "loss_mtp" in h)
     heldout = heldout_metrics(model.eval(), heldout_rows, args.depth, args.batch_size, autocast)
     print(f"[{phase.name}] held-out: {json.dumps(heldout)}", flush=True)
+    progress.step, progress.optimizer, progress.sampler = 0, None, None
     return {
         "name": phase.name,
         "trains": phase.trains,
@@ -301,15 +352,28 @@ def run_phase(
     }
 
 
+def save_checkpoint(path: Path, model: MTPModel, progress: Progress) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": model.state_dict(), "progress": vars(progress)}, tmp)
+    tmp.replace(path)
+
+
+def load_checkpoint(path: Path, model: MTPModel) -> Progress:
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    model.load_state_dict(state["model"])
+    return Progress(**state["progress"])
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    started = time.perf_counter()
+    deadline = None if args.run_seconds is None else started + args.run_seconds
     torch.manual_seed(args.seed)
     torch.set_float32_matmul_precision("high")
     if args.data is None:
         args.data = Path(tempfile.mkdtemp(prefix="mtpnb-corpus-"))
     if not (args.data / "train.npy").exists():
-        limits = {k: getattr(args, k, None) for k in ("max_train_bytes", "max_heldout_bytes")}
-        prepare(args.data, args.vocab_size, **limits)
+        prepare(args.data, vocab_size=args.vocab_size, **args.corpus_caps)
     manifest = json.loads((args.data / "manifest.json").read_text())
     train_tokens, heldout_tokens = np.load(args.data / "train.npy"), np.load(args.data / "heldout.npy")
 
@@ -317,6 +381,7 @@ def main(argv: list[str] | None = None) -> None:
         vocab_size=manifest["tokenizer"]["vocab_size"],
         hidden_size=args.hidden_size,
         num_hidden_layers=args.num_layers,
+        full_attention_interval=args.full_attention_interval,
         num_attention_heads=args.num_heads,
         num_key_value_heads=args.num_kv_heads,
         head_dim=args.head_dim,
@@ -325,7 +390,17 @@ def main(argv: list[str] | None = None) -> None:
         linear_num_value_heads=args.linear_value_heads,
         linear_head_dim=args.linear_head_dim,
     )
-    model = MTPModel(config).to(args.device)
+    model = MTPModel(config)
+    if args.checkpoint is not None and args.checkpoint.exists():
+        progress = load_checkpoint(args.checkpoint, model)
+        print(f"resumed from {args.checkpoint}: phase {progress.phase}, step {progress.step}", flush=True)
+    else:
+        progress = Progress(steps={}, wall_s={}, history=[], records=[])
+        if args.init_from is not None:
+            state = {("" if n.startswith("mtp.") else "trunk.") + n: t for n, t in read_weights(args.init_from).items()}
+            model.load_state_dict(state, strict=False)
+            print(f"weights from {args.init_from}", flush=True)
+    model = model.to(args.device)
     parameters = count_parameters(model)
     print(f"parameters: {parameters}", flush=True)
     use_bf16 = args.device == "cuda"
@@ -361,19 +436,26 @@ def main(argv: list[str] | None = None) -> None:
             seed=args.seed + 2,
         ),
     ]
-    history: list[dict] = []
-    records = []
-    for phase in phases:
+    while progress.phase < len(phases):
+        phase = phases[progress.phase]
         if phase.name == "head":
             model.trunk.requires_grad_(False)
-        records.append(run_phase(phase, model, train_tokens, heldout_rows, args, autocast, history))
+        record = run_phase(phase, model, train_tokens, heldout_rows, args, autocast, progress, deadline)
+        if record is None:
+            break
+        progress.records.append(record)
+        progress.phase += 1
+    finished = progress.phase == len(phases)
+    if args.checkpoint is not None and not finished:
+        save_checkpoint(args.checkpoint, model, progress)
 
     export_dtype = torch.bfloat16
     max_shard = None if args.max_shard_mib is None else int(args.max_shard_mib * 2**20)
     export(model, args.out, args.data, export_dtype, max_shard)
+    records = progress.records
     training = {
         "hyperparameters": {
-            **{k: v for k, v in vars(args).items() if not isinstance(v, Path)},
+            **{k: v for k, v in vars(args).items() if not isinstance(v, Path) and k not in ("run_seconds", "corpus_caps")},
             "mtp_alpha": alpha,
             "autocast": use_bf16,
             "export_dtype": str(export_dtype).removeprefix("torch."),
@@ -382,17 +464,38 @@ def main(argv: list[str] | None = None) -> None:
             "parameters": parameters,
             "config": {k: getattr(config, k) for k in CARD_CONFIG_KEYS},
         },
-        "corpus": {"python": manifest["python"], "heldout_modules": manifest["heldout_modules"], **manifest["totals"]},
+        "corpus": {
+            "python": manifest["python"],
+            "heldout_modules": manifest["heldout_modules"],
+            "heldout_packages": manifest.get("heldout_packages", []),
+            "train_sources": len(manifest.get("train_sources", [])),
+            **manifest["totals"],
+        },
         "hardware": {
             "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "CPU",
             "torch": torch.__version__,
             "transformers": transformers.__version__,
+            "linear_attention_kernels": _linear_attention_kernels(),
             "python": platform.python_version(),
         },
+        "finished": finished,
         "wall_s": sum(r["wall_s"] for r in records),
         "phases": records,
-        "history": history,
+        "history": progress.history,
     }
     (args.out / "training.json").write_text(json.dumps(training, indent=1) + "\n")
-    write_card(args.out)
+    if records:
+        write_card(args.out)
     print(f"wrote {args.out}", flush=True)
+    print("finished" if finished else f"stopped in phase {phases[progress.phase].name} at step {progress.step}: "
+          "run the same command again to carry on", flush=True)
+
+
+def _linear_attention_kernels() -> str:
+    """Which Gated DeltaNet kernels transformers picked: flash-linear-attention's, or its torch fallback."""
+    try:
+        import fla  # noqa: F401
+
+        return f"flash-linear-attention (fla {getattr(fla, '__version__', '?')})"
+    except ImportError:
+        return "torch fallback"
