@@ -2,8 +2,9 @@
 #
 # Both work in their own virtual environment, .venv/ (made with $(PYTHON), default python3; give another
 # with `make demo PYTHON=python3.12`), so they also run where the system Python refuses `pip install`
-# (Debian/Ubuntu's "externally-managed-environment"). The venv sees the packages already installed for
-# that Python (--system-site-packages): nothing heavy is installed twice. On Linux with apt, the apt
+# (Debian/Ubuntu's "externally-managed-environment"). The venv is self-contained (no
+# --system-site-packages): Jupyter finds widget front ends only under the venv's own share/jupyter, so
+# JupyterLab and the widget packages taken from the system Python render no widgets. On Linux with apt, the apt
 # steps need root or sudo: OpenBLAS for both jobs (MLX's Linux CPU wheel ships the slow reference BLAS;
 # `import mtpnb` loads OpenBLAS in its place), chromium for the browser tests.
 
@@ -22,7 +23,7 @@ $(VPY):
 	@if ! $(PYTHON) -c 'import ensurepip, venv' 2>/dev/null && command -v apt-get >/dev/null; then \
 	  echo "Installing python3-venv (apt-get): $(PYTHON) cannot make a virtual environment without it"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq python3-venv >/dev/null; fi
-	$(PYTHON) -m venv --system-site-packages $(VENV)
+	$(PYTHON) -m venv $(VENV)
 
 venv: $(VPY)
 
