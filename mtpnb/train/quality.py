@@ -206,9 +206,8 @@ def quality(model_dir: Path, prompts: list[dict], depth_prompts: int = 16, ppl_t
 
 
 def main(argv=None) -> None:
-    from mtpnb.platform import reexec_with_openblas
+    import mtpnb  # noqa: F401  (loads OpenBLAS in place of MLX's reference BLAS before MLX)
 
-    reexec_with_openblas()
     parser = argparse.ArgumentParser(prog="python -m mtpnb.train.quality", description=__doc__.splitlines()[0])
     parser.add_argument("models", type=Path, nargs="+")
     parser.add_argument("--json", type=Path, required=True, help="results file: entries are added per model label")

@@ -73,9 +73,8 @@ def measure(model_dir: Path, context: str, max_tokens: int) -> dict:
 
 
 def main(argv=None) -> None:
-    from mtpnb.platform import reexec_with_openblas
+    import mtpnb  # noqa: F401  (loads OpenBLAS in place of MLX's reference BLAS before MLX)
 
-    reexec_with_openblas()
     parser = argparse.ArgumentParser(prog="python -m mtpnb.train.shapes", description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path, help="JSON file for the table")
     parser.add_argument("--tokenizer", type=Path, default=Path(__file__).resolve().parent.parent / "default_model")
