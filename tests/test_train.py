@@ -122,7 +122,8 @@ def smoke_model(tmp_path_factory):
     from mtpnb.train.train import main
 
     out = tmp_path_factory.mktemp("smoke") / "model"
-    main(["--smoke", "--out", str(out), "--data", str(out.parent / "corpus")])
+    main(["--smoke", "--out", str(out), "--data", str(out.parent / "corpus"), "--unlikelihood-steps", "2",
+          "--unlikelihood-prefix", "16", "--unlikelihood-continuation", "24", "--unlikelihood-pool", "8"])
     return out
 
 
@@ -148,7 +149,9 @@ def test_smoke_training_writes_a_loadable_folder(smoke_model):
     assert len(mtp) == 15 and "mtp.fc.weight" in mtp and "lm_head.weight" not in keys
 
     training = json.loads((smoke_model / "training.json").read_text())
-    assert [p["name"] for p in training["phases"]] == ["joint", "head"]
+    assert [p["name"] for p in training["phases"]] == ["joint", "unlikelihood", "head"]
+    generations = [h["own_continuations"] for h in training["history"] if "own_continuations" in h]
+    assert generations and all(0 <= g["loop_rate"] <= 1 for g in generations)
     assert all(np.isfinite(p["heldout"]["loss_main"]) for p in training["phases"])
     assert "## Evaluation on the held-out text" in (smoke_model / "README.md").read_text()
 
@@ -158,6 +161,19 @@ def test_smoke_training_writes_a_loadable_folder(smoke_model):
         hf_logits = AutoModelForCausalLM.from_pretrained(smoke_model, dtype=torch.float32)(ids).logits
         assert torch.allclose(ours.trunk_forward(ids)[1], hf_logits, atol=1e-5)
     assert mtpnb.load(smoke_model).has_mtp
+
+
+@pytest.mark.torch
+def test_unlikelihood_marks_the_repeats_of_a_continuation_up_to_its_end():
+    torch = pytest.importorskip("torch", reason="needs the train extra (torch + transformers)")
+    from mtpnb.train.train import repeated_spans
+
+    span = [11, 12, 13]
+    prefix = span * 2  # a span the prompt repeats is not the model's loop
+    continuation = [5] + span + [6] + span + [7, 0, 9, 9, 9, 9]  # eos (0), then padding that repeats
+    repeated, valid = repeated_spans(torch.tensor([prefix + continuation]), len(prefix), eos=0, span=3)
+    assert valid[0].tolist() == [False] * 6 + [True] * 10 + [False] * 4
+    assert [i - 6 for i in torch.nonzero(repeated[0]).flatten().tolist()] == [5, 6, 7]
 
 
 @pytest.mark.torch

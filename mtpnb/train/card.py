@@ -161,12 +161,64 @@ def _quality_rows(quality: dict) -> list[str]:
     return rows
 
 
+def _phase_description(phase: dict, hp: dict) -> str:
+    """What a phase trained, with the hyper-parameters of the run it belonged to."""
+    if phase["name"] == "joint":
+        return (
+            f"**joint** (peak lr {hp['lr']:g}, {hp['warmup_steps']} warm-up steps): "
+            f"`L = L_main + {hp['mtp_lambda']:g} * sum_k a_k L_k`, k = 1..{hp['depth']}, "
+            f"a_k = {_losses(hp['mtp_alpha'])} (proportional to {hp['mtp_decay']:g}^(k-1): a draft at position "
+            "k is only worth anything when the k-1 before it were accepted). Each L_k is the cross-entropy of "
+            "head step k against the real token, teacher-forced on the real tokens."
+        )
+    if phase["name"] == "unlikelihood":
+        return (
+            f"**unlikelihood** (peak lr {hp['unlikelihood_lr']:g}): a small model's greedy decoding falls into "
+            "loops, so, as in sequence-level unlikelihood training (Welleck et al. 2019), the model continues "
+            f"{hp['unlikelihood_pool']} random {hp['unlikelihood_prefix']}-token prefixes of the training text "
+            f"greedily for {hp['unlikelihood_continuation']} tokens at a time, from its current weights, and "
+            f"`L = L_joint + {hp['unlikelihood_beta']:g} * mean_t -log(1 - p(x_t | x_<t))` over the "
+            "continuation tokens x_t that lie in an 8-token span repeated within that continuation (the joint "
+            "loss on real text keeps the rest of the distribution in place)."
+        )
+    return (
+        f"**head** (peak lr {hp['head_lr']:g}): trunk, embeddings and lm_head frozen; "
+        "`sum_k a_k KL(p_trunk(. | x[..t+k]) || q_k)`, the head fitted to the trunk's own next-token "
+        "distribution, which is what speculative acceptance rewards."
+    )
+
+
+def _lineage(training: dict) -> list[dict]:
+    """The runs that made the model, oldest first (a fine-tuning run records the run it started from)."""
+    runs = [training]
+    while runs[0].get("base"):
+        runs.insert(0, runs[0]["base"])
+    return runs
+
+
+def _out(r: int, runs: list[dict]) -> str:
+    return "OUT" if len(runs) == 1 else f"OUT{r + 1}"
+
+
 def render_card(training: dict, evaluation: dict | None) -> str:
-    hp, corpus, hw, model = training["hyperparameters"], training["corpus"], training["hardware"], training["model"]
-    measured = [(p["name"], p["heldout"]) for p in training["phases"]]
+    runs = _lineage(training)
+    first = runs[0]
+    hp, corpus, model = first["hyperparameters"], first["corpus"], training["model"]
+    phases = [p for run in runs for p in run["phases"]]
+    measured = [(p["name"], p["heldout"]) for p in phases]
     if evaluation and "loss_main" in evaluation:
         measured.append((f"`evaluate` (Python {evaluation['python']}, float32)", evaluation))
     cfg = model["config"]
+    steps = [
+        f"{i}. {_phase_description(p, run['hyperparameters'])}"
+        + (f" Fine-tuning from the weights above on {run['train_tokens'] / 1e6:.1f}M tokens drawn from the "
+           "training split." if run is not first and p is run["phases"][0] and run.get("train_tokens") else "")
+        for i, (run, p) in enumerate(((run, p) for run in runs for p in run["phases"]), start=1)
+    ]
+    runs_line = " ".join(
+        f"{'Then' if run is not first else ''} {run['hardware']['device']}, torch {run['hardware']['torch']}, "
+        f"transformers {run['hardware']['transformers']}, Python {run['hardware']['python']}: {run['wall_s']:.0f} s "
+        f"({', '.join(p['name'] for p in run['phases'])})." for run in runs).strip()
     lines = [
         "# mtpnb default model",
         "",
@@ -186,7 +238,7 @@ def render_card(training: dict, evaluation: dict | None) -> str:
         "- MTP head (`mtp.*`, 15 tensors, `mtp_num_hidden_layers: 1`): `g = norm(layer(fc([norm_e(embed(x[t+1])),"
         " norm_h(h[t])])))`, logits through the shared lm_head; step k >= 2 feeds the previous step's `g` back"
         " with the next token.",
-        f"- Weights in {hp['export_dtype']} (`A_log` in float32).",
+        f"- Weights in {training['hyperparameters']['export_dtype']} (`A_log` in float32).",
         "",
         "## Corpus",
         "",
@@ -194,23 +246,15 @@ def render_card(training: dict, evaluation: dict | None) -> str:
         "",
         "## Training",
         "",
-        f"Seed {hp['seed']}. {hw['device']}, torch {hw['torch']}, transformers {hw['transformers']}, "
-        f"Python {hw['python']}; {training['wall_s']:.0f} s of training in all. Random windows of "
-        f"{hp['seq_len']} + {hp['depth']} + 1 tokens, batch {hp['batch_size']}, "
+        f"Seed {hp['seed']}. {runs_line} {sum(run['wall_s'] for run in runs):.0f} s of training in all. Random "
+        f"windows of {hp['seq_len']} + {hp['depth']} + 1 tokens, batch {hp['batch_size']}, "
         f"{'bf16 autocast' if hp['autocast'] else 'float32'}, AdamW (betas 0.9/0.95, weight decay "
         f"{hp['weight_decay']} on matrices and embeddings), gradient clip {hp['grad_clip']}, linear warm-up then "
         f"cosine decay to {hp['min_lr_ratio']:g} x the peak.",
         "",
-        f"1. **joint** (peak lr {hp['lr']:g}, {hp['warmup_steps']} warm-up steps): "
-        f"`L = L_main + {hp['mtp_lambda']:g} * sum_k a_k L_k`, k = 1..{hp['depth']}, "
-        f"a_k = {_losses(hp['mtp_alpha'])} (proportional to {hp['mtp_decay']:g}^(k-1): a draft at position "
-        "k is only worth anything when the k-1 before it were accepted). Each L_k is the cross-entropy of "
-        "head step k against the real token, teacher-forced on the real tokens.",
-        f"2. **head** (peak lr {hp['head_lr']:g}): trunk, embeddings and lm_head frozen; "
-        "`sum_k a_k KL(p_trunk(. | x[..t+k]) || q_k)`, the head fitted to the trunk's own next-token "
-        "distribution, which is what speculative acceptance rewards.",
+        *steps,
         "",
-        *_phase_rows(training["phases"]),
+        *_phase_rows(phases),
         "",
         "## Evaluation on the held-out text",
         "",
@@ -222,10 +266,13 @@ def render_card(training: dict, evaluation: dict | None) -> str:
         "",
         *_heldout_rows(measured),
     ]
-    curve = [h for h in training["history"] if "heldout" in h]
-    curve += [{"phase": p["name"], "step": p["steps"], "heldout": p["heldout"]} for p in training["phases"]]
-    if len(curve) > len(training["phases"]):
-        curve.sort(key=lambda h: ([p["name"] for p in training["phases"]].index(h["phase"]), h["step"]))
+    curve = []
+    for r, run in enumerate(runs):
+        order = [p["name"] for p in run["phases"]]
+        points = [h for h in run["history"] if "heldout" in h]
+        points += [{"phase": p["name"], "step": p["steps"], "heldout": p["heldout"]} for p in run["phases"]]
+        curve += sorted(points, key=lambda h: (order.index(h["phase"]), h["step"]))
+    if len(curve) > len(phases):
         lines += [
             "",
             "During training (a held-out trunk loss that rises again while the training loss falls is overfitting):",
@@ -266,8 +313,9 @@ def render_card(training: dict, evaluation: dict | None) -> str:
         "",
         "```",
         "python -m mtpnb.train.corpus artifacts/corpus        # corpus, tokenizer, token arrays",
-        f"python -m mtpnb.train --data artifacts/corpus --out OUT {hp['command_line']}",
-        "python -m mtpnb.train.evaluate OUT --write",
+        *(f"python -m mtpnb.train --data artifacts/corpus --out {_out(r, runs)} {run['hyperparameters']['command_line']}"
+          + (f" --init-from {_out(r - 1, runs)}" if r else "") for r, run in enumerate(runs)),
+        f"python -m mtpnb.train.evaluate {_out(len(runs) - 1, runs)} --write",
         "```",
         "",
         "`training.json` holds every hyper-parameter and the loss history.",

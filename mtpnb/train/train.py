@@ -6,7 +6,12 @@
 Two phases, each a plain loop (sample a batch, forward, loss, backward, clip, AdamW step):
 1. joint: L = L_main + lambda * sum_k alpha_k * L_k, trunk and head together (cross-entropy on the
    real tokens; head step k is teacher-forced on x[t+k] and predicts x[t+k+1]);
-2. head: the trunk (embeddings and lm_head included) frozen, the head fitted by KL to the trunk's own
+2. unlikelihood (optional, --unlikelihood-fraction): a small model's greedy decoding falls into loops;
+   sequence-level unlikelihood training (Welleck et al. 2019, "Neural text generation with unlikelihood
+   training") lowers the probability of what the model repeats in its *own* greedy continuations:
+   L = L_joint(real text) + beta * mean_t [-log(1 - p(x_t | x_<t))] over continuation tokens x_t that are
+   part of a repeated REPEAT_SPAN-token span of that continuation;
+3. head: the trunk (embeddings and lm_head included) frozen, the head fitted by KL to the trunk's own
    next-token distribution at the position it drafts for.
 With --time-budget-s the step counts come from the budget: after CALIBRATION_STEPS steps the loop times
 itself and fixes its last step, so the learning-rate schedule stays a function of the step.
@@ -42,6 +47,8 @@ from .corpus import prepare
 from .evaluate import heldout_metrics, windows
 from .export import export, read_weights
 from .model import MTPModel, build_config, count_parameters
+from .quality import LOOP_SPAN
+from .quality import loops as looping
 
 CARD_CONFIG_KEYS = (
     "vocab_size",
@@ -115,6 +122,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--head-steps", type=int, default=200, help="head-only steps (without --time-budget-s)")
     g.add_argument("--time-budget-s", type=float, help="training seconds for both phases; sets the step counts")
     g.add_argument("--head-fraction", type=float, default=0.2, help="share of the budget for the head phase")
+    g.add_argument("--unlikelihood-fraction", type=float, default=0.0,
+                   help="share of the budget for the unlikelihood phase (0: none); joint gets what is left (none if 0)")
+    g.add_argument("--unlikelihood-steps", type=int, default=0, help="unlikelihood steps (without --time-budget-s)")
+    g.add_argument("--unlikelihood-lr", type=float, default=2e-4)
+    g.add_argument("--unlikelihood-beta", type=float, default=1.0, help="weight of the unlikelihood term")
+    g.add_argument("--unlikelihood-prefix", type=int, default=128, help="tokens of real text before a continuation")
+    g.add_argument("--unlikelihood-continuation", type=int, default=128, help="greedy tokens the model continues with")
+    g.add_argument("--unlikelihood-pool", type=int, default=256,
+                   help="continuations generated at a time (each step trains on batch-size of them)")
     g = p.add_argument_group("logging and export")
     g.add_argument("--log-every", type=int, default=25)
     g.add_argument("--eval-every", type=int, default=200, help="held-out evaluation every N steps (0: at phase ends)")
@@ -219,6 +235,85 @@ def head_loss(model: MTPModel, batch: torch.Tensor, seq_len: int, alpha: list[fl
         for k, step in enumerate(model.mtp_steps(hidden, batch, depth), start=1)
     ]
     return sum(a * l for a, l in zip(alpha, loss_mtp)), None, loss_mtp
+
+
+REPEAT_SPAN = LOOP_SPAN  # a loop's unit, as the quality evaluation counts it
+
+
+def repeated_spans(ids: torch.Tensor, start: int, eos: int, span: int = REPEAT_SPAN) -> tuple[torch.Tensor, torch.Tensor]:
+    """(repeated, valid), bool [B, L]: `valid` marks the continuation ids[:, start:] up to and with its first
+    `eos`; `repeated` the valid tokens inside a `span`-token window that already occurred earlier in it."""
+    repeated = torch.zeros(ids.shape, dtype=torch.bool)
+    valid = torch.zeros(ids.shape, dtype=torch.bool)
+    for b, row in enumerate(ids[:, start:].tolist()):
+        end = row.index(eos) + 1 if eos in row else len(row)
+        valid[b, start : start + end] = True
+        seen = set()
+        for i in range(end - span + 1):
+            window = tuple(row[i : i + span])
+            if window in seen:
+                repeated[b, start + i : start + i + span] = True
+            seen.add(window)
+    return repeated.to(ids.device), valid.to(ids.device)
+
+
+class OwnContinuations:
+    """The model's own greedy continuations of random real-text prefixes: `pool` generated at a time (one
+    batched generate is latency-bound, so a large pool costs about what a small one does), handed out
+    `batch_size` at a time, regenerated from the current weights when used up."""
+
+    def __init__(self, model: MTPModel, tokens: np.ndarray, args, autocast, seed: int, history: list):
+        self.model, self.autocast, self.history = model, autocast, history
+        self.tokens = torch.from_numpy(tokens.astype(np.int64)).to(args.device)
+        self.prefix, self.continuation, self.pool = args.unlikelihood_prefix, args.unlikelihood_continuation, args.unlikelihood_pool
+        self.eos = model.config.eos_token_id
+        self.generator = torch.Generator(device=tokens.device).manual_seed(seed)
+        self.ids = self.repeated = self.valid = None
+        self.used = self.generations = 0
+
+    @torch.no_grad()
+    def _generate(self) -> None:
+        starts = torch.randint(0, len(self.tokens) - self.prefix, (self.pool, 1), generator=self.generator,
+                               device=self.tokens.device)
+        prefixes = self.tokens[starts + torch.arange(self.prefix, device=self.tokens.device)]
+        was_training = self.model.training
+        self.model.eval()
+        with self.autocast:
+            ids = self.model.trunk.generate(
+                input_ids=prefixes, attention_mask=torch.ones_like(prefixes), max_new_tokens=self.continuation,
+                do_sample=False, pad_token_id=self.eos, eos_token_id=self.eos)
+        self.model.train(was_training)
+        ids = torch.nn.functional.pad(ids, (0, self.prefix + self.continuation - ids.shape[1]), value=self.eos)
+        self.ids = ids
+        self.repeated, self.valid = repeated_spans(ids, self.prefix, self.eos)
+        self.used, self.generations = 0, self.generations + 1
+        loops = [looping(row) for row in ids[:, self.prefix :].tolist()]
+        record = {"phase": "unlikelihood", "generation": self.generations,
+                  "own_continuations": {"loop_rate": sum(loops) / len(loops),
+                                        "repeated_share": float(self.repeated.sum() / self.valid.sum()),
+                                        "mean_length": float(self.valid.sum() / len(loops))}}
+        self.history.append(record)
+        print(f"[unlikelihood] own greedy continuations #{self.generations}: {json.dumps(record['own_continuations'])}",
+              flush=True)
+
+    def next(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.ids is None or self.used + batch_size > self.pool:
+            self._generate()
+        part = slice(self.used, self.used + batch_size)
+        self.used += batch_size
+        return self.ids[part], self.repeated[part], self.valid[part]
+
+
+def unlikelihood_loss(model: MTPModel, batch: torch.Tensor, own: OwnContinuations, args, alpha: list[float]):
+    """The joint loss on real text plus beta * the sequence-level unlikelihood of the model's own repeats:
+    -log(1 - p(x_t | x_<t)) summed over repeated continuation tokens, per continuation token."""
+    loss, loss_main, loss_mtp = joint_loss(model, batch, args.seq_len, alpha, args.mtp_lambda)
+    ids, repeated, valid = own.next(args.batch_size)
+    _, logits = model.trunk_forward(ids[:, :-1])
+    p = F.softmax(logits.float(), dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    penalty = -torch.log1p(-p.clamp(max=1 - 1e-5))
+    unlikely = (penalty * repeated[:, 1:]).sum() / valid[:, 1:].sum().clamp(min=1)
+    return loss + args.unlikelihood_beta * unlikely, loss_main, loss_mtp
 
 
 @dataclass
@@ -412,6 +507,10 @@ def main(argv: list[str] | None = None) -> None:
         heldout_rows = heldout_rows[: args.eval_batches * args.batch_size]
 
     budget = args.time_budget_s
+    joint_fraction = 1 - args.head_fraction - args.unlikelihood_fraction
+    own = None
+    if args.unlikelihood_fraction or args.unlikelihood_steps:
+        own = OwnContinuations(model, train_tokens, args, autocast, args.seed + 3, progress.history)
     phases = [
         Phase(
             name="joint",
@@ -421,8 +520,19 @@ def main(argv: list[str] | None = None) -> None:
             params=list(model.parameters()),
             lr=args.lr,
             steps=args.steps,
-            budget_s=None if budget is None else budget * (1 - args.head_fraction),
+            budget_s=None if budget is None else budget * joint_fraction,
             seed=args.seed + 1,
+        ),
+        Phase(
+            name="unlikelihood",
+            trains="trunk + head",
+            loss_kind="cross-entropy",
+            loss=lambda batch: unlikelihood_loss(model, batch, own, args, alpha),
+            params=list(model.parameters()),
+            lr=args.unlikelihood_lr,
+            steps=args.unlikelihood_steps,
+            budget_s=None if budget is None else budget * args.unlikelihood_fraction,
+            seed=args.seed + 4,
         ),
         Phase(
             name="head",
@@ -436,6 +546,8 @@ def main(argv: list[str] | None = None) -> None:
             seed=args.seed + 2,
         ),
     ]
+    # a phase given no steps or no time is left out (fine-tuning from --init-from needs no joint phase)
+    phases = [p for p in phases if (p.steps if p.budget_s is None else p.budget_s) > 0]
     while progress.phase < len(phases):
         phase = phases[progress.phase]
         if phase.name == "head":
@@ -464,6 +576,7 @@ def main(argv: list[str] | None = None) -> None:
             "parameters": parameters,
             "config": {k: getattr(config, k) for k in CARD_CONFIG_KEYS},
         },
+        "train_tokens": int(len(train_tokens)),
         "corpus": {
             "python": manifest["python"],
             "heldout_modules": manifest["heldout_modules"],
@@ -478,6 +591,7 @@ def main(argv: list[str] | None = None) -> None:
             "linear_attention_kernels": _linear_attention_kernels(),
             "python": platform.python_version(),
         },
+        "base": _base_training(args.init_from),
         "finished": finished,
         "wall_s": sum(r["wall_s"] for r in records),
         "phases": records,
@@ -489,6 +603,13 @@ def main(argv: list[str] | None = None) -> None:
     print(f"wrote {args.out}", flush=True)
     print("finished" if finished else f"stopped in phase {phases[progress.phase].name} at step {progress.step}: "
           "run the same command again to carry on", flush=True)
+
+
+def _base_training(init_from: Path | None) -> dict | None:
+    """The training record of the model a fine-tuning run started from (its lineage, for the card)."""
+    if init_from is None or not (Path(init_from) / "training.json").exists():
+        return None
+    return json.loads((Path(init_from) / "training.json").read_text())
 
 
 def _linear_attention_kernels() -> str:
