@@ -267,7 +267,7 @@ class OwnContinuations:
         self.tokens = torch.from_numpy(tokens.astype(np.int64)).to(args.device)
         self.prefix, self.continuation, self.pool = args.unlikelihood_prefix, args.unlikelihood_continuation, args.unlikelihood_pool
         self.eos = model.config.eos_token_id
-        self.generator = torch.Generator(device=tokens.device).manual_seed(seed)
+        self.generator = torch.Generator(device=self.tokens.device).manual_seed(seed)
         self.ids = self.repeated = self.valid = None
         self.used = self.generations = 0
 
