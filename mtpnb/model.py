@@ -108,7 +108,9 @@ class Model:
     def use_verify_kernels(self, enabled: bool = True) -> int:
         """Route the quantized linears (trunk and head) through mtpnb's verify kernels, which
         read each weight once for up to 8 rows (CUDA; Metal untested; the CPU keeps MLX's op).
-        Returns how many layers were switched; a no-op on an unquantized model."""
+        Returns how many layers were switched; a no-op on an unquantized model. An MoE model's routed
+        experts stay on MLX's gather_qmm (mtpnb.kernels says why); `info()["verify_kernels"]` says
+        what is covered."""
         from .kernels import disable_verify_kernels, enable_verify_kernels
 
         switch = enable_verify_kernels if enabled else disable_verify_kernels
@@ -155,6 +157,8 @@ class Model:
         def nbytes(module):
             return sum(v.nbytes for _, v in tree_flatten(module.parameters()))
 
+        from .kernels import coverage, describe_coverage
+
         tc = self.text_config
         layers = self._inner.layers
         linear = sum(1 for layer in layers if getattr(layer, "is_linear", False))
@@ -177,6 +181,7 @@ class Model:
             "dtype": str(dtype).replace("mlx.core.", "") if dtype else None,
             "quantization": f"{quant['bits']}-bit, group {quant['group_size']}" if quant else None,
             "weights_mb": round((nbytes(self.trunk) + (nbytes(self.head) if self.head else 0)) / 2**20, 1),
+            "verify_kernels": describe_coverage(_merge(coverage(self.trunk), coverage(self.head) if self.head else None)),
             "device": str(mx.default_device()),
             "notes": list(self.notes),
         }
@@ -190,3 +195,7 @@ class Model:
             f"{i['layers']} layers ({i['linear_attention_layers']} linear-attention), {mtp}, "
             f"{i['dtype']}{q}, {i['weights_mb']} MB>"
         )
+
+
+def _merge(a: dict, b: dict | None) -> dict:
+    return a if b is None else {k: round(a[k] + b[k], 1) for k in a}

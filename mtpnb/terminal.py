@@ -84,6 +84,8 @@ def describe_model(info: dict) -> str:
         ("weights", weights or "?"),
         ("device", info.get("device") or "?"),
     ]
+    if info.get("verify_kernels"):
+        rows.append(("kernels", f"verify kernels {info['verify_kernels']}"))
     where = info.get("url") or info.get("path")
     lines = [f"{info.get('name', '?')}" + (f"  ({where})" if where else "")]
     lines += [f"  {key:<11}{value}" for key, value in rows]

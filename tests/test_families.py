@@ -292,3 +292,24 @@ def test_mtp_layers_the_config_does_not_declare_are_refused_not_dropped(hf_check
                                                f"declares {declared}") as e:
         mtpnb.load(path)
     assert "\n" not in str(e.value)
+
+
+def test_verify_kernel_switch_on_moe_leaves_routed_experts_stock_and_says_so(hf_checkpoints):
+    """The switch covers the dense parts (attention, Gated DeltaNet, shared expert, router); the routed
+    experts stay on gather_qmm, and info() says both (mtpnb info and the bench report print it)."""
+    from mtpnb.kernels import VerifyQuantizedLinear, coverage
+
+    model = load(hf_checkpoints("qwen3_5_moe", experts="fused", head="echo"), quantize=4, group_size=32)
+    assert model.info()["verify_kernels"].startswith("off; ")
+    switched = model.use_verify_kernels()
+    layers = [m for m in (model.trunk, model.head) for _, m in m.named_modules()]
+    assert switched == sum(type(m) is VerifyQuantizedLinear for m in layers) > 0
+    assert {type(m).__name__ for m in layers if "SwitchLinear" in type(m).__name__} == {"QuantizedSwitchLinear"}
+    shared = model._inner.layers[-1].mlp.shared_expert.gate_proj
+    assert type(shared) is VerifyQuantizedLinear and type(model._inner.layers[-1].mlp.gate) is VerifyQuantizedLinear
+    experts = coverage(model.trunk)["routed_expert_layers"] + coverage(model.head)["routed_expert_layers"]
+    line = model.info()["verify_kernels"]
+    assert line.startswith(f"on for {switched} of {switched} quantized linears")
+    assert f"the routed experts ({experts} layers" in line and line.endswith("always run MLX's gather_qmm")
+    assert experts == 3 * (len(model._inner.layers) + 1)  # gate, up, down per MoE layer, the head's included
+    model.use_verify_kernels(False)
