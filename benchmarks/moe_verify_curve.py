@@ -113,9 +113,10 @@ def timed(fn, warmup: int, repeats: int) -> float:
     return statistics.median(samples) * 1e3
 
 
-def curve(model, context: int, max_m: int, warmup: int, repeats: int) -> dict:
+def curve(model, context: int, max_m: int, warmup: int, repeats: int, record: dict, save, deadline: float):
     """Median ms of a trunk forward (logits included) of M tokens after `context` tokens, M = 1..max_m,
-    each rolled back, and of one MTP head draft step (head layer + lm_head, trimmed)."""
+    each rolled back, then of one MTP head draft step (head layer + lm_head, trimmed), into `record`
+    (saved after each figure). Past `deadline` (perf_counter) the rest is skipped and `cut_short` set."""
     from mtpnb.rollback import rollback_cache
 
     vocab = model.text_config["vocab_size"]
@@ -124,24 +125,34 @@ def curve(model, context: int, max_m: int, warmup: int, repeats: int) -> dict:
     hidden, _ = model.forward(prompt, cache=cache)
     g, _ = model.mtp_forward(hidden[:, :-1], prompt[:, 1:], cache=head_cache)
     mx.eval(hidden, g, head_cache.state)
-    verify_ms = []
+    record.update(verify_ms=[], ratio=[], cut_short=False)
     for m in range(1, max_m + 1):
+        if time.perf_counter() > deadline:
+            record["cut_short"] = True
+            save()
+            return
         ids = mx.random.randint(0, vocab, (1, m))
 
         def forward():
             mx.eval(model.forward(ids, cache=cache))
             rollback_cache(cache, keep=0, discard=m)
 
-        verify_ms.append(timed(forward, warmup, repeats))
+        record["verify_ms"].append(timed(forward, warmup, repeats))
+        record["t1_ms"] = record["verify_ms"][0]
+        record["ratio"] = [t / record["t1_ms"] for t in record["verify_ms"]]
+        save()
     token = prompt[:, -1:]
 
     def draft_step():
         mx.eval(model.mtp_forward(g[:, -1:], token, cache=head_cache, step=1))
         head_cache.trim(1)
 
-    draft_ms = timed(draft_step, warmup, repeats)
-    return {"t1_ms": verify_ms[0], "verify_ms": verify_ms, "ratio": [t / verify_ms[0] for t in verify_ms],
-            "draft_step_ms": draft_ms, "draft_ratio": draft_ms / verify_ms[0]}
+    if time.perf_counter() > deadline:
+        record["cut_short"] = True
+    else:
+        record["draft_step_ms"] = timed(draft_step, warmup, repeats)
+        record["draft_ratio"] = record["draft_step_ms"] / record["t1_ms"]
+    save()
 
 
 def markdown(result: dict) -> str:
@@ -157,8 +168,13 @@ def markdown(result: dict) -> str:
         "|---|---|" + "---|" * s["max_m"] + "---|",
     ]
     for label, c in result["curves"].items():
-        lines.append(f"| {label} | {c['t1_ms']:.2f} | " + " | ".join(f"{r:.2f}" for r in c["ratio"])
-                     + f" | {c['draft_ratio']:.2f} |")
+        if not c.get("verify_ms"):
+            lines.append(f"| {label} | not measured within --budget-s |" + " |" * (s["max_m"] + 1))
+            continue
+        ratios = [f"{r:.2f}" for r in c["ratio"]] + ["-"] * (s["max_m"] - len(c["ratio"]))
+        draft = f"{c['draft_ratio']:.2f}" if "draft_ratio" in c else "-"
+        lines.append(f"| {label} | {c['t1_ms']:.2f} | " + " | ".join(ratios) + f" | {draft} |"
+                     + (" (cut short by --budget-s)" if c.get("cut_short") else ""))
     if result.get("switched"):
         lines.append("")
         lines.append(f"verify kernels {result['switched']}")
@@ -178,6 +194,9 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--stock-only", action="store_true", help="skip the verify-kernel curve")
+    parser.add_argument("--budget-s", type=float, default=420,
+                        help="stop measuring after this many seconds from the start, keeping what is measured "
+                             "(the lent GPU allows 8 minutes a command)")
     parser.add_argument("--out-dir", help="write moe_verify_curve.json and .md here (after every curve)")
     args = parser.parse_args(argv)
 
@@ -191,6 +210,7 @@ def main(argv=None):
     dtype = args.dtype or ("float32" if mx.default_device() == mx.cpu else "bfloat16")
     mx.random.seed(0)
     started = time.perf_counter()
+    deadline = started + args.budget_s
     model = build(shape, args.bits, args.group_size, getattr(mx, dtype))
     result = {
         "model": model.name, "device": str(mx.default_device()), "mlx": mx.__version__, "shape": shape,
@@ -214,12 +234,14 @@ def main(argv=None):
         if kernels:
             result["switched"] = model.info()["verify_kernels"]
             result["kernel_checks"] = {str(k): v for k, v in kernel_status()["checks"].items()}
-        result["curves"][label] = curve(model, args.context, args.max_m, args.warmup, args.repeats)
-        result["curves"][label]["wall_s"] = time.perf_counter() - t
+        c = result["curves"][label] = {}
+        curve(model, args.context, args.max_m, args.warmup, args.repeats, c, write, deadline)
+        c["wall_s"] = time.perf_counter() - t
         write()
-        c = result["curves"][label]
-        print(f"{label}: t(1) {c['t1_ms']:.2f} ms, t(M)/t(1) " + " ".join(f"{r:.2f}" for r in c["ratio"])
-              + f", draft step {c['draft_ratio']:.2f} t(1) ({c['wall_s']:.0f} s)", flush=True)
+        print(f"{label}: t(M)/t(1) " + " ".join(f"{r:.2f}" for r in c["ratio"])
+              + (f", t(1) {c['t1_ms']:.2f} ms" if c["ratio"] else "")
+              + (f", draft step {c['draft_ratio']:.2f} t(1)" if "draft_ratio" in c else "")
+              + f" ({c['wall_s']:.0f} s{', cut short' if c['cut_short'] else ''})", flush=True)
     model.use_verify_kernels(False)
     print()
     print(markdown(result))
