@@ -17,7 +17,9 @@ vLLM's qwen3_next_mtp.py and deepseek_mtp.py). For Qwen the layers share fc, the
 final norm; for DeepSeek/GLM and MiMo each layer is a whole MTP module with its own norms and
 projection. Each layer keeps its own KV cache (HeadCache): the committed positions enter every
 layer's cache (each attends over the whole committed context, as vLLM's attention reads every
-position), and a draft step's row enters only the cache of the layer that ran it.
+position), and a draft step's row enters only the cache of the layer that ran it, right after that
+layer's previous rows (vLLM numbers draft step j's row n + j in every layer; with one layer the two
+agree, with several a layer's first draft row here follows the committed positions directly).
 """
 
 from __future__ import annotations

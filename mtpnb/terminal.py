@@ -80,7 +80,8 @@ def describe_model(info: dict) -> str:
         ("family", info.get("family") or "?"),
         ("parameters", parameters),
         ("layers", layers),
-        ("MTP head", "yes" if info.get("has_mtp") else "no (plain decoding only)"),
+        ("MTP head", ("yes" + (f" ({info['mtp_layers']} layers)" if (info.get("mtp_layers") or 1) > 1 else ""))
+         if info.get("has_mtp") else "no (plain decoding only)"),
         ("weights", weights or "?"),
         ("device", info.get("device") or "?"),
     ]
