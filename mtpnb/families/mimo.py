@@ -6,7 +6,9 @@ vLLM's mimo_mtp.py reads them:
     the decoder layer                   input_layernorm, self_attn (q/k/v with bias), post_attention_layernorm, mlp
     final_layernorm                     its output, which lm_head reads and the next step takes
 
-MiMo-7B-RL ships one (`mtp_layers.0`); with `num_nextn_predict_layers` = n > 1, draft step j runs layer j % n.
+MiMo-7B-RL ships one (`mtp_layers.0`). With `num_nextn_predict_layers` = n > 1, draft step j runs layer
+j % n: vLLM's mimo_mtp.py picks `mtp_layers[j]` (and drafts one step only); past the n-th step the
+layers cycle, as vLLM's DeepSeek and Qwen MTP layers do.
 """
 
 from __future__ import annotations
