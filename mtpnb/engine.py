@@ -266,11 +266,11 @@ class DecodeLoop:
         g = model.head(pending_hidden, model.embed(mx.array(pending_tokens)[None]), cache=head_cache)[:, -1:]
         drafts, dists = [], []
         for j in range(self.depth):
-            draft, dist = draft_token(model, sampling, g)
+            draft, dist = draft_token(model, sampling, g, step=j)
             drafts.append(draft)
             dists.append(dist)
             if j + 1 < self.depth:
-                g = model.head(g, model.embed(draft.reshape(1, 1)), cache=head_cache)
+                g = model.head(g, model.embed(draft.reshape(1, 1)), cache=head_cache, step=j + 1)
         dists = mx.stack(dists)
         if model.draft_vocab is not None:  # back to the whole vocabulary, zero probability elsewhere
             full = mx.full((self.depth, self.vocab_size), -mx.inf, dtype=dists.dtype)
@@ -303,10 +303,10 @@ def next_token(sampling: Sampling, logits: mx.array) -> tuple[mx.array, mx.array
     return sample(sampling.logprobs(logits))
 
 
-def draft_token(model, sampling: Sampling, g: mx.array) -> tuple[mx.array, mx.array]:
-    """One draft from the head's last output g [1, T, H]: (token id, the distribution it was drawn
-    from over the draft vocabulary: log-probs when sampling, raw logits at greedy)."""
-    logits = model.draft_logits(g)[0, -1]
+def draft_token(model, sampling: Sampling, g: mx.array, step: int = 0) -> tuple[mx.array, mx.array]:
+    """One draft from the head's last output g [1, T, H] at draft step `step`: (token id, the
+    distribution it was drawn from over the draft vocabulary: log-probs when sampling, raw logits at greedy)."""
+    logits = model.draft_logits(g, step)[0, -1]
     dist = logits if sampling.greedy else sampling.logprobs(logits)
     index = mx.argmax(dist, axis=-1) if sampling.greedy else sample(dist)[0]
     return (index if model.draft_vocab is None else model.draft_vocab[index]), dist

@@ -214,11 +214,11 @@ def _to_hf_layout(weights: dict, family: str) -> dict:
 HF_FAMILIES = ("qwen3_5_moe", "qwen3_next", "deepseek_v3", "glm4_moe", "mimo")
 # transformers has no MiMo class (MiMo ships remote code): its trunk is Qwen2's, written by Qwen2ForCausalLM
 # under MiMo's model_type.
-CONFIG_AS = {"mimo": {"model_type": "mimo", "architectures": ["MiMoForCausalLM"], "num_nextn_predict_layers": 1}}
+CONFIG_AS = {"mimo": {"model_type": "mimo", "architectures": ["MiMoForCausalLM"]}}
 
 
-def hf_tiny_config(family: str, *, vocab_size: int = 259, tie: bool = False):
-    """A tiny transformers config of `family` with its MTP layer(s) declared, float32."""
+def hf_tiny_config(family: str, *, vocab_size: int = 259, tie: bool = False, mtp_layers: int = 1):
+    """A tiny transformers config of `family` with its `mtp_layers` MTP layers declared, float32."""
     import transformers
 
     common = dict(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
@@ -234,11 +234,11 @@ def hf_tiny_config(family: str, *, vocab_size: int = 259, tie: bool = False):
     )
     if family == "qwen3_5_moe":
         config = transformers.Qwen3_5MoeTextConfig(
-            **common, **moe, **hybrid, mtp_num_hidden_layers=1, mtp_use_dedicated_embeddings=False)
+            **common, **moe, **hybrid, mtp_num_hidden_layers=mtp_layers, mtp_use_dedicated_embeddings=False)
         config.architectures = ["Qwen3_5MoeForCausalLM"]
     elif family == "qwen3_next":
         config = transformers.Qwen3NextConfig(**common, **moe, **hybrid, norm_topk_prob=True)
-        config.num_nextn_predict_layers = 1  # Qwen3-Next's name for the count of MTP layers
+        config.num_nextn_predict_layers = mtp_layers  # Qwen3-Next's name for the count of MTP layers
         config.architectures = ["Qwen3NextForCausalLM"]
     elif family == "deepseek_v3":
         common.update(num_hidden_layers=3, num_key_value_heads=4)
@@ -246,7 +246,7 @@ def hf_tiny_config(family: str, *, vocab_size: int = 259, tie: bool = False):
         config = transformers.DeepseekV3Config(
             **common, **moe, intermediate_size=96, n_shared_experts=1, n_routed_experts=4, n_group=2, topk_group=1,
             routed_scaling_factor=2.5, first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=32,
-            qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, num_nextn_predict_layers=1,
+            qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, num_nextn_predict_layers=mtp_layers,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         )
         config.architectures = ["DeepseekV3ForCausalLM"]
@@ -255,13 +255,14 @@ def hf_tiny_config(family: str, *, vocab_size: int = 259, tie: bool = False):
         config = transformers.Glm4MoeConfig(
             **common, **moe, intermediate_size=96, n_shared_experts=1, n_routed_experts=4, n_group=1, topk_group=1,
             routed_scaling_factor=1.0, first_k_dense_replace=1, use_qk_norm=True, attention_bias=True,
-            num_nextn_predict_layers=1,
+            num_nextn_predict_layers=mtp_layers,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
         )
         config.architectures = ["Glm4MoeForCausalLM"]
     elif family == "mimo":
         common.update(num_hidden_layers=3, intermediate_size=96)
         config = transformers.Qwen2Config(**common, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+        config.num_nextn_predict_layers = mtp_layers
     else:
         raise ValueError(f"unknown family {family!r}; transformers-written checkpoints exist for {HF_FAMILIES}")
     config._attn_implementation = "sdpa"
@@ -301,7 +302,7 @@ def hf_classes(family: str):
 
 def make_hf_checkpoint(path, *, family: str = "qwen3_5_moe", experts: str = "per_expert", head: str = "random",
                        seed: int = 0, vocab_size: int = 259, tie: bool | None = None,
-                       logit_scale: float = 1.0) -> Path:
+                       logit_scale: float = 1.0, mtp_layers: int = 1) -> Path:
     """Write a random float32 checkpoint with transformers' own classes (`save_pretrained`), plus the MTP
     layer's tensors in the family's published layout, and mtpnb's byte tokenizer.
 
@@ -314,6 +315,7 @@ def make_hf_checkpoint(path, *, family: str = "qwen3_5_moe", experts: str = "per
     tie: tied embeddings (by default only with the echo head: a random trunk with tied embeddings
         tends to repeat tokens; with logit_scale ~0.1 not always, so every acceptance count occurs).
     logit_scale: multiplies the embeddings.
+    mtp_layers: how many MTP layers (each random, or each an echo), declared in the config as the family does.
     Norm weights are spread around their neutral value so a wrong convention shows.
     """
     import torch
@@ -326,7 +328,7 @@ def make_hf_checkpoint(path, *, family: str = "qwen3_5_moe", experts: str = "per
         raise ValueError(f"unknown head {head!r}")
     tie = head == "echo" if tie is None else tie
     nextn = family in ("deepseek_v3", "glm4_moe", "mimo")  # mlx-lm's classes always have an lm_head: tie by copy
-    config = hf_tiny_config(family, vocab_size=vocab_size, tie=tie and not nextn)
+    config = hf_tiny_config(family, vocab_size=vocab_size, tie=tie and not nextn, mtp_layers=mtp_layers)
     causal_lm, decoder_layer, attention_layer = hf_classes(family)
     model = causal_lm(config).eval()
     with torch.no_grad():
@@ -339,14 +341,16 @@ def make_hf_checkpoint(path, *, family: str = "qwen3_5_moe", experts: str = "per
     model.save_pretrained(path)
 
     layer = decoder_layer(config, layer_idx=attention_layer)
-    layer_weights = {k: torch.randn_like(v) * (0.2 if k.endswith("norm.weight") else 0.1)
-                     for k, v in layer.state_dict().items()}
-    if family == "mimo":
-        mtp = _mimo_head(config, layer_weights, head, prefix="model.mtp_layers.0.")
-    elif nextn:
-        mtp = _nextn_head(config, layer_weights, model, head, prefix=f"model.layers.{attention_layer}.")
-    else:
-        mtp = _qwen_head(config, layer_weights, head, prefix="mtp.")
+    mtp = {}
+    for k in range(mtp_layers):
+        layer_weights = {name: torch.randn_like(v) * (0.2 if name.endswith("norm.weight") else 0.1)
+                         for name, v in layer.state_dict().items()}
+        if family == "mimo":
+            mtp.update(_mimo_head(config, layer_weights, head, prefix=f"model.mtp_layers.{k}."))
+        elif nextn:
+            mtp.update(_nextn_head(config, layer_weights, model, head, prefix=f"model.layers.{attention_layer + k}."))
+        else:
+            mtp.update(_qwen_head(config, layer_weights, head, prefix="mtp.", index=k))
     weights = load_file(path / "model.safetensors")
     weights.update({k: v.contiguous() for k, v in mtp.items()})
     weights = fuse_experts(weights) if experts == "fused" else split_experts(weights)
@@ -358,12 +362,13 @@ def make_hf_checkpoint(path, *, family: str = "qwen3_5_moe", experts: str = "per
     return path
 
 
-def _qwen_head(config, layer_weights: dict, head: str, prefix: str) -> dict:
-    """`mtp.*`: fc, the three norms stored as w for x_hat * (1 + w), and the decoder layer."""
+def _qwen_head(config, layer_weights: dict, head: str, prefix: str, index: int = 0) -> dict:
+    """`mtp.*`: fc, the three norms stored as w for x_hat * (1 + w), and decoder layer `index`
+    (fc and the norms are shared by the layers: the last call's are kept)."""
     import torch
 
     hidden = config.hidden_size
-    mtp = {f"layers.0.{k}": v for k, v in layer_weights.items()}
+    mtp = {f"layers.{index}.{k}": v for k, v in layer_weights.items()}
     mtp.update({"fc.weight": torch.randn(hidden, 2 * hidden) * 0.1, "norm.weight": torch.randn(hidden) * 0.2,
                 "pre_fc_norm_embedding.weight": torch.randn(hidden) * 0.2,
                 "pre_fc_norm_hidden.weight": torch.randn(hidden) * 0.2})

@@ -27,6 +27,14 @@ The switch::
     disable_verify_kernels(model)
     with verify_kernels(model): ...     # the same, scoped
 
+Routed experts are not covered: an MoE layer's experts (mlx-lm's ``QuantizedSwitchLinear``) run MLX's
+``mx.gather_qmm``, which reads each token's own experts, so a verify of M tokens reads up to M times
+as many expert weights whatever the kernel; a gathered kernel would need the rows grouped by expert,
+and with few rows (M <= 8) times 8 experts out of 128-256 few rows share an expert. The switch
+covers an MoE model's dense parts: attention and Gated DeltaNet projections, the shared expert, the
+router gates and an untied lm_head. ``coverage(model)`` says what is switched and what stays
+stock; ``Model.info()`` (and so ``mtpnb info`` and ``mtpnb bench``'s report) carries it.
+
 ``VerifyQuantizedLinear`` calls the kernel when the input has 1..8 rows (all leading dims
 multiplied) and the layer is affine 4- or 8-bit with group size 32 or 64; otherwise it is exactly
 ``nn.QuantizedLinear``. Swapping is a class change on the existing module objects: no weights are
@@ -51,6 +59,7 @@ __all__ = [
     "VerifyQuantizedLinear",
     "backend",
     "choose_cuda_config",
+    "coverage",
     "disable_verify_kernels",
     "enable_verify_kernels",
     "kernel_status",
@@ -499,6 +508,33 @@ def disable_verify_kernels(model: nn.Module) -> int:
     for m in mods:
         m.__class__ = nn.QuantizedLinear
     return len(mods)
+
+
+def coverage(model: nn.Module) -> dict:
+    """What the switch covers in `model`: quantized linears (switched now, or not) and the routed
+    experts' layers it leaves on MLX's gather_qmm, with their weight bytes."""
+
+    def nbytes(modules):
+        return sum(v.nbytes for m in modules for k, v in m.items() if isinstance(v, mx.array))
+
+    stock = _quantized_linears(model, nn.QuantizedLinear)
+    switched = _quantized_linears(model, VerifyQuantizedLinear)
+    experts = [m for m in model.modules() if type(m).__name__ == "QuantizedSwitchLinear"]
+    return {"switched": len(switched), "switchable": len(stock) + len(switched),
+            "linear_mb": round(nbytes(stock + switched) / 2**20, 1),
+            "routed_expert_layers": len(experts), "routed_expert_mb": round(nbytes(experts) / 2**20, 1)}
+
+
+def describe_coverage(cov: dict) -> str | None:
+    """One line on the switch for a quantized model (None when nothing is quantized)."""
+    if not cov["switchable"] and not cov["routed_expert_layers"]:
+        return None
+    state = f"on for {cov['switched']} of" if cov["switched"] else "off;"
+    line = f"{state} {cov['switchable']} quantized linears ({cov['linear_mb']} MB)"
+    if cov["routed_expert_layers"]:
+        line += (f"; the routed experts ({cov['routed_expert_layers']} layers, {cov['routed_expert_mb']} MB) "
+                 "always run MLX's gather_qmm")
+    return line
 
 
 def verify_kernels_enabled(model: nn.Module) -> bool:

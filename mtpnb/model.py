@@ -11,7 +11,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
-from .head import MiMoHead, MTPHead, NextNHead
+from .head import HeadCache, MiMoHead, MTPHead, NextNHead
 from .rollback import RollbackArraysCache
 
 
@@ -71,9 +71,10 @@ class Model:
         self._draft_weight = mx.contiguous(head_weight.weight[self.draft_vocab])
         mx.eval(self._draft_weight)
 
-    def draft_logits(self, g: mx.array) -> mx.array:
-        """The head's logits over the draft vocabulary (the whole one when none is set)."""
-        g = self.head.pre_logits(g)
+    def draft_logits(self, g: mx.array, step: int = 0) -> mx.array:
+        """The head's logits over the draft vocabulary (the whole one when none is set) from the
+        output g of draft step `step` (with several MTP layers, that step's layer reads it)."""
+        g = self.head.pre_logits(g, step)
         return self.lm_head(g) if self._draft_weight is None else g @ self._draft_weight.T
 
     def forward(self, ids: mx.array, cache=None, *, last_only: bool = False) -> tuple[mx.array, mx.array]:
@@ -82,14 +83,16 @@ class Model:
         hidden = self._inner(ids, cache=cache)
         return hidden, self.lm_head(hidden[:, -1:] if last_only else hidden)
 
-    def mtp_forward(self, hidden: mx.array, next_ids: mx.array, cache=None) -> tuple[mx.array, mx.array]:
+    def mtp_forward(self, hidden: mx.array, next_ids: mx.array, cache=None, step: int = 0) -> tuple[mx.array, mx.array]:
         """One head step: hidden [B, T, H] at positions t, next_ids [B, T] = tokens at t+1
         -> (g [B, T, H], logits [B, T, V]) predicting the tokens at t+2. g is what the next step
-        takes (the head's `pre_logits` brings it to what lm_head reads)."""
+        takes (the head's `pre_logits` brings it to what lm_head reads). `step`: the draft step
+        (0 for the committed positions), which picks the MTP layer when there are several
+        (mtpnb.head.HeadCache says what enters which layer's cache)."""
         if self.head is None:
             raise RuntimeError(f"{self.name} has no MTP head")
-        g = self.head(hidden, self.embed(next_ids), cache=cache)
-        return g, self.lm_head(self.head.pre_logits(g))
+        g = self.head(hidden, self.embed(next_ids), cache=cache, step=step)
+        return g, self.lm_head(self.head.pre_logits(g, step))
 
     def make_cache(self, rollback: bool = True) -> list:
         """Trunk caches: KV caches for attention and, for Gated DeltaNet, taped caches that can roll
@@ -99,13 +102,15 @@ class Model:
             return cache
         return [RollbackArraysCache() if not isinstance(c, KVCache) else c for c in cache]
 
-    def make_head_cache(self) -> KVCache | None:
-        return KVCache() if self.head is not None else None
+    def make_head_cache(self) -> HeadCache | None:
+        return HeadCache(len(self.head.layers)) if self.head is not None else None
 
     def use_verify_kernels(self, enabled: bool = True) -> int:
         """Route the quantized linears (trunk and head) through mtpnb's verify kernels, which
         read each weight once for up to 8 rows (CUDA; Metal untested; the CPU keeps MLX's op).
-        Returns how many layers were switched; a no-op on an unquantized model."""
+        Returns how many layers were switched; a no-op on an unquantized model. An MoE model's routed
+        experts stay on MLX's gather_qmm (mtpnb.kernels says why); `info()["verify_kernels"]` says
+        what is covered."""
         from .kernels import disable_verify_kernels, enable_verify_kernels
 
         switch = enable_verify_kernels if enabled else disable_verify_kernels
@@ -152,6 +157,8 @@ class Model:
         def nbytes(module):
             return sum(v.nbytes for _, v in tree_flatten(module.parameters()))
 
+        from .kernels import coverage, describe_coverage
+
         tc = self.text_config
         layers = self._inner.layers
         linear = sum(1 for layer in layers if getattr(layer, "is_linear", False))
@@ -170,9 +177,11 @@ class Model:
             "hidden_size": tc.get("hidden_size"),
             "vocab_size": tc.get("vocab_size"),
             "has_mtp": self.has_mtp,
+            "mtp_layers": len(self.head.layers) if self.head else 0,
             "dtype": str(dtype).replace("mlx.core.", "") if dtype else None,
             "quantization": f"{quant['bits']}-bit, group {quant['group_size']}" if quant else None,
             "weights_mb": round((nbytes(self.trunk) + (nbytes(self.head) if self.head else 0)) / 2**20, 1),
+            "verify_kernels": describe_coverage(_merge(coverage(self.trunk), coverage(self.head) if self.head else None)),
             "device": str(mx.default_device()),
             "notes": list(self.notes),
         }
@@ -186,3 +195,7 @@ class Model:
             f"{i['layers']} layers ({i['linear_attention_layers']} linear-attention), {mtp}, "
             f"{i['dtype']}{q}, {i['weights_mb']} MB>"
         )
+
+
+def _merge(a: dict, b: dict | None) -> dict:
+    return a if b is None else {k: round(a[k] + b[k], 1) for k in a}

@@ -80,10 +80,13 @@ def describe_model(info: dict) -> str:
         ("family", info.get("family") or "?"),
         ("parameters", parameters),
         ("layers", layers),
-        ("MTP head", "yes" if info.get("has_mtp") else "no (plain decoding only)"),
+        ("MTP head", ("yes" + (f" ({info['mtp_layers']} layers)" if (info.get("mtp_layers") or 1) > 1 else ""))
+         if info.get("has_mtp") else "no (plain decoding only)"),
         ("weights", weights or "?"),
         ("device", info.get("device") or "?"),
     ]
+    if info.get("verify_kernels"):
+        rows.append(("kernels", f"verify kernels {info['verify_kernels']}"))
     where = info.get("url") or info.get("path")
     lines = [f"{info.get('name', '?')}" + (f"  ({where})" if where else "")]
     lines += [f"  {key:<11}{value}" for key, value in rows]

@@ -20,8 +20,11 @@ from conftest import assert_rollback_matches_fresh_prefill
 torch = pytest.importorskip("torch", reason="needs the train extra (torch + transformers)")
 pytestmark = pytest.mark.torch
 
-CASES = [("qwen3_5_moe", "per_expert"), ("qwen3_5_moe", "fused"), ("qwen3_next", "per_expert"),
-         ("deepseek_v3", "per_expert"), ("glm4_moe", "per_expert"), ("mimo", "dense")]
+CASES = [("qwen3_5_moe", "per_expert", 1), ("qwen3_5_moe", "fused", 1), ("qwen3_next", "per_expert", 1),
+         ("deepseek_v3", "per_expert", 1), ("glm4_moe", "per_expert", 1), ("mimo", "dense", 1),
+         # two MTP layers, draft step j running layer j % 2: Qwen's shared fc and norms, DeepSeek's and
+         # MiMo's whole modules
+         ("qwen3_5_moe", "per_expert", 2), ("deepseek_v3", "per_expert", 2), ("mimo", "dense", 2)]
 PROMPT = [5, 17, 99, 3, 42, 250, 7]
 PROMPTS = (PROMPT, [100, 3, 44])
 IDS = [5, 17, 99, 3, 42, 250, 7, 7, 128, 64, 33, 2, 19, 200, 45, 9, 77, 130]
@@ -48,15 +51,16 @@ def load(path, **kwargs):
     return model
 
 
-@pytest.mark.parametrize("family, experts", CASES)
-def test_greedy_equals_transformers_generate_at_every_depth(hf_checkpoints, family, experts):
+@pytest.mark.parametrize("family, experts, mtp_layers", CASES)
+def test_greedy_equals_transformers_generate_at_every_depth(hf_checkpoints, family, experts, mtp_layers):
     """Echo head on a trunk that often repeats itself: drafts are right while the output repeats, so
     verifies keep every count of tokens."""
     from mtpnb.fixtures import hf_classes
 
-    path = hf_checkpoints(family, experts=experts, head="echo", logit_scale=0.08)
+    path = hf_checkpoints(family, experts=experts, head="echo", logit_scale=0.08, mtp_layers=mtp_layers)
     hf = hf_classes(family)[0].from_pretrained(path, dtype=torch.float32).eval()
     model = load(path)
+    assert len(model.head.layers) == mtp_layers
     n = 32
     accepted = collections.Counter()
     for prompt in PROMPTS:
@@ -72,10 +76,9 @@ def test_greedy_equals_transformers_generate_at_every_depth(hf_checkpoints, fami
 
 
 class Reference:
-    """A family's MTP layer from its published formula, in torch, on transformers' trunk and decoder
-    layer of the family (fed transformers' in-memory fused experts)."""
-
-    prefix = "mtp."
+    """A family's MTP layers from their published formula, in torch, on transformers' trunk and decoder
+    layer of the family (fed transformers' in-memory fused experts). With n MTP layers, head step k
+    runs layer k % n (vLLM's `spec_step_idx % num_mtp_layers`)."""
 
     def __init__(self, path, family):
         from safetensors.torch import load_file
@@ -84,86 +87,111 @@ class Reference:
 
         causal_lm, layer_class, index = hf_classes(family)
         self.hf = causal_lm.from_pretrained(path, dtype=torch.float32).eval()
-        self.prefix = self.prefix.format(index=index)
+        config = self.hf.config
+        self.n = getattr(config, "mtp_num_hidden_layers", None) or getattr(config, "num_nextn_predict_layers", 1)
         tensors = fuse_experts(load_file(path / "model.safetensors"))
-        self.w = {k.removeprefix(self.prefix): v for k, v in tensors.items() if k.startswith(self.prefix)}
-        self.layer = layer_class(self.hf.config, layer_idx=index).eval()
-        self.layer.load_state_dict(self.layer_weights())
-        self.eps = self.hf.config.rms_norm_eps
+        self.own, self.layers = [], []
+        for k in range(self.n):
+            own, layer_weights = self.split(tensors, index, k)
+            layer = layer_class(config, layer_idx=self.layer_index(index, k)).eval()
+            layer.load_state_dict(layer_weights)
+            self.own.append(own)
+            self.layers.append(layer)
+        self.eps = config.rms_norm_eps
 
-    def rms(self, x, name):
+    def rms(self, x):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
 
     def trunk(self, ids):
         hidden = self.hf.model(input_ids=ids).last_hidden_state
         return hidden, self.hf.lm_head(hidden)
 
-    def run_layer(self, z):
+    def run_layer(self, k, z):
         positions = self.hf.model.rotary_emb(z, torch.arange(z.shape[1])[None])
-        return self.layer(z, position_embeddings=positions, attention_mask=None)  # SDPA: causal
+        return self.layers[k](z, position_embeddings=positions, attention_mask=None)  # SDPA: causal
 
 
 class QwenReference(Reference):
     """Qwen3.5/3.6 MoE and Qwen3-Next (vLLM's qwen3_5_mtp.py, qwen3_next_mtp.py):
 
         e = RMSNorm_(1+w)(embed(x[t+1]));  h = RMSNorm_(1+w)(H[t])   # H: trunk state after its final norm
-        z = decoder_layer(fc(cat[e, h]));  g = RMSNorm_(1+w)(z)      # g feeds the next step
-        logits = lm_head(g)
+        z = layers[k](fc(cat[e, h]));  g = RMSNorm_(1+w)(z)          # g feeds the next step
+        logits = lm_head(g)                                          # fc and the norms shared by the layers
     """
 
-    def layer_weights(self):
-        return {k.removeprefix("layers.0."): v for k, v in self.w.items() if k.startswith("layers.0.")}
+    def split(self, tensors, index, k):
+        w = {n.removeprefix("mtp."): v for n, v in tensors.items() if n.startswith("mtp.")}
+        own = {n: v for n, v in w.items() if not n.startswith("layers.")}
+        return own, {n.removeprefix(f"layers.{k}."): v for n, v in w.items() if n.startswith(f"layers.{k}.")}
 
-    def norm(self, x, name):
-        return self.rms(x, name) * (1.0 + self.w[f"{name}.weight"])
+    def layer_index(self, index, k):
+        return index  # a full-attention layer
 
-    def step(self, hidden, next_ids):
-        e = self.norm(self.hf.model.embed_tokens(next_ids), "pre_fc_norm_embedding")
-        h = self.norm(hidden, "pre_fc_norm_hidden")
-        g = self.norm(self.run_layer(torch.nn.functional.linear(torch.cat([e, h], dim=-1), self.w["fc.weight"])), "norm")
+    def norm(self, x, k, name):
+        return self.rms(x) * (1.0 + self.own[k][f"{name}.weight"])
+
+    def step(self, hidden, next_ids, step=0):
+        k = step % self.n
+        e = self.norm(self.hf.model.embed_tokens(next_ids), k, "pre_fc_norm_embedding")
+        h = self.norm(hidden, k, "pre_fc_norm_hidden")
+        z = self.run_layer(k, torch.nn.functional.linear(torch.cat([e, h], dim=-1), self.own[k]["fc.weight"]))
+        g = self.norm(z, k, "norm")
         return g, self.hf.lm_head(g)
 
 
 class NextNReference(Reference):
-    """DeepSeek-V3 and GLM-4.5 (the DeepSeek-V3 report's MTP module; vLLM's deepseek_mtp.py):
+    """DeepSeek-V3 and GLM-4.5 (the DeepSeek-V3 report's MTP module; vLLM's deepseek_mtp.py), module k
+    at `model.layers.{N + k}`:
 
         e = RMSNorm_w(embed(x[t+1]));  h = RMSNorm_w(H[t])          # enorm, hnorm: plain w
         z = decoder_layer(eh_proj(cat[e, h]))                        # z feeds the next step
         logits = shared_head.head(RMSNorm_w(z))                      # shared_head.norm
     """
 
-    prefix = "model.layers.{index}."
+    prefix = "model.layers.{layer}."
     HEAD_PARTS = ("enorm.", "hnorm.", "eh_proj.", "shared_head.", "embed_tokens.")
 
-    def layer_weights(self):
-        return {k: v for k, v in self.w.items() if not k.startswith(self.HEAD_PARTS)}
+    def split(self, tensors, index, k):
+        prefix = self.prefix.format(layer=self.layer_index(index, k))
+        w = {n.removeprefix(prefix): v for n, v in tensors.items() if n.startswith(prefix)}
+        return ({n: v for n, v in w.items() if n.startswith(self.HEAD_PARTS)},
+                {n: v for n, v in w.items() if not n.startswith(self.HEAD_PARTS)})
 
-    def norm(self, x, name):
-        return self.rms(x, name) * self.w[f"{name}.weight"]
+    def layer_index(self, index, k):
+        return index + k
 
-    def step(self, hidden, next_ids):
-        e = self.norm(self.hf.model.embed_tokens(next_ids), "enorm")
-        h = self.norm(hidden, "hnorm")
-        z = self.run_layer(torch.nn.functional.linear(torch.cat([e, h], dim=-1), self.w["eh_proj.weight"]))
-        logits = torch.nn.functional.linear(self.norm(z, "shared_head.norm"), self.w["shared_head.head.weight"])
+    def norm(self, x, k, name):
+        return self.rms(x) * self.own[k][f"{name}.weight"]
+
+    def step(self, hidden, next_ids, step=0):
+        k = step % self.n
+        e = self.norm(self.hf.model.embed_tokens(next_ids), k, "enorm")
+        h = self.norm(hidden, k, "hnorm")
+        z = self.run_layer(k, torch.nn.functional.linear(torch.cat([e, h], dim=-1), self.own[k]["eh_proj.weight"]))
+        logits = torch.nn.functional.linear(self.norm(z, k, "shared_head.norm"), self.own[k]["shared_head.head.weight"])
         return z, logits
 
 
 class MiMoReference(NextNReference):
-    """MiMo (vLLM's mimo_mtp.py), its trunk and layer transformers' Qwen2 (transformers has no MiMo class):
+    """MiMo (vLLM's mimo_mtp.py), its trunk and layer transformers' Qwen2 (transformers has no MiMo class),
+    layer k at `model.mtp_layers.{k}`:
 
         z = decoder_layer(input_proj(cat[RMSNorm_w(H[t]), RMSNorm_w(embed(x[t+1]))]))   # hidden first
         g = final_layernorm(z);  logits = lm_head(g)                                     # g feeds the next step
     """
 
-    prefix = "model.mtp_layers.0."
+    prefix = "model.mtp_layers.{layer}."
     HEAD_PARTS = ("token_layernorm.", "hidden_layernorm.", "input_proj.", "final_layernorm.")
 
-    def step(self, hidden, next_ids):
-        e = self.norm(self.hf.model.embed_tokens(next_ids), "token_layernorm")
-        h = self.norm(hidden, "hidden_layernorm")
-        z = self.run_layer(torch.nn.functional.linear(torch.cat([h, e], dim=-1), self.w["input_proj.weight"]))
-        g = self.norm(z, "final_layernorm")
+    def layer_index(self, index, k):
+        return k
+
+    def step(self, hidden, next_ids, step=0):
+        k = step % self.n
+        e = self.norm(self.hf.model.embed_tokens(next_ids), k, "token_layernorm")
+        h = self.norm(hidden, k, "hidden_layernorm")
+        z = self.run_layer(k, torch.nn.functional.linear(torch.cat([h, e], dim=-1), self.own[k]["input_proj.weight"]))
+        g = self.norm(z, k, "final_layernorm")
         return g, self.hf.lm_head(g)
 
 
@@ -171,36 +199,43 @@ REFERENCES = {"qwen3_5_moe": QwenReference, "qwen3_next": QwenReference,
               "deepseek_v3": NextNReference, "glm4_moe": NextNReference, "mimo": MiMoReference}
 
 
-@pytest.mark.parametrize("family, experts", CASES)
-def test_head_logits_match_a_torch_reference(hf_checkpoints, family, experts):
-    """Trunk and two head steps over a sequence, mtpnb on MLX vs the torch reference, within 1e-4."""
-    path = hf_checkpoints(family, experts=experts)
+@pytest.mark.parametrize("family, experts, mtp_layers", CASES)
+def test_head_logits_match_a_torch_reference(hf_checkpoints, family, experts, mtp_layers):
+    """Trunk and three head steps over a sequence (each step's output feeding the next, step k on
+    layer k % n), mtpnb on MLX vs the torch reference, within 1e-4."""
+    path = hf_checkpoints(family, experts=experts, mtp_layers=mtp_layers)
     ref = REFERENCES[family](path, family)
+    assert ref.n == mtp_layers
     ids = torch.tensor([IDS])
-    with torch.no_grad():
-        hidden, logits = ref.trunk(ids[:, :-2])
-        g1, head1 = ref.step(hidden, ids[:, 1:-1])
-        _, head2 = ref.step(g1, ids[:, 2:])
+    length = len(IDS) - 3
     model = load(path)
-    mx_hidden, mx_logits = model.forward(mx.array(ids[:, :-2].numpy()))
-    mx_g1, mx_head1 = model.mtp_forward(mx_hidden, mx.array(ids[:, 1:-1].numpy()))
-    _, mx_head2 = model.mtp_forward(mx_g1, mx.array(ids[:, 2:].numpy()))
-    for name, ours, theirs in [("trunk", logits, mx_logits), ("head step 1", head1, mx_head1),
-                               ("head step 2", head2, mx_head2)]:
+    with torch.no_grad():
+        hidden, logits = ref.trunk(ids[:, :length])
+    mx_hidden, mx_logits = model.forward(mx.array(ids[:, :length].numpy()))
+    compared = [("trunk", logits, mx_logits)]
+    for step in range(3):
+        next_ids = ids[:, step + 1: step + 1 + length]
+        with torch.no_grad():
+            hidden, head = ref.step(hidden, next_ids, step)
+        mx_hidden, mx_head = model.mtp_forward(mx_hidden, mx.array(next_ids.numpy()), step=step)
+        compared.append((f"head step {step + 1}", head, mx_head))
+    for name, ours, theirs in compared:
         assert np.abs(np.array(theirs) - ours.numpy()).max() < 1e-4, name
-    assert np.abs(np.array(mx_head1)).max() > 1e-2  # the comparison is not between two near-zero arrays
+    assert all(np.abs(np.array(theirs)).max() > 1e-2 for _, _, theirs in compared)  # not near-zero arrays
 
 
-@pytest.mark.parametrize("family, stepwise", [("qwen3_5_moe", True), ("qwen3_next", True), ("qwen3_next", False),
-                                              ("deepseek_v3", True), ("glm4_moe", True), ("mimo", True)])
-def test_rollback_for_every_keep_count(hf_checkpoints, monkeypatch, family, stepwise):
+@pytest.mark.parametrize("family, stepwise, mtp_layers", [
+    ("qwen3_5_moe", True, 1), ("qwen3_next", True, 1), ("qwen3_next", False, 1), ("deepseek_v3", True, 1),
+    ("glm4_moe", True, 1), ("mimo", True, 1), ("qwen3_5_moe", True, 2), ("deepseek_v3", True, 2), ("mimo", True, 2)])
+def test_rollback_for_every_keep_count(hf_checkpoints, monkeypatch, family, stepwise, mtp_layers):
     """Both Gated DeltaNet designs (per-step states kept during the verify; replay from the tape,
     Metal's path) on each family's own Gated DeltaNet layout; MLA's compressed-latent cache
-    (DeepSeek-V3) and GQA's (GLM-4.5) trimmed in the trunk and the head."""
+    (DeepSeek-V3) and GQA's (GLM-4.5) trimmed in the trunk and the head; with two MTP layers, each
+    layer's cache keeps exactly the committed positions."""
     from mtpnb import rollback
 
     monkeypatch.setattr(rollback, "_stepwise", lambda: stepwise)
-    assert_rollback_matches_fresh_prefill(load(hf_checkpoints(family)))
+    assert_rollback_matches_fresh_prefill(load(hf_checkpoints(family, mtp_layers=mtp_layers)))
 
 
 @pytest.mark.parametrize("family, experts", [("qwen3_5_moe", "fused"), ("qwen3_next", "per_expert"),
@@ -227,8 +262,10 @@ def test_quantized_loading(hf_checkpoints, tmp_path, family, experts, bits):
         assert {type(m).__name__ for _, m in again.head.named_modules()} >= {"QuantizedLinear"}
     else:
         assert kinds(model.trunk) == kinds(model.head) == {("QuantizedSwitchLinear", bits)}
-        assert router(model.head.layers[0]) == router(model._inner.layers[-1])
-        assert router(again.head.layers[0]) == router(model.head.layers[0]) and kinds(again.head) == kinds(model.head)
+        block = getattr(model.head.layers[0], "block", model.head.layers[0])  # DeepSeek/GLM: the module's layer
+        block_again = getattr(again.head.layers[0], "block", again.head.layers[0])
+        assert router(block) == router(model._inner.layers[-1])
+        assert router(block_again) == router(block) and kinds(again.head) == kinds(model.head)
     hidden, logits = model.forward(mx.array([PROMPT]))
     hidden2, logits2 = again.forward(mx.array([PROMPT]))
     np.testing.assert_array_equal(np.array(logits), np.array(logits2))
@@ -238,17 +275,41 @@ def test_quantized_loading(hf_checkpoints, tmp_path, family, experts, bits):
     assert all(again.generate(PROMPT, depth=d, max_tokens=24).tokens == plain for d in (0, 1, 3))
 
 
-@pytest.mark.parametrize("family, key", [("qwen3_5_moe", "mtp_num_hidden_layers"),
-                                         ("qwen3_next", "num_nextn_predict_layers"),
-                                         ("deepseek_v3", "num_nextn_predict_layers")])
-def test_several_mtp_layers_are_refused_not_dropped(hf_checkpoints, tmp_path, family, key):
+@pytest.mark.parametrize("family, key, declared, stored", [
+    ("qwen3_5_moe", "mtp_num_hidden_layers", 1, 2), ("qwen3_next", "num_nextn_predict_layers", 2, 1),
+    ("deepseek_v3", "num_nextn_predict_layers", 1, 2), ("mimo", "num_nextn_predict_layers", 2, 1)])
+def test_mtp_layers_the_config_does_not_declare_are_refused_not_dropped(hf_checkpoints, tmp_path, family, key,
+                                                                        declared, stored):
     import json
     import shutil
 
     path = tmp_path / "several"
-    shutil.copytree(hf_checkpoints(family, experts="per_expert"), path)
+    shutil.copytree(hf_checkpoints(family, experts="dense" if family == "mimo" else "per_expert", mtp_layers=stored),
+                    path)
     config = json.loads((path / "config.json").read_text())
-    (path / "config.json").write_text(json.dumps({**config, key: 2}))
-    with pytest.raises(mtpnb.MTPNBError, match=f"{key} is 2: mtpnb runs one MTP layer") as e:
+    (path / "config.json").write_text(json.dumps({**config, key: declared}))
+    with pytest.raises(mtpnb.MTPNBError, match=f"the checkpoint has MTP layers \\{list(range(stored))}, the config "
+                                               f"declares {declared}") as e:
         mtpnb.load(path)
     assert "\n" not in str(e.value)
+
+
+def test_verify_kernel_switch_on_moe_leaves_routed_experts_stock_and_says_so(hf_checkpoints):
+    """The switch covers the dense parts (attention, Gated DeltaNet, shared expert, router); the routed
+    experts stay on gather_qmm, and info() says both (mtpnb info and the bench report print it)."""
+    from mtpnb.kernels import VerifyQuantizedLinear, coverage
+
+    model = load(hf_checkpoints("qwen3_5_moe", experts="fused", head="echo"), quantize=4, group_size=32)
+    assert model.info()["verify_kernels"].startswith("off; ")
+    switched = model.use_verify_kernels()
+    layers = [m for m in (model.trunk, model.head) for _, m in m.named_modules()]
+    assert switched == sum(type(m) is VerifyQuantizedLinear for m in layers) > 0
+    assert {type(m).__name__ for m in layers if "SwitchLinear" in type(m).__name__} == {"QuantizedSwitchLinear"}
+    shared = model._inner.layers[-1].mlp.shared_expert.gate_proj
+    assert type(shared) is VerifyQuantizedLinear and type(model._inner.layers[-1].mlp.gate) is VerifyQuantizedLinear
+    experts = coverage(model.trunk)["routed_expert_layers"] + coverage(model.head)["routed_expert_layers"]
+    line = model.info()["verify_kernels"]
+    assert line.startswith(f"on for {switched} of {switched} quantized linears")
+    assert f"the routed experts ({experts} layers" in line and line.endswith("always run MLX's gather_qmm")
+    assert experts == 3 * (len(model._inner.layers) + 1)  # gate, up, down per MoE layer, the head's included
+    model.use_verify_kernels(False)

@@ -125,7 +125,7 @@ def bench_stack(bits, gs, layers, hidden, mlp, kv, iters, modes=("stock", "kerne
             res["ms"][mode][m] = time_ms(fwd, x, iters=iters)
             print(f"  {bits}-bit {mode:6s} M={m}: {res['ms'][mode][m]:.2f} ms", flush=True)
     kernels.disable_verify_kernels(model)
-    del model
+    model = fwd = None  # the weights go before the next stack is built (the compiled forward holds them too)
     mx.clear_cache()
     return res
 
@@ -197,7 +197,7 @@ def sweep(bits, gs, iters) -> list:
             print(f"  {n}x{k} {bits}-bit M={m}: stock {stock[m]['us']:.1f} us ({stock[m]['TBps']:.2f} TB/s), "
                   f"auto {a['config'] if a else '-'} {a['us'] if a else float('nan'):.1f} us, "
                   f"best {best[m]['config']} {best[m]['us']:.1f} us ({best[m]['TBps']:.2f} TB/s)", flush=True)
-        del lin
+        lin = f = None  # this shape's copies go before the next shape's are made
         mx.clear_cache()
     return rows
 

@@ -98,8 +98,8 @@ def measure_costs(model, context_ids: Sequence[int], max_depth: int, samplings: 
     draft_logits = mx.stack([verify_logits[0, -1]] * max(max_depth, 1))
     for mode, sampling in samplings.items():
         def draft_step():  # the engine's own: head layer, draft-vocabulary logits, the draw
-            g2 = model.head(g, model.embed(token), cache=head_cache)
-            d, dist = draft_token(model, sampling, g2)
+            g2 = model.head(g, model.embed(token), cache=head_cache, step=1)
+            d, dist = draft_token(model, sampling, g2, step=1)
             mx.eval(g2, d, dist)
             head_cache.trim(1)
 

@@ -10,14 +10,22 @@ import mlx.core as mx
 from ..errors import MTPNBError
 
 
-def refuse_several_layers(text_config: dict, key: str) -> None:
-    """One MTP layer is run (every released checkpoint has one); more would be silently dropped."""
-    layers = text_config.get(key, 1)
-    if layers not in (0, 1):
-        raise MTPNBError(
-            f"{key} is {layers}: mtpnb runs one MTP layer, reused for every draft step, so far "
-            "(the released checkpoints of this family have 1)"
-        )
+def mtp_layer_count(text_config: dict, *keys: str) -> int:
+    """How many MTP layers a config declares under any of `keys` (1 when it declares none)."""
+    declared = {key: text_config[key] for key in keys if text_config.get(key) is not None}
+    counts = set(declared.values())
+    if len(counts) > 1:
+        raise MTPNBError(f"the config's MTP layer counts disagree: {declared}")
+    count = counts.pop() if counts else 1
+    if not isinstance(count, int) or count < 0:
+        raise MTPNBError(f"{' / '.join(declared)} must be a count of MTP layers, not {count!r}")
+    return max(count, 1)  # 0 (declared by some trunks without a head): a checkpoint's head is still read
+
+
+def check_layer_indices(found, count: int, where: str) -> None:
+    """The checkpoint holds exactly the MTP layers the config declares: none dropped, none missing."""
+    if sorted(found) != list(range(count)):
+        raise MTPNBError(f"{where}: the checkpoint has MTP layers {sorted(found)}, the config declares {count}")
 
 
 _PER_EXPERT = re.compile(r"^(.+)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.(weight|scales|biases)$")

@@ -1,6 +1,6 @@
-"""DeepSeek-V3 / R1 (MLA attention) and GLM-4.5 / 4.6 (GQA attention): the MTP layer is an extra decoder
-layer after the trunk's last, `model.layers.{num_hidden_layers}` (config `num_nextn_predict_layers`),
-read as vLLM's deepseek_mtp.py and glm4_moe_mtp.py read it:
+"""DeepSeek-V3 / R1 (MLA attention) and GLM-4.5 / 4.6 (GQA attention): each MTP layer is an extra decoder
+layer after the trunk's last, `model.layers.{num_hidden_layers + k}` for k < `num_nextn_predict_layers`,
+read as vLLM's deepseek_mtp.py and glm4_moe_mtp.py read it (draft step j runs layer j % n):
 
     enorm, hnorm          plain RMSNorms (x_hat * w) of the embedding and of the trunk's state
     eh_proj               Linear 2H -> H over cat[enorm(embed(x[t+1])), hnorm(H[t])]  (embedding first)
@@ -20,9 +20,9 @@ import re
 from dataclasses import replace
 from types import SimpleNamespace
 
-from .common import refuse_several_layers
-
-from ..head import NextNHead
+from ..errors import MTPNBError
+from ..head import NextNHead, NextNLayer
+from .common import check_layer_indices, mtp_layer_count
 
 MODEL_TYPES = {"deepseek_v3": "deepseek_v3", "glm4_moe": "glm4_moe"}
 DECODER_LAYERS = {"deepseek_v3": "DeepseekV3DecoderLayer", "glm4_moe": "DecoderLayer"}
@@ -40,16 +40,25 @@ def normalize_config(text_config: dict) -> None:
     text_config.setdefault("rope_scaling", rope if rope.get("rope_type", "default") != "default" else None)
     if text_config.get("model_type") == "glm4_moe":
         text_config.setdefault("partial_rotary_factor", rope.get("partial_rotary_factor", 0.5))
-    refuse_several_layers(text_config, "num_nextn_predict_layers")
+    mtp_layers(text_config)
+
+
+def mtp_layers(text_config: dict) -> int:
+    return mtp_layer_count(text_config, "num_nextn_predict_layers")
 
 
 def sanitize_trunk(weights: dict) -> dict:
     return weights
 
 
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+
 def is_head_weight(key: str, text_config: dict) -> bool:
-    """The published layout, or `mtp.*` as mtpnb.save writes any head (already in the head's names)."""
-    return key.startswith((f"model.layers.{text_config['num_hidden_layers']}.", "mtp."))
+    """The published layout (a layer past the trunk's), or `mtp.*` as mtpnb.save writes any head
+    (already in the head's names)."""
+    m = _LAYER.match(key)
+    return key.startswith("mtp.") or (m is not None and int(m[1]) >= text_config["num_hidden_layers"])
 
 
 def _args(text_config: dict):
@@ -58,28 +67,35 @@ def _args(text_config: dict):
 
 
 def head_weights(weights: dict, text_config: dict, shift_norms: bool) -> dict:
-    """`model.layers.{N}.*` -> the head's names; the decoder layer's part through mlx-lm's sanitize
-    (as a one-layer model: the same code that reads the trunk's layers)."""
+    """`model.layers.{N + k}.*` -> the head's `layers.{k}.*`; the decoder layers' part (`block`)
+    through mlx-lm's sanitize (as a k-layer model: the same code that reads the trunk's layers)."""
     if all(k.startswith("mtp.") for k in weights):  # mtpnb.save's MLX layout
         return {k.removeprefix("mtp."): v for k, v in weights.items()}
-    prefix = f"model.layers.{text_config['num_hidden_layers']}."
-    own, layer = {}, {}
+    if any(k.startswith("mtp.") for k in weights):
+        raise MTPNBError("the checkpoint holds MTP layers both as model.layers.* and as mtp.*")
+    first, count = text_config["num_hidden_layers"], mtp_layers(text_config)
+    own, blocks, found = {}, {}, set()
     for key, value in weights.items():
-        name = key.removeprefix(prefix)
+        index, name = _LAYER.match(key).groups()
+        k = int(index) - first
+        found.add(k)
         if name in SHARED_COPIES:
             continue
         if re.match(r"(enorm|hnorm|eh_proj|shared_head)\.", name):
-            own[name] = value
+            own[f"layers.{k}.{name}"] = value
         else:
-            layer[f"model.layers.0.{name}"] = value
+            blocks[f"model.layers.{k}.{name}"] = value
+    check_layer_indices(found, count, f"model.layers.{first}...")
     module, args = _args(text_config)
-    one_layer = SimpleNamespace(args=replace(args, num_hidden_layers=1))
-    layer = module.Model.sanitize(one_layer, layer)
-    own.update({k.replace("model.layers.0.", "layers.0.", 1): v for k, v in layer.items()})
+    as_model = SimpleNamespace(args=replace(args, num_hidden_layers=count))
+    blocks = module.Model.sanitize(as_model, blocks)
+    own.update({re.sub(r"^model\.layers\.(\d+)\.", r"layers.\1.block.", k): v for k, v in blocks.items()})
     return own
 
 
 def build_head(text_config: dict) -> NextNHead:
     module, args = _args(text_config)
-    layer = getattr(module, DECODER_LAYERS[text_config["model_type"]])
-    return NextNHead(args.hidden_size, args.rms_norm_eps, layer(args, layer_idx=args.num_hidden_layers))
+    block = getattr(module, DECODER_LAYERS[text_config["model_type"]])
+    first = args.num_hidden_layers
+    return NextNHead([NextNLayer(args.hidden_size, args.rms_norm_eps, block(args, layer_idx=first + k))
+                      for k in range(mtp_layers(text_config))])

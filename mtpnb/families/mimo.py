@@ -6,7 +6,9 @@ vLLM's mimo_mtp.py reads them:
     the decoder layer                   input_layernorm, self_attn (q/k/v with bias), post_attention_layernorm, mlp
     final_layernorm                     its output, which lm_head reads and the next step takes
 
-mtpnb runs one MTP layer (`mtp_layers.0`, as MiMo-7B-RL ships); a checkpoint with more is refused.
+MiMo-7B-RL ships one (`mtp_layers.0`). With `num_nextn_predict_layers` = n > 1, draft step j runs layer
+j % n: vLLM's mimo_mtp.py picks `mtp_layers[j]` (and drafts one step only); past the n-th step the
+layers cycle, as vLLM's DeepSeek and Qwen MTP layers do.
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ from __future__ import annotations
 import re
 
 from ..errors import MTPNBError
-from ..head import MiMoHead
-from .common import refuse_several_layers
+from ..head import MiMoHead, MiMoLayer
+from .common import check_layer_indices, mtp_layer_count
 
 MODEL_TYPES = {"mimo": "mimo"}
 PREFIX = "model.mtp_layers."
@@ -30,7 +32,11 @@ def normalize_config(text_config: dict) -> None:
     """transformers 5 writes rope settings in `rope_parameters`; mlx-lm's ModelArgs wants them flat."""
     rope = text_config.get("rope_parameters") or {}
     text_config.setdefault("rope_theta", rope.get("rope_theta", 10000.0))
-    refuse_several_layers(text_config, "num_nextn_predict_layers")
+    mtp_layers(text_config)
+
+
+def mtp_layers(text_config: dict) -> int:
+    return mtp_layer_count(text_config, "num_nextn_predict_layers")
 
 
 def sanitize_trunk(weights: dict) -> dict:
@@ -45,15 +51,16 @@ def is_head_weight(key: str, text_config: dict) -> bool:
 def head_weights(weights: dict, text_config: dict, shift_norms: bool) -> dict:
     if all(k.startswith("mtp.") for k in weights):  # mtpnb.save's MLX layout
         return {k.removeprefix("mtp."): v for k, v in weights.items()}
-    layers = sorted({int(m[1]) for k in weights if (m := re.match(r"model\.mtp_layers\.(\d+)\.", k))})
-    if layers != [0]:
-        raise MTPNBError(f"this MiMo checkpoint has MTP layers {layers}: mtpnb runs exactly one (mtp_layers.0)")
-    out = {}
+    if any(k.startswith("mtp.") for k in weights):
+        raise MTPNBError("the checkpoint holds MTP layers both as model.mtp_layers.* and as mtp.*")
+    out, found = {}, set()
     for key, value in weights.items():
-        name = key.removeprefix(f"{PREFIX}0.")
+        index, name = re.match(r"model\.mtp_layers\.(\d+)\.(.+)$", key).groups()
+        found.add(int(index))
         if "rotary_emb.inv_freq" in name:
             continue
-        out[name if name.startswith(OWN) else f"layers.0.{name}"] = value
+        out[f"layers.{index}.{name}" if name.startswith(OWN) else f"layers.{index}.block.{name}"] = value
+    check_layer_indices(found, mtp_layers(text_config), "model.mtp_layers")
     return out
 
 
@@ -61,4 +68,5 @@ def build_head(text_config: dict) -> MiMoHead:
     from mlx_lm.models import mimo
 
     args = mimo.ModelArgs.from_dict(text_config)
-    return MiMoHead(args.hidden_size, args.rms_norm_eps, mimo.TransformerBlock(args))
+    return MiMoHead([MiMoLayer(args.hidden_size, args.rms_norm_eps, mimo.TransformerBlock(args))
+                     for _ in range(mtp_layers(text_config))])

@@ -7,8 +7,10 @@ and `shared_expert_gate`), its experts per expert or fused 3-D like the trunk's.
 
 from __future__ import annotations
 
+import re
+
 from ..head import MTP_NORM_SUFFIXES, MTPHead, head_args
-from .common import refuse_several_layers, stack_experts
+from .common import check_layer_indices, mtp_layer_count, stack_experts
 
 MODEL_TYPES = {
     "qwen3_5": "qwen3_5",
@@ -19,6 +21,7 @@ MODEL_TYPES = {
     "llama": "llama",
 }
 HYBRID_TYPES = ("qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text")
+LAYER_COUNT_KEYS = ("mtp_num_hidden_layers",)
 
 
 def is_hybrid(text_config: dict) -> bool:
@@ -27,7 +30,12 @@ def is_hybrid(text_config: dict) -> bool:
 
 
 def normalize_config(text_config: dict) -> None:
-    refuse_several_layers(text_config, "mtp_num_hidden_layers")
+    mtp_layers(text_config)
+
+
+def mtp_layers(text_config: dict) -> int:
+    """`mtp_num_hidden_layers` decoder layers in `mtp.layers.{k}`, draft step j running layer j % n."""
+    return mtp_layer_count(text_config, *LAYER_COUNT_KEYS)
 
 
 def sanitize_trunk(weights: dict) -> dict:
@@ -41,10 +49,12 @@ def is_head_weight(key: str, text_config: dict) -> bool:
 
 def head_weights(weights: dict, text_config: dict, shift_norms: bool) -> dict:
     """`mtp.*` tensors -> the head's parameter names, norms brought to MLX's x_hat * w."""
+    found = {int(m[1]) for k in weights if (m := re.match(r"mtp\.layers\.(\d+)\.", k))}
+    check_layer_indices(found, mtp_layers(text_config), "mtp.layers")
     if shift_norms:
         weights = {k: v + 1.0 if k.endswith(MTP_NORM_SUFFIXES) and v.ndim == 1 else v for k, v in weights.items()}
     return stack_experts({k.removeprefix("mtp."): v for k, v in weights.items()})
 
 
 def build_head(text_config: dict) -> MTPHead:
-    return MTPHead(head_args(text_config))
+    return MTPHead(head_args(text_config), layers=mtp_layers(text_config))

@@ -9,7 +9,7 @@ mlx-lm's qwen3_next sanitize stacks the trunk's per-expert weights and shifts it
 from __future__ import annotations
 
 from . import qwen
-from .common import refuse_several_layers
+from .common import mtp_layer_count
 
 MODEL_TYPES = {"qwen3_next": "qwen3_next"}
 
@@ -25,8 +25,13 @@ def normalize_config(text_config: dict) -> None:
     text_config.setdefault("partial_rotary_factor", rope.get("partial_rotary_factor", 0.25))
     text_config.setdefault("decoder_sparse_step", 1)
     text_config.setdefault("mlp_only_layers", [])
-    refuse_several_layers(text_config, "num_nextn_predict_layers")
-    refuse_several_layers(text_config, "mtp_num_hidden_layers")
+    mtp_layers(text_config)
+
+
+def mtp_layers(text_config: dict) -> int:
+    """vLLM's qwen3_next_mtp.py reads the count as `num_nextn_predict_layers`; the published config
+    names it `mtp_num_hidden_layers` as Qwen3.5's does. Either, and they must agree."""
+    return mtp_layer_count(text_config, "num_nextn_predict_layers", *qwen.LAYER_COUNT_KEYS)
 
 
 def sanitize_trunk(weights: dict) -> dict:
@@ -34,5 +39,11 @@ def sanitize_trunk(weights: dict) -> dict:
 
 
 is_head_weight = qwen.is_head_weight
-head_weights = qwen.head_weights
-build_head = qwen.build_head
+
+
+def head_weights(weights: dict, text_config: dict, shift_norms: bool) -> dict:
+    return qwen.head_weights(weights, {**text_config, "mtp_num_hidden_layers": mtp_layers(text_config)}, shift_norms)
+
+
+def build_head(text_config: dict):
+    return qwen.build_head({**text_config, "mtp_num_hidden_layers": mtp_layers(text_config)})
