@@ -147,3 +147,23 @@ def test_tokens_per_verify_and_acceptance_counts():
     reached, accepted = acceptance_counts(steps, 3)
     assert reached == [4, 3, 2] and accepted == [3, 2, 1]
     assert bench.median([3, None, 1, float("nan"), 2]) == 2 and bench.median([]) is None
+
+
+def test_compare_alternates_two_models_in_one_run_and_reports_both(checkpoints, tmp_path, capsys):
+    first, second = checkpoints(family="qwen3_5", head="echo"), checkpoints(family="qwen3_5", head="echo", seed=1)
+    (tmp_path / "p.py").write_text(PROMPTS[0])
+    argv = [str(first), "--compare", str(second), "--quick", "--max-tokens", "6", "--depths", "0,1",
+            "--prompt-file", str(tmp_path / "p.py"), "--json", str(tmp_path / "r.json"), "--quiet", "--no-peers"]
+    assert bench.main(argv) == 0
+    data = json.loads((tmp_path / "r.json").read_text())
+    compared = data["compare"]
+    assert compared["model"]["path"] != data["model"]["path"]
+    assert {(r["depth"], r["temperature"]) for r in compared["results"]} == {(d, t) for d in (0, 1) for t in (0.0, 0.6)}
+    for r in compared["results"]:  # a decode rate needs a second token (a random model may end at once)
+        assert r["generated_tokens"] > 0 and (r["decode_tok_s"] > 0 if r["generated_tokens"] > 1 else r["decode_tok_s"] is None)
+    assert isinstance(compared["best_speedup_greedy"], float) and compared["cost_model"]["t1_ms"] > 0
+
+    no_head = checkpoints(family="qwen3_5", mtp=None)
+    assert bench.main([str(first), "--compare", str(no_head), "--quick", "--quiet",
+                       "--prompt-file", str(tmp_path / "p.py")]) == 2
+    assert "--compare needs a model with an MTP head" in capsys.readouterr().err
