@@ -150,7 +150,7 @@ def test_tokens_per_verify_and_acceptance_counts():
 
 
 def test_compare_alternates_two_models_in_one_run_and_reports_both(checkpoints, tmp_path, capsys):
-    first, second = checkpoints(family="qwen3_5", head="echo"), checkpoints(family="qwen3_5", head="echo", seed=1)
+    first, second = checkpoints(family="qwen3_5", head="echo"), checkpoints(family="qwen3_5", head="echo", seed=2)
     (tmp_path / "p.py").write_text(PROMPTS[0])
     argv = [str(first), "--compare", str(second), "--quick", "--max-tokens", "6", "--depths", "0,1",
             "--prompt-file", str(tmp_path / "p.py"), "--json", str(tmp_path / "r.json"), "--quiet", "--no-peers"]
