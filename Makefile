@@ -57,7 +57,7 @@ demo: openblas install
 	$(VPY) -m mtpnb generate --depth 3 --max-tokens 96 "def fibonacci(n):"
 	@echo "Next: mtpnb bench --quick, depth 0 against the MTP depths on the same model ($(QUICK_BENCH_TIME))"
 	$(VPY) -m mtpnb bench --quick
-	@echo "mtpnb is installed in $(VENV)/: run '. $(VENV)/bin/activate' to use it (mtpnb lab opens the notebooks)"
+	@echo "mtpnb is installed in $(VENV)/: run '. $(VENV)/bin/activate' to use it; for the notebooks, pip install -e '.[lab]' (JupyterLab), then mtpnb lab"
 
 test: install-test
 	$(VPY) -m pytest -q -p no:cacheprovider tests
