@@ -110,6 +110,8 @@ def test_binder_build_then_quickstart(tmp_path):
                             "print(p); print((p / 'default_model' / 'config.json').exists())"], cwd=tmp_path).stdout.split()
     assert where[0].startswith(str(venv)), f"mtpnb imported from {where[0]}, not from the venv"
     assert where[1] == "True", "the installed package has no default model: check package-data"
+    # the JupyterLab default that makes saved notebooks keep their widgets (pyproject.toml's data files)
+    assert (venv / "share" / "jupyter" / "lab" / "settings" / "overrides.d" / "mtpnb.json").is_file()
 
     # The quickstart, as the Binder link opens it, with a last cell that says where it ran.
     nb = nbformat.read(NOTEBOOKS / f"{QUICKSTART}.ipynb", as_version=4)

@@ -179,10 +179,13 @@ def _chromium_page(name: str):
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        console = []
+        page.on("console", lambda m: console.append(f"{m.type}: {m.text}") if m.type in ("error", "warning") else None)
         try:
             yield page
         except Exception:
             page.screenshot(path=str(ARTIFACTS / f"{name}-failure.png"), full_page=True)
+            print(f"{name} failed; the browser console's last errors and warnings:", *console[-15:], sep="\n  ")
             raise
         finally:
             browser.close()
@@ -331,15 +334,20 @@ def _live_demo_renders(page, url: str, token: str, work: Path, name: str) -> dic
     return seen
 
 
-@pytest.mark.skipif(not os.environ.get("MTPNB_LOADED_RUNS"), reason="a measurement: set MTPNB_LOADED_RUNS=N to run it")
+LOADED_RUNS = int(os.environ.get("MTPNB_LOADED_RUNS", "1"))
+
+
+@pytest.mark.skipif(LOADED_RUNS < 1, reason="MTPNB_LOADED_RUNS=0")
 def test_live_demo_renders_while_the_cpu_is_busy(lab):
     """The live demo's chart and both Compare panes render (not blank, not stuck at "ready") while two
     busy loops load the CPU: anywidget gives a model 2 s to initialise, and a slow front end used to miss
-    it. MTPNB_LOADED_RUNS=N runs it N times, each a fresh notebook and kernel. Not in CI yet: on a machine
-    already loaded by other work, the Playground came up as "Error displaying widget: model not found"
-    in both runs tried (cause not found yet)."""
+    it. One run by default, on the server the tests above have warmed up; MTPNB_LOADED_RUNS=N runs it N
+    times, each a fresh notebook and kernel. Measured 2026-12-01 on 2 cores also loaded by other work, 10
+    runs twice: every run after the first rendered fully; the first, on a cold server, failed in both:
+    JupyterLab replaced the slow-starting kernel, once leaving "No Kernel", once "Error displaying widget:
+    model not found" after the cells had been sent twice."""
     url, token, work = lab
-    runs = int(os.environ.get("MTPNB_LOADED_RUNS", "1"))
+    runs = LOADED_RUNS
     failures, console = [], []
     with _busy_cpu(), _chromium_page("live-demo-loaded") as page:
         page.on("console", lambda m: console.append(m.text) if m.type in ("error", "warning") else None)
