@@ -35,10 +35,16 @@ openblas:
 	    $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq libopenblas0-pthread >/dev/null; \
 	  else echo "No apt-get here: install OpenBLAS with your package manager, or MTP will run on the slow reference BLAS"; fi; fi
 
-install: $(VPY)
+# JupyterLab's default, for this venv, to save widget state with a notebook (pyproject.toml's data file says
+# why): an editable install (pip install -e) leaves a wheel's data files out, so it is put in place here.
+LAB_OVERRIDES = share/jupyter/lab/settings/overrides.d/mtpnb.json
+$(VENV)/$(LAB_OVERRIDES): jupyter-config/lab/settings/overrides.d/mtpnb.json | $(VPY)
+	install -D -m 644 $< $@
+
+install: $(VPY) $(VENV)/$(LAB_OVERRIDES)
 	$(VPY) -m pip install -q -e .
 
-install-test: $(VPY)
+install-test: $(VPY) $(VENV)/$(LAB_OVERRIDES)
 	@if [ "$$(uname)" = Linux ] && command -v apt-get >/dev/null; then \
 	  echo "Installing $(TEST_APT_PACKAGES) (apt-get)"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(TEST_APT_PACKAGES) >/dev/null; fi
@@ -51,7 +57,7 @@ demo: openblas install
 	$(VPY) -m mtpnb generate --depth 3 --max-tokens 96 "def fibonacci(n):"
 	@echo "Next: mtpnb bench --quick, depth 0 against the MTP depths on the same model ($(QUICK_BENCH_TIME))"
 	$(VPY) -m mtpnb bench --quick
-	@echo "mtpnb is installed in $(VENV)/: run '. $(VENV)/bin/activate' to use it (mtpnb lab opens the notebooks)"
+	@echo "mtpnb is installed in $(VENV)/: run '. $(VENV)/bin/activate' to use it; for the notebooks, pip install -e '.[lab]' (JupyterLab), then mtpnb lab"
 
 test: install-test
 	$(VPY) -m pytest -q -p no:cacheprovider tests

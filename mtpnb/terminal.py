@@ -16,9 +16,11 @@ RESET = "\x1b[0m"
 DIM = "\x1b[2m"
 # kind -> (legend label, SGR parameters, second cue). The colours are the widget's Okabe-Ito colours
 # in the 256-colour palette (green 36, vermillion 166, orange 214, sky blue 74); colour never carries
-# the meaning alone: each kind but plain also has a cue that survives a monochrome terminal.
+# the meaning alone: each kind but plain also has a cue that survives a monochrome terminal. Accepted
+# drafts are shaded green with a line above (SGR 53), as in the widget, never underlined: an underlined
+# space reads as "_" in code. Black text on the shade reads on light and dark terminals alike.
 STYLES = {
-    "accepted": ("accepted draft", "38;5;36;4", "underlined"),
+    "accepted": ("accepted draft", "38;5;16;48;5;36;53", "shaded, line above"),
     "rejected": ("rejected draft", "38;5;166;9", "struck through"),
     "correction": ("correction", "38;5;214;7", "highlighted"),
     "bonus": ("bonus", "38;5;74;1", "bold"),

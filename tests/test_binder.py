@@ -2,11 +2,11 @@
 
 repo2docker, given a repository with a binder/ folder: installs binder/apt.txt with apt, creates the
 Python environment (binder/runtime.txt), `pip install -r binder/requirements.txt`, runs binder/postBuild
-from the repository root, and starts the notebook server through binder/start. Here: a fresh venv
-(no system site-packages) of this Python, the same pip commands on a clean copy of the repository, the
-postBuild script as it is, and the quickstart notebook executed by that venv's kernel, started through
-binder/start. apt.txt is checked against what the start script preloads (apt itself is the Makefile's
-job on this machine). pip's cache is reused, so a second run is mostly installs from cached wheels.
+from the repository root, and starts the notebook server. Here: a fresh venv (no system site-packages)
+of this Python, the same pip commands on a clean copy of the repository, the postBuild script as it is,
+and the quickstart notebook executed by that venv's plain kernel (no start script, no LD_PRELOAD:
+`import mtpnb` loads the OpenBLAS that apt.txt installs; apt itself is the Makefile's job on this
+machine). pip's cache is reused, so a second run is mostly installs from cached wheels.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from mtpnb.blas import openblas_path
 from test_notebooks import CI_PARAMETERS, DEFAULT_MODEL, NOTEBOOKS, REPO, model_override
 
 BINDER = REPO / "binder"
@@ -30,33 +31,19 @@ EXECUTE_TIMEOUT_S = 600
 
 
 def test_binder_files_follow_repo2docker_conventions():
-    for name in ("requirements.txt", "postBuild", "apt.txt", "start", "runtime.txt"):
+    for name in ("requirements.txt", "postBuild", "apt.txt", "runtime.txt"):
         assert (BINDER / name).is_file(), f"binder/{name} is missing"
     post_build = (BINDER / "postBuild").read_text()
     assert post_build.startswith("#!/bin/bash\n"), "postBuild needs a bash shebang"
     assert re.search(r"^set -e", post_build, re.M), "postBuild must stop at the first failing command"
     assert re.search(r"pip install \.$", post_build, re.M), "postBuild must install the repository (pip install .)"
-    start = (BINDER / "start").read_text()
-    assert start.startswith("#!/bin/bash\n")
-    assert start.rstrip().splitlines()[-1] == 'exec "$@"', "binder/start must end with exec \"$@\""
-    for script in ("postBuild", "start"):
-        assert os.access(BINDER / script, os.X_OK), f"binder/{script} must be executable"
+    assert os.access(BINDER / "postBuild", os.X_OK), "binder/postBuild must be executable"
     requirements = (BINDER / "requirements.txt").read_text()
     assert re.search(r"^mlx\[cpu\]", requirements, re.M), "Linux needs the mlx[cpu] extra"
+    # the package whose library `import mtpnb` loads (mtpnb.blas.OPENBLAS_CANDIDATES, openblas-pthread first)
     assert "libopenblas0-pthread" in (BINDER / "apt.txt").read_text().split()
-    assert "openblas-pthread/libblas.so.3" in start, "start should preload the OpenBLAS that apt.txt installs"
     major, minor = map(int, re.search(r"python-(\d+)\.(\d+)", (BINDER / "runtime.txt").read_text()).groups())
     assert (major, minor) >= (3, 11), "mtpnb needs Python >= 3.11; repo2docker's default is older"
-
-
-def test_start_preloads_openblas_and_runs_the_command():
-    out = subprocess.run([str(BINDER / "start"), "sh", "-c", 'echo "LD_PRELOAD=$LD_PRELOAD"'],
-                         capture_output=True, text=True, check=True, env={**os.environ, "LD_PRELOAD": ""}).stdout
-    if Path("/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3").exists():
-        assert "openblas-pthread/libblas.so.3" in out
-    off = subprocess.run([str(BINDER / "start"), "sh", "-c", 'echo "LD_PRELOAD=$LD_PRELOAD"'], capture_output=True,
-                         text=True, check=True, env={**os.environ, "LD_PRELOAD": "", "MTPNB_NO_OPENBLAS": "1"}).stdout
-    assert off.strip() == "LD_PRELOAD="
 
 
 def clean_copy(destination: Path) -> Path:
@@ -123,6 +110,8 @@ def test_binder_build_then_quickstart(tmp_path):
                             "print(p); print((p / 'default_model' / 'config.json').exists())"], cwd=tmp_path).stdout.split()
     assert where[0].startswith(str(venv)), f"mtpnb imported from {where[0]}, not from the venv"
     assert where[1] == "True", "the installed package has no default model: check package-data"
+    # the JupyterLab default that makes saved notebooks keep their widgets (pyproject.toml's data files)
+    assert (venv / "share" / "jupyter" / "lab" / "settings" / "overrides.d" / "mtpnb.json").is_file()
 
     # The quickstart, as the Binder link opens it, with a last cell that says where it ran.
     nb = nbformat.read(NOTEBOOKS / f"{QUICKSTART}.ipynb", as_version=4)
@@ -130,15 +119,15 @@ def test_binder_build_then_quickstart(tmp_path):
     if model_override():
         parameters["MODEL"] = model_override()
     nb = inject_parameters(nb, parameters)
-    probe = nbformat.v4.new_code_cell("import os, sys, mtpnb\nprint('kernel python:', sys.executable)\n"
-                                      "print('mtpnb from:', mtpnb.__file__)\nprint('LD_PRELOAD:', os.environ.get('LD_PRELOAD', ''))")
+    probe = nbformat.v4.new_code_cell("import sys, mtpnb\nfrom mtpnb.blas import blas_info\n"
+                                      "print('kernel python:', sys.executable)\nprint('mtpnb from:', mtpnb.__file__)\n"
+                                      "print(blas_info()['message'])")
     nb.cells.append(probe)
     source, executed = tmp_path / "quickstart.ipynb", tmp_path / "quickstart.out.ipynb"
     nbformat.write(nb, source)
     began = time.perf_counter()
     done = subprocess.run(
-        [str(repo / "binder" / "start"), str(python), "-c", RUNNER, str(source), str(executed), str(EXECUTE_TIMEOUT_S),
-         str(repo / "notebooks")],
+        [str(python), "-c", RUNNER, str(source), str(executed), str(EXECUTE_TIMEOUT_S), str(repo / "notebooks")],
         cwd=repo / "notebooks", env=env, capture_output=True, text=True, timeout=EXECUTE_TIMEOUT_S + 60,
     )
     timings["quickstart"] = time.perf_counter() - began
@@ -150,8 +139,8 @@ def test_binder_build_then_quickstart(tmp_path):
     printed = "".join(o.get("text", "") for o in result.cells[-1].outputs if o.output_type == "stream")
     assert f"kernel python: {venv}" in printed, printed
     assert f"mtpnb from: {venv}" in printed, printed
-    if Path("/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3").exists():
-        assert "openblas-pthread" in printed, "binder/start did not reach the kernel"
+    if openblas_path():
+        assert "loaded in-process by `import mtpnb`" in printed, printed  # a plain kernel, no LD_PRELOAD
     widgets = sum("application/vnd.jupyter.widget-view+json" in o.get("data", {})
                   for c in result.cells if c.cell_type == "code" for o in c.outputs)
     assert widgets >= 2, "the quickstart's token streams were not displayed"

@@ -28,6 +28,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = Path(__file__).with_name("browser_notebook.ipynb")
+LAB_OVERRIDES = ROOT / "jupyter-config" / "lab" / "settings" / "overrides.d" / "mtpnb.json"
 ARTIFACTS = ROOT / "artifacts"
 ALL_CELLS_QUEUED = ("() => [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')]"
                     ".every(p => /\\[(\\*|\\d+)\\]/.test(p.textContent))")
@@ -63,9 +64,15 @@ def lab(tmp_path_factory):
         path = work / "settings" / f"{plugin.replace(':', '/')}.jupyterlab-settings"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(settings))
+    # The defaults an installed mtpnb gives JupyterLab (a wheel's data file, the Makefile's copy for an editable
+    # install; tests/test_wheel.py checks it is installed): here from the source tree, whatever this venv holds.
+    overrides = work / "app-settings" / "overrides.d"
+    overrides.mkdir(parents=True)
+    shutil.copy(LAB_OVERRIDES, overrides)
     server = subprocess.Popen(
         [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
          f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={work}",
+         f"--LabApp.app_settings_dir={work / 'app-settings'}",
          "--allow-root", "--LabApp.news_url=", "--LabApp.extension_manager=readonly",
          "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
         cwd=work, env=env, stdout=open(work / "server.log", "wb"), stderr=subprocess.STDOUT,
@@ -137,6 +144,16 @@ def _run_all_cells(page) -> None:
     raise AssertionError("the notebook's cells did not run")
 
 
+def _shut_down_kernels(url: str, token: str) -> None:
+    """End every session of the server (and its kernel), as closing the notebook and its kernel would."""
+    headers = {"Authorization": f"token {token}"}
+    with urllib.request.urlopen(urllib.request.Request(f"{url}/api/sessions", headers=headers), timeout=30) as r:
+        sessions = json.load(r)
+    for session in sessions:
+        request = urllib.request.Request(f"{url}/api/sessions/{session['id']}", headers=headers, method="DELETE")
+        urllib.request.urlopen(request, timeout=60).close()
+
+
 def _check_token_stream(page, stream, expected: str) -> None:
     """A finished TokenStream view: coloured tokens of several kinds, legend, toggle, titles,
     metrics line, and the engine's text."""
@@ -162,10 +179,13 @@ def _chromium_page(name: str):
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        console = []
+        page.on("console", lambda m: console.append(f"{m.type}: {m.text}") if m.type in ("error", "warning") else None)
         try:
             yield page
         except Exception:
             page.screenshot(path=str(ARTIFACTS / f"{name}-failure.png"), full_page=True)
+            print(f"{name} failed; the browser console's last errors and warnings:", *console[-15:], sep="\n  ")
             raise
         finally:
             browser.close()
@@ -217,6 +237,26 @@ def test_jupyterlab_streams_tokens_plays_and_compares(lab):
         playground.screenshot(path=str(ARTIFACTS / "playground-dark.png"))
         first.screenshot(path=str(ARTIFACTS / "token-stream-dark.png"))
 
+        # saved, then reopened without running: every widget drawn from the state saved with the notebook
+        page.keyboard.press("Control+s")
+        page.wait_for_function("!document.querySelector('.lm-TabBar-tab.jp-mod-dirty')", timeout=30_000)
+        _shut_down_kernels(url, token)
+        page.goto(f"{url}/lab/workspaces/reopened/tree/{NOTEBOOK.name}?token={token}")
+        page.locator(".jp-Notebook").wait_for(timeout=60_000)
+        reopened = page.locator(".mtp-stream").first
+        reopened.locator(".mtp-status", has_text="done").wait_for(timeout=60_000)
+        assert _shown_text(reopened) == expected
+        playground = page.locator(".jp-OutputArea-output").filter(has=page.locator("textarea"))
+        playground.locator(".mtp-verdict", has_text="depth 3 vs depth 0").wait_for(state="attached", timeout=30_000)
+        page.screenshot(path=str(ARTIFACTS / "jupyterlab-reopened.png"), full_page=True)
+        playground.screenshot(path=str(ARTIFACTS / "playground-reopened.png"))
+        broken = page.locator(".jp-CodeCell", has=page.get_by_text("Error displaying widget"))
+        assert broken.count() == 0, broken.locator(".jp-InputArea").all_inner_texts()
+        # show_generation's charts: a plain plotly output since the run ended (drawn, or as its saved PNG where
+        # the notebook is not trusted). The Playground's (a plot in an Output widget) comes back 0 px high: not checked.
+        charts = page.locator(".jp-CodeCell", has_text="show_generation(model")
+        charts.locator(".jp-RenderedPlotly :is(.main-svg, img.plot-img)").first.wait_for(timeout=30_000)
+
 
 def test_notebook7_streams_tokens(lab):
     pytest.importorskip("notebook", reason="Notebook 7 is not installed (pip install notebook)")
@@ -261,9 +301,12 @@ def _live_demo_copy(work: Path, name: str) -> None:
 
 def _live_demo_renders(page, url: str, token: str, work: Path, name: str) -> dict:
     """Run the live demo (it generates once by itself), then Compare; what rendered, as
-    {"chart_traces": n, "stream": status, "panes": [(status, tokens), ...]}."""
+    {"chart_traces": n, "stream": status, "panes": [(status, tokens), ...]}. Each run opens its notebook
+    in a workspace of its own (a reopened workspace would bring back the earlier runs' notebooks, unrun)
+    after the earlier runs' kernels are shut down."""
     _live_demo_copy(work, name)
-    page.goto(f"{url}/lab/tree/{name}?token={token}")
+    _shut_down_kernels(url, token)
+    page.goto(f"{url}/lab/workspaces/{Path(name).stem}/tree/{name}?token={token}")
     page.locator(".jp-Notebook").wait_for(timeout=90_000)
     playground = page.locator(".jp-OutputArea-output").filter(has=page.locator("textarea"))
     for _ in range(3):  # on a loaded machine the front end may replace a slow-starting kernel, dropping the queue
@@ -291,24 +334,30 @@ def _live_demo_renders(page, url: str, token: str, work: Path, name: str) -> dic
     return seen
 
 
-@pytest.mark.skipif(not os.environ.get("MTPNB_LOADED_RUNS"), reason="a measurement: set MTPNB_LOADED_RUNS=N to run it")
+LOADED_RUNS = int(os.environ.get("MTPNB_LOADED_RUNS", "1"))
+
+
+@pytest.mark.skipif(LOADED_RUNS < 1, reason="MTPNB_LOADED_RUNS=0")
 def test_live_demo_renders_while_the_cpu_is_busy(lab):
     """The live demo's chart and both Compare panes render (not blank, not stuck at "ready") while two
     busy loops load the CPU: anywidget gives a model 2 s to initialise, and a slow front end used to miss
-    it. MTPNB_LOADED_RUNS=N runs it N times, each a fresh notebook and kernel. Not in CI yet: on a machine
-    already loaded by other work, the Playground came up as "Error displaying widget: model not found"
-    in both runs tried (cause not found yet)."""
+    it. One run by default, on the server the tests above have warmed up; MTPNB_LOADED_RUNS=N runs it N
+    times, each a fresh notebook and kernel. Measured 2026-12-01 on 2 cores also loaded by other work, 10
+    runs twice: every run after the first rendered fully; the first, on a cold server, failed in both:
+    JupyterLab replaced the slow-starting kernel, once leaving "No Kernel", once "Error displaying widget:
+    model not found" after the cells had been sent twice."""
     url, token, work = lab
-    runs = int(os.environ.get("MTPNB_LOADED_RUNS", "1"))
+    runs = LOADED_RUNS
     failures, console = [], []
     with _busy_cpu(), _chromium_page("live-demo-loaded") as page:
         page.on("console", lambda m: console.append(m.text) if m.type in ("error", "warning") else None)
         for i in range(runs):
             try:
                 seen = _live_demo_renders(page, url, token, work, f"live_demo_loaded_{i}.ipynb")
-            except sync_api.TimeoutError as e:
+            except (sync_api.TimeoutError, AssertionError) as e:
                 page.screenshot(path=str(ARTIFACTS / f"live-demo-loaded-{i}-failure.png"), full_page=True)
-                failures.append(f"run {i}: {str(e).splitlines()[0]}; console: {console[-8:]}")
+                failures.append(f"run {i}: {str(e).splitlines()[0]}")
+                print(f"loaded run {i} failed: {str(e).splitlines()[0]}; browser console:", *console[-12:], sep="\n  ")
                 continue
             page.screenshot(path=str(ARTIFACTS / f"live-demo-loaded-{i}.png"), full_page=True)
             print(f"loaded run {i}: {seen}")

@@ -18,7 +18,7 @@ import pytest
 import mtpnb
 from mtpnb import cli
 from mtpnb.server.app import refusal
-from mtpnb.terminal import legend, render_prompt, render_token, use_color
+from mtpnb.terminal import STYLES, legend, render_prompt, render_token, use_color
 
 ROOT = Path(mtpnb.__file__).resolve().parent.parent
 PROMPT = "def f(x):"
@@ -84,6 +84,29 @@ def test_generate_on_a_terminal_colours_every_kind_then_legend_and_metrics(path,
     assert out.decode().replace("\r\n", "\n") == rendered
     assert "\x1b[38;5;166;9m" in tokens and "\x1b[38;5;214;7m" in tokens  # struck-through rejection, correction
     assert SUMMARY.match(err.strip()) and "depth 3: acceptance" in err
+
+
+def _sgr_attributes(sgr: str) -> set[int]:
+    """The attributes an SGR parameter list sets, its 38;5;N / 48;5;N colours left out."""
+    params, attributes = [int(x) for x in sgr.split(";") if x], set()
+    while params:
+        p = params.pop(0)
+        if p in (38, 48):
+            del params[:2]
+        else:
+            attributes.add(p)
+    return attributes
+
+
+def test_no_output_token_is_underlined_and_accepted_drafts_are_shaded_with_a_line_above():
+    # An underlined space reads as "_" in code ("def_f"): no kind is underlined (4) or double underlined
+    # (21); an accepted draft is shaded (a background colour) with a line above (53), as in the widget.
+    for kind, (_, sgr, _) in STYLES.items():
+        assert not _sgr_attributes(sgr) & {4, 21}, kind
+    accepted = STYLES["accepted"][1]
+    assert "48;5;" in accepted and 53 in _sgr_attributes(accepted)
+    assert "accepted draft\x1b[0m (shaded, line above)" in legend()
+    assert render_token("accepted", "  return", True) == f"\x1b[{accepted}m  return\x1b[0m"
 
 
 def test_generate_piped_writes_exactly_the_text_and_the_metrics_to_stderr(path, model):

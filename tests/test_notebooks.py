@@ -1,9 +1,9 @@
 """Every tutorial notebook executes top to bottom against the embedded default model.
 
 Each notebook has a `parameters` cell (papermill's convention); CI injects the smaller values of
-CI_PARAMETERS in a cell right after it, as papermill does, and nbclient runs the copy. The kernel
-gets the environment Binder's `start` gives it (OpenBLAS preloaded where installed) and this
-checkout first on its path.
+CI_PARAMETERS in a cell right after it, as papermill does, and nbclient runs the copy. The kernel is
+a plain one, as `jupyter lab` starts it (no LD_PRELOAD: `import mtpnb`, first in every notebook, loads
+OpenBLAS where it is installed), with this checkout first on its path.
 
 MTPNB_NOTEBOOK_MODEL=/some/model/folder runs them against another model (e.g. a `make_checkpoint`
 folder while the default model is absent). Committed notebooks must carry no outputs.
@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from mtpnb.blas import openblas_path
+
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
@@ -26,7 +28,6 @@ pytest.importorskip("ipykernel")
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
 DEFAULT_MODEL = REPO / "mtpnb" / "default_model"
-OPENBLAS = Path("/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3")
 CELL_TIMEOUT_S = 300
 
 # What CI runs: each notebook a minute or so on 2 shared cores.
@@ -74,10 +75,8 @@ def notebook_parameters(name: str) -> dict:
 
 
 def kernel_env(extra_path: Path | None = REPO) -> dict:
-    """The environment Binder's start script gives the kernel: OpenBLAS preloaded where installed."""
-    env = dict(os.environ)
-    if OPENBLAS.exists() and not env.get("MTPNB_NO_OPENBLAS"):
-        env["LD_PRELOAD"] = ":".join(filter(None, [str(OPENBLAS), env.get("LD_PRELOAD")]))
+    """A plain kernel's environment (nothing preloaded), with extra_path first on its Python path."""
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
     if extra_path is not None:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(extra_path), env.get("PYTHONPATH")]))
     env.setdefault("MPLBACKEND", "Agg")
@@ -177,6 +176,8 @@ def test_quickstart():
     text = text_of(nb)
     assert "tokens/verify" in text, "no metrics line"
     assert number_after("tokens per verify at depth 3:", text) >= 1.0
+    if openblas_path():  # a plain kernel: `%load_ext mtpnb` loaded it, nothing was preloaded
+        assert "BLAS: OpenBLAS" in text and "loaded in-process" in text, text[-2000:]
 
 
 @pytest.mark.slow
@@ -185,6 +186,8 @@ def test_why_speculative_decoding_works():
     assert count(nb, PLOTLY) >= 3, "the roofline, verify-cost and speedup charts were not produced"
     text = text_of(nb)
     assert number_after("verify cost ratio t(4)/t(1):", text) > 0.5
+    if openblas_path():  # this notebook imports mlx itself: only after mtpnb
+        assert "BLAS: OpenBLAS" in text and "loaded in-process" in text, text[-2000:]
     assert "predicted" in text and "measured" in text
 
 
@@ -223,6 +226,17 @@ def test_bring_your_own_model():
     assert "mtp.fc.weight" in text
     assert "no MTP weights" in text
     assert "same greedy output after the round trip: True" in text
+
+
+def test_every_notebook_imports_mtpnb_before_mlx():
+    # `import mtpnb` loads OpenBLAS only if MLX is not loaded yet: a notebook that imports mlx first runs
+    # on the reference BLAS in a plain kernel (mtpnb.blas).
+    first_import = re.compile(r"^(?:import|from) (mlx|mtpnb)\b|^%load_ext (mtpnb)", re.M)
+    for path in all_notebooks():
+        nb = nbformat.read(path, as_version=4)
+        code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+        first = first_import.search(code)
+        assert first and "mtpnb" in first.groups(), f"{path.name}: imports mlx before mtpnb"
 
 
 def test_ci_parameters_name_existing_notebooks():

@@ -10,6 +10,7 @@ are reused by putting its site-packages folders on the venv's path (a .pth file 
 --no-deps.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -61,6 +62,12 @@ def test_the_wheel_carries_the_notebooks_and_the_kernel_sources(venv):
     assert {"mtpnb/kernel_sources/qmv_verify_cuda.cuh", "mtpnb/kernel_sources/qmv_verify_metal.metal",
             "mtpnb/widgets/token_stream.js", "mtpnb/default_model/model.safetensors"} <= set(names)
     assert not any(n.startswith(("benchmarks/", "tests/")) for n in names)
+
+
+def test_the_wheel_makes_jupyterlab_save_widget_state(venv):
+    # JupyterLab reads <prefix>/share/jupyter/lab/settings/overrides.d/*.json as defaults for that prefix
+    installed = venv[0] / "venv" / "share" / "jupyter" / "lab" / "settings" / "overrides.d" / "mtpnb.json"
+    assert json.loads(installed.read_text()) == {"@jupyter-widgets/jupyterlab-manager:plugin": {"saveState": True}}
 
 
 def test_the_installed_package_is_the_wheel_not_the_source_tree(venv):
