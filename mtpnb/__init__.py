@@ -23,7 +23,7 @@ __version__ = "0.1.0"
 # brings in MLX, mlx-lm and transformers; the widgets ipywidgets and plotly; the client nothing.
 _LAZY = {
     "load": "loading", "save": "loading", "Model": "model", "Engine": "engine",
-    "GenerationParams": "params", "connect": "remote", "Playground": "widgets",
+    "GenerationParams": "params", "connect": "remote", "Playground": "widgets", "PromptCache": "prompt_cache",
 }
 
 __all__ = ["MTPNBError", "Result", "Metrics", "TokenEvent", "StepEvent", "Done", "TOKEN_KINDS", *_LAZY]

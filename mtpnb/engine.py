@@ -27,6 +27,7 @@ import mlx.core as mx
 from .errors import MTPNBError
 from .events import Done, Result, StepEvent, TokenEvent, final_result
 from .params import GenerationParams
+from .prompt_cache import PromptCache, trunk_state
 from .rollback import rollback_cache
 from .runtime import runtime
 from .sampling import Sampling, accept_greedy, accept_sampled, next_greedy, sample
@@ -48,15 +49,19 @@ class Engine:
         self.model = model
         self.profile = profile  # phase timings on every StepEvent, with eval barriers (the bench's profile)
 
-    def generate(self, prompt, **params) -> Result:
-        return final_result(self.stream(prompt, **params))
+    def generate(self, prompt, *, cache: PromptCache | None = None, tools: list | None = None, **params) -> Result:
+        return final_result(self.stream(prompt, cache=cache, tools=tools, **params))
 
-    def stream(self, prompt, **params) -> "Generation":
+    def stream(self, prompt, *, cache: PromptCache | None = None, tools: list | None = None,
+               **params) -> "Generation":
         """Yield events as tokens are decided. Validates everything before the first yield;
         closing the iterator early, or cancel() from any thread, cancels the generation (the engine
-        stays usable)."""
+        stays usable). `cache`: a PromptCache to start from the longest cached state the prompt
+        extends, and to keep this generation's states in (mtpnb.prompt_cache). `tools`: see encode."""
+        if cache is not None and not isinstance(cache, PromptCache):
+            raise MTPNBError(f"cache must be an mtpnb.PromptCache, got {type(cache).__name__}")
         gp = GenerationParams.of(**params)
-        ids = self.encode(prompt, chat=gp.chat, reasoning=gp.reasoning)
+        ids = self.encode(prompt, chat=gp.chat, reasoning=gp.reasoning, tools=tools)
         vocab = self.model.text_config.get("vocab_size")
         if vocab and max(ids) >= vocab:
             raise MTPNBError(f"token id {max(ids)} is outside the model's vocabulary of {vocab}")
@@ -67,20 +72,22 @@ class Engine:
         if context:  # the answer ends ("length") where the model's context does, if that comes first
             gp = dataclasses.replace(gp, max_tokens=min(gp.max_tokens, context - len(ids)))
         cancelled = threading.Event()
-        events = self._generation(ids, gp, cancelled)
+        history = self.history_length(prompt, ids, chat=gp.chat, reasoning=gp.reasoning, tools=tools) if cache is not None else None
+        events = self._generation(ids, gp, cancelled, cache, history)
         if not (threading.current_thread() is threading.main_thread() or runtime().on_thread()):
             events = runtime().iterate(events)  # another thread's generation runs on the MLX thread (mtpnb.runtime)
-        return Generation(events, cancelled)
+        return Generation(events, cancelled, ids)
 
-    def _generation(self, ids: list[int], params: GenerationParams,
-                    cancelled: threading.Event) -> Iterator[TokenEvent | StepEvent | Done]:
+    def _generation(self, ids: list[int], params: GenerationParams, cancelled: threading.Event,
+                    prompt_cache: PromptCache | None, history: int | None) -> Iterator[TokenEvent | StepEvent | Done]:
         """The loop's steps through the stream layer (runs when first iterated)."""
         model = self.model
         if params.seed is not None:
             mx.random.seed(params.seed)
         mx.reset_peak_memory()
         depth = params.depth if model.has_mtp else 0
-        loop = DecodeLoop(model, ids, Sampling(*params.sampling_settings), depth, self.profile, cancelled)
+        loop = DecodeLoop(model, ids, Sampling(*params.sampling_settings), depth, self.profile, cancelled,
+                          prompt_cache, history)
         text = GenerationStream(model.tokenizer, ids, params, depth=depth,
                                 eos=set(model.tokenizer.eos_token_ids or ()), memory=memory_mb)
         try:
@@ -118,6 +125,27 @@ class Engine:
             raise MTPNBError("the prompt is empty: give at least one token")
         return list(ids)
 
+    def history_length(self, prompt, ids: list[int], *, chat: bool = False, reasoning: bool | None = None,
+                       tools: list | None = None) -> int | None:
+        """For a chat prompt: how many of its tokens are the conversation so far, without the
+        generation prompt that opens the assistant's turn (None if that is not a prefix of `ids`).
+        The next turn's prompt starts with them, even where the chat template renders this turn's
+        answer otherwise than it was generated (Qwen3.5's drops the empty thinking block), so the
+        prompt cache keeps the state there."""
+        if isinstance(prompt, str) and chat:
+            prompt = [{"role": "user", "content": prompt}]
+        if not (isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt)):
+            return None
+        extra = {} if reasoning is None else {"enable_thinking": reasoning}
+        if tools:
+            extra["tools"] = tools
+        history = self.model.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=False, tokenize=True,
+                                                           **extra)
+        if isinstance(history, dict):
+            history = history["input_ids"]
+        n = len(history)
+        return n if 0 < n < len(ids) and list(history) == ids[:n] else None
+
 
 class Generation(Iterator):
     """What Engine.stream returns: the generation's events. close() ends it, and so does cancel(),
@@ -125,9 +153,10 @@ class Generation(Iterator):
     widget's Stop): the decode loop checks between prefill chunks and between steps, and the events
     end with Done (finish_reason "cancelled")."""
 
-    def __init__(self, events: Iterator, cancelled: threading.Event):
+    def __init__(self, events: Iterator, cancelled: threading.Event, prompt_ids: list[int]):
         self._events = events
         self._cancelled = cancelled
+        self.prompt_ids = prompt_ids  # the prompt as the model reads it
 
     def __next__(self):
         return next(self._events)
@@ -148,7 +177,8 @@ class DecodeLoop:
     Step per verify (per token at depth 0), the decision on the host; ends early once `cancelled`."""
 
     def __init__(self, model, prompt_ids: list[int], sampling: Sampling, depth: int, profile: bool = False,
-                 cancelled: threading.Event | None = None):
+                 cancelled: threading.Event | None = None, prompt_cache: PromptCache | None = None,
+                 history: int | None = None):
         self.model = model
         self.prompt_ids = prompt_ids
         self.sampling = sampling
@@ -156,26 +186,51 @@ class DecodeLoop:
         self.profile = profile
         self.cancelled = cancelled or threading.Event()
         self.vocab_size = model.text_config["vocab_size"]
+        self.prompt_cache = prompt_cache
+        self.reuse = None  # the prompt cache's part in this generation (mtpnb.prompt_cache.Reuse)
+        self.reused = 0  # prompt tokens whose state came from the prompt cache
+        self.history = history  # prompt tokens of the conversation so far: the cache keeps the state there too
+        self.trunk_at_history = None  # the trunk's state there, taken during the prefill
+        self.fed = list(prompt_ids)  # the tokens the trunk's caches hold at the last yield
+        self.live = None  # (trunk caches, head cache, pending hidden) at the last yield
 
     def steps(self) -> Iterator[Step]:
-        for step in self._speculative() if self.depth else self._plain():
-            if self.cancelled.is_set():
-                return
-            yield step
+        try:
+            for step in self._speculative() if self.depth else self._plain():
+                if self.cancelled.is_set():
+                    return
+                yield step
+        except GeneratorExit:  # the stream layer ended the generation (EOS, stop, length): keep its state
+            if self.reuse is not None and not self.cancelled.is_set() and len(self.fed) > len(self.prompt_ids):
+                self.reuse.keep(self.fed, *self.live, answer=True)
+            raise
+
+    def _start(self, cache, head_cache=None):
+        """Load the longest cached state the prompt extends into the fresh caches; -> the hidden
+        states the head has not consumed yet (None: nothing cached, or depth 0)."""
+        if self.prompt_cache is None:
+            return None
+        self.reuse = self.prompt_cache.lookup(self.model, self.prompt_ids, speculative=head_cache is not None)
+        self.reused = self.reuse.tokens
+        return self.reuse.restore(cache, head_cache)
 
     def _prefill(self, cache, *, hidden: bool):
         """The trunk over the prompt, PREFILL_CHUNK tokens at a time (mlx-lm's pattern: each chunk's
         cache state evaluated, then MLX's buffer cache cleared) -> (the hidden states [1, L, H] if
         asked, the logits at the last position [V]); None when cancelled between chunks."""
-        ids, states, logits = self.prompt_ids, [], None
-        for start in range(0, len(ids), PREFILL_CHUNK):
+        ids, states, logits = self.prompt_ids[self.reused:], [], None
+        # A chunk ends where the conversation so far does, when the prompt cache keeps the state there
+        cut = self.history - self.reused if self.reuse is not None and self.history else 0
+        starts = sorted({*range(0, len(ids), PREFILL_CHUNK), *([cut] if 0 < cut < len(ids) else [])})
+        for start, end in zip(starts, starts[1:] + [len(ids)]):
             if self.cancelled.is_set():
                 return None
-            h, logits = self.model.forward(mx.array(ids[start:start + PREFILL_CHUNK])[None], cache=cache,
-                                           last_only=True)
+            h, logits = self.model.forward(mx.array(ids[start:end])[None], cache=cache, last_only=True)
             if hidden:
                 states.append(h)
-            if start + PREFILL_CHUNK < len(ids):
+            if end == cut:
+                self.trunk_at_history = trunk_state(cache)
+            if end < len(ids):
                 mx.eval([c.state for c in cache], states[-1:])
                 mx.clear_cache()
         return (mx.concatenate(states, axis=1) if hidden else None), logits[0, -1]
@@ -184,14 +239,32 @@ class DecodeLoop:
         """Depth >= 1: draft, verify, accept, roll back (plain decoding is `_plain`)."""
         model = self.model
         cache, head_cache = model.make_cache(), model.make_head_cache()
+        cached_hidden = self._start(cache, head_cache)
         prefilled = self._prefill(cache, hidden=True)
         if prefilled is None:
             return
         hidden, last_logits = prefilled
+        if cached_hidden is not None:
+            hidden = mx.concatenate([cached_hidden, hidden], axis=1)
         token, p_token = token_to_host(next_token(self.sampling, last_logits))
+        first_token_at = time.perf_counter()
+        # The head catches up with the prompt: it reads the hidden state at t with the token at t+1,
+        # known for every position but the last (whose next token is the one just decided); in two
+        # parts where the cache keeps the state at the end of the conversation so far.
+        L, first = len(self.prompt_ids), len(self.prompt_ids) - hidden.shape[1]  # hidden: positions first..L-1
+        for end in ([self.history] if self.trunk_at_history is not None else []) + [L]:
+            if end - 1 > first:
+                model.head(hidden[:, : end - 1 - first], model.embed(mx.array(self.prompt_ids[first + 1:end])[None]),
+                           cache=head_cache)
+                hidden, first = hidden[:, end - 1 - first:], end - 1
+            if end < L:
+                self.reuse.keep(self.prompt_ids[:end], self.trunk_at_history, head_cache, hidden[:, :1], answer=False)
         pending_hidden = hidden
-        pending_tokens = self.prompt_ids[1:] + [token]
-        yield Step(0, [], [], [], 0, token, p_token, first_token_at=time.perf_counter())
+        pending_tokens = [token]
+        self.live = (cache, head_cache, pending_hidden)
+        if self.reuse is not None:
+            self.reuse.keep(self.prompt_ids, *self.live, answer=False)
+        yield Step(0, [], [], [], 0, token, p_token, first_token_at=first_token_at, cached_tokens=self.reused)
         step = 0
         while True:
             step += 1
@@ -205,6 +278,7 @@ class DecodeLoop:
             if self.profile:
                 mx.eval(hidden, logits)
             t_forward = time.perf_counter()
+            fed = token
             n_accepted, token, p_drafts, q_drafts, p_token = to_host(self._accept(logits[0], draft_dists, drafts))
             draft_ids = drafts.tolist()
             t2 = time.perf_counter()
@@ -217,6 +291,8 @@ class DecodeLoop:
                           "rollback_s": time.perf_counter() - t2}
             pending_hidden = hidden[:, : n_accepted + 1]
             pending_tokens = draft_ids[:n_accepted] + [token]
+            self.fed += [fed] + draft_ids[:n_accepted]
+            self.live = (cache, head_cache, pending_hidden)
             yield Step(step, draft_ids, p_drafts, q_drafts, n_accepted, token, p_token, t1 - t0, t2 - t1, phases)
 
     def _plain(self) -> Iterator[Step]:
@@ -228,6 +304,8 @@ class DecodeLoop:
         Step.verify_s is the wait for token n, the next graph's building included."""
         model = self.model
         cache = model.make_cache(rollback=False)
+        self._start(cache)
+        self.live = (cache,)
         prefilled = self._prefill(cache, hidden=False)
         if prefilled is None:
             return
@@ -238,6 +316,10 @@ class DecodeLoop:
             if step == 0:  # the first token reaches the host before anything is queued
                 token, p_token = token_to_host(decision)
                 first_token_at = time.perf_counter()
+                if self.trunk_at_history is not None:
+                    self.reuse.keep(self.prompt_ids[:self.history], self.trunk_at_history, answer=False)
+                if self.reuse is not None:  # the prompt's state, before the first token enters the caches
+                    self.reuse.keep(self.prompt_ids, cache, answer=False)
             t_forward = time.perf_counter()
             _, logits = model.forward(decision[0].reshape(1, 1), cache=cache)
             if self.profile:  # serializes the pipeline: the phases say where the work goes, not how fast
@@ -251,8 +333,10 @@ class DecodeLoop:
             if self.profile:  # step 0's token is the prefill's: its sync is the TTFT's
                 phases = {"verify_forward_s": t_queued - t_forward,
                           "accept_sync_s": time.perf_counter() - t_queued if step else 0.0, "rollback_s": 0.0}
+            self.fed.append(token)  # its forward is queued: the caches hold it
             if step == 0:
-                yield Step(0, [], [], [], 0, token, p_token, phases=phases, first_token_at=first_token_at)
+                yield Step(0, [], [], [], 0, token, p_token, phases=phases, first_token_at=first_token_at,
+                           cached_tokens=self.reused)
             else:
                 yield Step(step, [], [], [], 0, token, p_token, 0.0, time.perf_counter() - t0, phases)
             decision, step = queued, step + 1

@@ -72,6 +72,7 @@ class StepEvent:
 class Metrics:
     depth: int = 0
     prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0  # of the prompt's tokens, those whose state came from a prompt cache
     generated_tokens: int = 0
     ttft_s: float = 0.0
     prefill_tok_s: float = 0.0

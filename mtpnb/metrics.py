@@ -50,15 +50,16 @@ def decode_rate_first(steps: Sequence[StepEvent], ttft: float, n: int) -> float:
 
 
 def compute_metrics(events: Sequence[TokenEvent], steps: Sequence[StepEvent], *, depth: int, ttft_s: float,
-                    total_s: float, finish_reason: str, prompt_tokens: int = 0, active_memory_mb: float = 0.0,
-                    peak_memory_mb: float = 0.0) -> Metrics:
+                    total_s: float, finish_reason: str, prompt_tokens: int = 0, cached_tokens: int = 0,
+                    active_memory_mb: float = 0.0, peak_memory_mb: float = 0.0) -> Metrics:
     """The Metrics of a generation from what it yielded (events: every TokenEvent, rejected drafts
     included; steps: every StepEvent) and its clock (time to the first token, whole wall time)."""
     generated = steps[-1].generated if steps else 0
-    m = Metrics(depth=depth, prompt_tokens=prompt_tokens, generated_tokens=generated, ttft_s=ttft_s,
+    m = Metrics(depth=depth, prompt_tokens=prompt_tokens, cached_prompt_tokens=cached_tokens,
+                generated_tokens=generated, ttft_s=ttft_s,
                 total_s=total_s, finish_reason=finish_reason, active_memory_mb=active_memory_mb,
                 peak_memory_mb=peak_memory_mb)
-    m.prefill_tok_s = prompt_tokens / ttft_s if ttft_s > 0 else 0.0
+    m.prefill_tok_s = (prompt_tokens - cached_tokens) / ttft_s if ttft_s > 0 else 0.0  # tokens prefilled
     if generated > 1 and total_s > ttft_s:
         m.decode_tok_s = (generated - 1) / (total_s - ttft_s)
     m.end_to_end_tok_s = generated / total_s if total_s > 0 else 0.0

@@ -36,6 +36,7 @@ class Step:
     verify_s: float = 0.0  # step 0: filled in with the time to the first token
     phases: dict[str, float] | None = None  # when profiling
     first_token_at: float | None = None  # step 0: when the first token reached the host (perf_counter)
+    cached_tokens: int = 0  # step 0: prompt tokens whose state came from a prompt cache (not prefilled)
 
 
 class GenerationStream:
@@ -65,6 +66,7 @@ class GenerationStream:
             for step in steps:
                 if step.index == 0:
                     self.ttft = step.first_token_at - self.start
+                    self.cached_tokens = step.cached_tokens
                     step.verify_s = self.ttft
                 if (yield from self._emit(step)):
                     break
@@ -184,6 +186,7 @@ class GenerationStream:
         metrics = compute_metrics(self.events, self.steps, depth=self.depth, prompt_tokens=self.prompt_tokens,
                                   ttft_s=getattr(self, "ttft", self.end - self.start), total_s=self.end - self.start,
                                   finish_reason=self.finish_reason, active_memory_mb=active_mb,
+                                  cached_tokens=getattr(self, "cached_tokens", 0),
                                   peak_memory_mb=peak_mb)
         return Result(list(self.tokens), self.text, self.events, self.steps, metrics)
 
