@@ -183,8 +183,10 @@ def local(checkpoint):
 def server(checkpoint, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("agent-serve")
     (tmp / "key").write_text(KEY)
+    # No prompt cache: events are compared with a local run bit for bit (tests/test_prompt_cache.py
+    # runs an agent's turns through a server with one)
     live = start(checkpoint, "--api-key-file", tmp / "key", "--model-name", "tiny-agent", "--depth", 3,
-                 "--reasoning", "off", log_path=tmp / "server.log")
+                 "--reasoning", "off", "--prompt-cache-mb", 0, log_path=tmp / "server.log")
     yield live
     assert live.stop() == 0, live.log()[-2000:]
 

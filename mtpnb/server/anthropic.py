@@ -41,6 +41,13 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "
                503: "overloaded_error", 529: "overloaded_error"}
 
 
+def usage(m) -> dict:
+    """Anthropic's usage: input_tokens counts the prompt tokens prefilled, cache_read_input_tokens
+    those whose state came from the prompt cache (their sum is the prompt)."""
+    return {"input_tokens": m.prompt_tokens - m.cached_prompt_tokens, "output_tokens": m.generated_tokens,
+            "cache_read_input_tokens": m.cached_prompt_tokens, "cache_creation_input_tokens": 0}
+
+
 def error_body(error: APIError) -> dict:
     kind = ERROR_TYPES.get(error.status, "invalid_request_error" if error.status < 500 else "api_error")
     return {"type": "error", "error": {"type": kind, "message": error.message}}
@@ -208,8 +215,7 @@ class Encoder:
         m = result.metrics
         delta = {"stop_reason": stop_reason, "stop_sequence": stop_sequence, **self._pending()}
         events.append(("message_delta", {"type": "message_delta", "delta": delta, "mtp": m.to_dict(),
-                                         "usage": {"input_tokens": m.prompt_tokens,
-                                                   "output_tokens": m.generated_tokens}}))
+                                         "usage": usage(m)}))
         events.append(("message_stop", {"type": "message_stop"}))
         return events
 
@@ -230,7 +236,7 @@ class Encoder:
         m = result.metrics
         message = {"id": self.req.id, "type": "message", "role": "assistant", "model": self.req.model,
                    "content": self.content, "stop_reason": stop_reason, "stop_sequence": stop_sequence,
-                   "usage": {"input_tokens": m.prompt_tokens, "output_tokens": m.generated_tokens}, "mtp": m.to_dict()}
+                   "usage": usage(m), "mtp": m.to_dict()}
         if self.req.mtp_events:
             message["mtp_events"] = [e.to_dict() for e in result.events]
             message["mtp_steps"] = [s.to_dict() for s in result.steps]

@@ -518,8 +518,10 @@ class Handler(BaseHTTPRequestHandler):
             return self._json(200, app.metrics())
         if app.prometheus is None:
             raise APIError(501, prometheus.INSTALL, code="not_installed")
+        cache = app.worker.prompt_cache
         data, content_type = app.prometheus.render(accept, model_name=app.model_name, waiting=app.worker.queued,
-                                                   running=int(app.worker.current is not None))
+                                                   running=int(app.worker.current is not None),
+                                                   prefix_cache=None if cache is None else cache.stats)
         self.send_response(200)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
@@ -572,7 +574,8 @@ class Server:
                  temperature: float | None = None, max_tokens_limit: int = 4096,
                  max_prompt_tokens: int | None = None, max_body_bytes: int = 1 << 20, max_queue: int = 64,
                  max_connections: int = 128, socket_timeout: float = 60.0, load_options: dict | None = None,
-                 allowed_hosts: tuple[str, ...] = (), cors_origins: tuple[str, ...] = ()):
+                 allowed_hosts: tuple[str, ...] = (), cors_origins: tuple[str, ...] = (),
+                 prompt_cache_mb: int = 1024):
         if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
             raise MTPNBError("the API key is empty")
         if api_key is not None and not api_key.strip().isascii():
@@ -617,8 +620,10 @@ class Server:
         self.socket_timeout = socket_timeout
         self.prometheus = prometheus.PrometheusMetrics.create()
         self.stats = Stats(prometheus=self.prometheus)
+        if isinstance(prompt_cache_mb, bool) or not isinstance(prompt_cache_mb, int) or prompt_cache_mb < 0:
+            raise MTPNBError(f"prompt_cache_mb must be an integer >= 0 (0: no prompt cache), not {prompt_cache_mb!r}")
         self.worker = Worker(model, max_queue=max_queue, max_prompt_tokens=max_prompt_tokens,
-                             load_options=load_options, stats=self.stats)
+                             load_options=load_options, stats=self.stats, prompt_cache_bytes=prompt_cache_mb << 20)
         self._max_prompt_tokens = max_prompt_tokens
         self._max_connections = max_connections
         self._httpd: _HTTPServer | None = None
@@ -747,6 +752,7 @@ class Server:
 
     def metrics(self) -> dict:
         snap = self.stats.snapshot()
+        cache = self.worker.prompt_cache
         snap.update(model=self.model_name, queued=self.worker.queued,
-                    busy=self.worker.current is not None)
+                    busy=self.worker.current is not None, prefix_cache=None if cache is None else cache.stats)
         return snap

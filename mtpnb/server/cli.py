@@ -46,6 +46,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         help="largest max_tokens a request may ask for, and the default (default 4096)")
     parser.add_argument("--max-prompt-tokens", type=positive, default=None, metavar="N",
                         help="longest prompt in tokens, >= 1 (default: the model's max_position_embeddings)")
+    parser.add_argument("--prompt-cache-mb", type=int, default=1024, metavar="MB",
+                        help="memory for the states of earlier requests that later ones extend (multi-turn "
+                             "prefix reuse, shared by all requests; least recently used go first); 0 turns it "
+                             "off (default 1024)")
     parser.add_argument("--max-body-bytes", type=positive, default=1 << 20, metavar="N",
                         help="largest request body (default 1 MiB)")
     parser.add_argument("--max-queue", type=positive, default=64, metavar="N",
@@ -141,6 +145,7 @@ def run_serve(args) -> int:
             max_tokens_limit=args.max_tokens_limit, max_prompt_tokens=args.max_prompt_tokens,
             max_body_bytes=args.max_body_bytes, max_queue=args.max_queue, max_connections=args.max_connections,
             load_options=load_options, allowed_hosts=tuple(args.allowed_host), cors_origins=tuple(args.cors_origin),
+            prompt_cache_mb=args.prompt_cache_mb,
         )
         server.bind()
     except MTPNBError as e:

@@ -12,6 +12,9 @@ dashboards and alerts written for a vLLM server carry over by changing the prefi
     mtpnb:spec_decode_num_draft_tokens_total                        drafts proposed
     mtpnb:spec_decode_num_accepted_tokens_total                     drafts kept in the output
     mtpnb:spec_decode_num_accepted_tokens_per_pos_total{position}   ... at draft position 0, 1, ... (as vLLM)
+    mtpnb:prefix_cache_queries_total / prefix_cache_hits_total      prompt tokens looked up in the prompt cache /
+                                                                    found there (not prefilled), as vLLM counts
+    mtpnb:prefix_cache_entries / prefix_cache_bytes                 gauges: what the prompt cache holds
 
 Every series but http_errors carries `model_name`, as vLLM's do. Acceptance rate =
 num_accepted_tokens / num_draft_tokens; mean tokens per verify = 1 + num_accepted_tokens / num_drafts.
@@ -94,6 +97,14 @@ class PrometheusMetrics:
                                         registry=r)
         self.num_accepted_tokens = Counter(PREFIX + "spec_decode_num_accepted_tokens",
                                            "Draft tokens accepted (kept in the output)", model, registry=r)
+        self.prefix_queries = Counter(PREFIX + "prefix_cache_queries", "Prompt tokens looked up in the prompt cache",
+                                      model, registry=r)
+        self.prefix_hits = Counter(PREFIX + "prefix_cache_hits",
+                                   "Prompt tokens whose state came from the prompt cache (not prefilled)", model,
+                                   registry=r)
+        self.prefix_entries = Gauge(PREFIX + "prefix_cache_entries", "States held by the prompt cache", model,
+                                    registry=r)
+        self.prefix_bytes = Gauge(PREFIX + "prefix_cache_bytes", "Bytes held by the prompt cache", model, registry=r)
         self.accepted_per_pos = Counter(PREFIX + "spec_decode_num_accepted_tokens_per_pos",
                                         "Draft tokens accepted at each draft position (0 = first draft)",
                                         model + ["position"], registry=r)
@@ -125,6 +136,8 @@ class PrometheusMetrics:
         if m.generated_tokens > 1:
             self.tpot.labels(model_name).observe(decode_s / (m.generated_tokens - 1))
         self.e2e.labels(model_name).observe(wait_s + m.total_s)
+        self.prefix_queries.labels(model_name).inc(m.prompt_tokens)
+        self.prefix_hits.labels(model_name).inc(m.cached_prompt_tokens)
         for position in range(m.depth):  # every position of the depth shows, zeros included
             self.accepted_per_pos.labels(model_name, str(position))
         drafted = [s for s in result.steps if s.drafted]
@@ -137,11 +150,16 @@ class PrometheusMetrics:
             self.accepted_per_pos.labels(model_name, str(position)).inc(sum(s.accepted > position for s in drafted))
 
     # -- a scrape -------------------------------------------------------------------------------------
-    def render(self, accept: str | None, *, model_name: str, waiting: int, running: int) -> tuple[bytes, str]:
-        """The exposition and its content type, in the format `accept` prefers (OpenMetrics or text 0.0.4)."""
+    def render(self, accept: str | None, *, model_name: str, waiting: int, running: int,
+               prefix_cache: dict | None = None) -> tuple[bytes, str]:
+        """The exposition and its content type, in the format `accept` prefers (OpenMetrics or text 0.0.4).
+        `prefix_cache`: the prompt cache's stats (None: the server runs without one)."""
         from prometheus_client.exposition import choose_encoder
 
         self.waiting.labels(model_name).set(waiting)
         self.running.labels(model_name).set(running)
+        if prefix_cache is not None:
+            self.prefix_entries.labels(model_name).set(prefix_cache["entries"])
+            self.prefix_bytes.labels(model_name).set(prefix_cache["bytes"])
         encoder, content_type = choose_encoder(accept or "")
         return encoder(self.registry), content_type

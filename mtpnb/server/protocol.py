@@ -409,8 +409,10 @@ FINISH_CUT = "abort"  # a stream the server ended before stop or length (an erro
 
 
 def usage(metrics) -> dict:
+    """OpenAI's usage; prompt_tokens_details.cached_tokens: the prompt tokens the prompt cache saved."""
     return {"prompt_tokens": metrics.prompt_tokens, "completion_tokens": metrics.generated_tokens,
-            "total_tokens": metrics.prompt_tokens + metrics.generated_tokens}
+            "total_tokens": metrics.prompt_tokens + metrics.generated_tokens,
+            "prompt_tokens_details": {"cached_tokens": metrics.cached_prompt_tokens}}
 
 
 class Encoder:

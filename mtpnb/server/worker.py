@@ -79,8 +79,10 @@ class Stats:
 
 class Worker:
     def __init__(self, source, *, max_queue: int, max_prompt_tokens: int | None, load_options: dict | None,
-                 stats: Stats):
+                 stats: Stats, prompt_cache_bytes: int = 0):
         self.source = source
+        self.prompt_cache_bytes = prompt_cache_bytes  # 0: no prompt cache
+        self.prompt_cache = None  # one mtpnb.PromptCache shared by every request, made with the model
         self.load_options = load_options or {}
         self.model = None
         self.max_prompt_tokens = max_prompt_tokens
@@ -114,6 +116,10 @@ class Worker:
         self.model = runtime().submit(self._load).wait()
 
     def _load(self):
+        if self.prompt_cache_bytes:
+            from ..prompt_cache import PromptCache
+
+            self.prompt_cache = PromptCache(max_bytes=self.prompt_cache_bytes)
         if hasattr(self.source, "stream"):  # a model already loaded
             return self.source
         from ..loading import load
@@ -163,14 +169,16 @@ class Worker:
                 raise APIError(400, f"{model.name}'s chat template does not render tools (mlx-lm finds no tool-call "
                                     "format in it): send the request without tools", code="tools_not_supported",
                                param="tools")
-            ids = model.engine.encode(req.prompt, chat=req.chat, reasoning=req.params.get("reasoning"),
-                                      tools=req.tools)
+            # Validates and encodes; nothing runs until iterated. The chat messages go in as they
+            # are: the prompt cache keeps a state where the conversation so far ends.
+            events = model.stream(req.prompt, chat=req.chat, tools=req.tools, cache=self.prompt_cache, **req.params)
+            ids = events.prompt_ids
             if self.max_prompt_tokens and len(ids) > self.max_prompt_tokens:
+                events.close()
                 raise APIError(400, f"the prompt has {len(ids)} tokens, above this server's limit of "
                                     f"{self.max_prompt_tokens} (mtpnb serve --max-prompt-tokens)",
                                code="context_length_exceeded")
-            params = {k: v for k, v in req.params.items() if k != "reasoning"}
-            events = job.events = model.stream(ids, **params)
+            job.events = events
             if job.cancelled.is_set():  # cancelled while it was being set up
                 events.cancel()
         except MTPNBError as e:
