@@ -49,19 +49,20 @@ class Engine:
         self.model = model
         self.profile = profile  # phase timings on every StepEvent, with eval barriers (the bench's profile)
 
-    def generate(self, prompt, *, cache: PromptCache | None = None, tools: list | None = None, **params) -> Result:
-        return final_result(self.stream(prompt, cache=cache, tools=tools, **params))
+    def generate(self, prompt, *, cache: PromptCache | None = None, tools: list | None = None,
+                 opening: str | None = None, **params) -> Result:
+        return final_result(self.stream(prompt, cache=cache, tools=tools, opening=opening, **params))
 
     def stream(self, prompt, *, cache: PromptCache | None = None, tools: list | None = None,
-               **params) -> "Generation":
+               opening: str | None = None, **params) -> "Generation":
         """Yield events as tokens are decided. Validates everything before the first yield;
         closing the iterator early, or cancel() from any thread, cancels the generation (the engine
         stays usable). `cache`: a PromptCache to start from the longest cached state the prompt
-        extends, and to keep this generation's states in (mtpnb.prompt_cache). `tools`: see encode."""
+        extends, and to keep this generation's states in (mtpnb.prompt_cache). `tools`, `opening`: see encode."""
         if cache is not None and not isinstance(cache, PromptCache):
             raise MTPNBError(f"cache must be an mtpnb.PromptCache, got {type(cache).__name__}")
         gp = GenerationParams.of(**params)
-        ids = self.encode(prompt, chat=gp.chat, reasoning=gp.reasoning, tools=tools)
+        ids = self.encode(prompt, chat=gp.chat, reasoning=gp.reasoning, tools=tools, opening=opening)
         vocab = self.model.text_config.get("vocab_size")
         if vocab and max(ids) >= vocab:
             raise MTPNBError(f"token id {max(ids)} is outside the model's vocabulary of {vocab}")
@@ -96,9 +97,10 @@ class Engine:
             mx.clear_cache()  # the buffers of a long prompt go back, not into MLX's cache
 
     def encode(self, prompt, *, chat: bool = False, reasoning: bool | None = None,
-               tools: list | None = None) -> list[int]:
+               tools: list | None = None, opening: str | None = None) -> list[int]:
         """Prompt (text, token ids, or chat messages) -> token ids. `tools` (OpenAI's function tools)
-        are rendered by the chat template, for templates that render them."""
+        are rendered by the chat template, for templates that render them. `opening`: text the answer
+        starts with, as if the model had written it (the server's forced tool call opens the call)."""
         tokenizer = self.model.tokenizer
         if isinstance(prompt, str) and chat:
             prompt = [{"role": "user", "content": prompt}]
@@ -123,6 +125,8 @@ class Engine:
             raise MTPNBError("prompt must be text, a list of token ids, or a list of chat messages")
         if not ids:
             raise MTPNBError("the prompt is empty: give at least one token")
+        if opening:
+            ids = list(ids) + tokenizer.encode(opening, add_special_tokens=False)
         return list(ids)
 
     def history_length(self, prompt, ids: list[int], *, chat: bool = False, reasoning: bool | None = None,

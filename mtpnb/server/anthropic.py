@@ -77,6 +77,10 @@ def parse_request(data: dict, *, model_name: str, defaults: dict, max_tokens_lim
     if tools:
         chat["tools"] = tools
         chat["tool_choice"] = _tool_choice(data.get("tool_choice"))
+        if chat["tool_choice"] not in ("auto", "none") and chat.get("reasoning"):
+            raise APIError(400, "tool_choice {type: any} or {type: tool} forces a call, which cannot be used with "
+                                "thinking (as in Anthropic's API): use {type: auto}, or turn thinking off",
+                           param="tool_choice")
     req = protocol.parse_request("chat", chat, model_name=model_name, defaults=defaults, max_tokens_limit=max_tokens_limit)
     return dataclasses.replace(req, endpoint="messages", id="msg_" + uuid.uuid4().hex[:24])
 
@@ -166,14 +170,19 @@ def _tools(tools) -> list[dict] | None:
     return out
 
 
-def _tool_choice(choice) -> str:
+def _tool_choice(choice):
+    """Anthropic's tool_choice in OpenAI's terms (any: "required"; tool: a named function)."""
     kind = choice.get("type") if isinstance(choice, dict) else None
     if choice is None or kind == "auto":
         return "auto"
     if kind == "none":
         return "none"
-    raise APIError(400, "tool_choice must be {type: auto} or {type: none}: mtpnb serve cannot force a call "
-                        "(any, or a named tool)", param="tool_choice")
+    if kind == "any":
+        return "required"
+    if kind == "tool" and isinstance(choice.get("name"), str) and choice["name"]:
+        return {"type": "function", "function": {"name": choice["name"]}}
+    raise APIError(400, "tool_choice must be {type: auto}, {type: any}, {type: tool, name} or {type: none}",
+                   param="tool_choice")
 
 
 class Encoder:
@@ -194,7 +203,8 @@ class Encoder:
     def begin(self, prompt_ids: list[int]) -> list[tuple]:
         self.prompt_tokens = len(prompt_ids)
         opened = self.thinking and prompt_opens_thinking(self.tokenizer, prompt_ids)
-        self.splitter = OutputSplitter(self.tokenizer, self.req.tools, thinking=self.thinking, opened=opened)
+        self.splitter = OutputSplitter(self.tokenizer, self.req.tools, thinking=self.thinking, opened=opened,
+                                       in_call=self.req.force_tool)
         message = {"id": self.req.id, "type": "message", "role": "assistant", "model": self.req.model, "content": [],
                    "stop_reason": None, "stop_sequence": None,
                    "usage": {"input_tokens": self.prompt_tokens, "output_tokens": 0}}

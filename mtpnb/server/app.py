@@ -41,7 +41,7 @@ from ..errors import MTPNBError
 from ..events import Done, StepEvent, TokenEvent
 from . import anthropic, prometheus
 from .protocol import SERVER_DEFAULTS, APIError, Encoder, dumps, parse_body, parse_request
-from .worker import Job, Stats, Worker
+from .worker import Job, Stats, Worker, prompt_ids
 
 log = logging.getLogger("mtpnb.server")
 
@@ -251,7 +251,7 @@ class Handler(BaseHTTPRequestHandler):
             if path == "/health":
                 return self._only(method, "GET") or self._json(200, {"status": "ok"})
             routes = {"/models": "GET", "/metrics": "GET", "/chat/completions": "POST", "/completions": "POST",
-                      "/messages": "POST"}
+                      "/messages": "POST", "/messages/count_tokens": "POST"}
             name = path.startswith("/models/") and path[len("/models/"):]
             if path not in routes and not name:
                 raise APIError(404, f"no such endpoint: {method} {urlsplit(self.path).path}", code="not_found")
@@ -266,6 +266,8 @@ class Handler(BaseHTTPRequestHandler):
                 return self._json(200, {"object": "list", "data": [app.model_card()]})
             if path == "/metrics":
                 return self._metrics()
+            if path == "/messages/count_tokens":
+                return self._count_tokens()
             endpoints = {"/chat/completions": "chat", "/completions": "completion", "/messages": "messages"}
             return self._generate(endpoints[path])
         except APIError as e:
@@ -288,7 +290,7 @@ class Handler(BaseHTTPRequestHandler):
     @staticmethod
     def _error_body(path: str, error: APIError) -> dict:
         """Each API's error shape: Anthropic's on /v1/messages, OpenAI's elsewhere."""
-        return anthropic.error_body(error) if path == "/messages" else error.body()
+        return anthropic.error_body(error) if path.startswith("/messages") else error.body()
 
     def _only(self, method: str, allowed: str) -> None:
         if method != allowed:
@@ -425,6 +427,18 @@ class Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionError, TimeoutError, OSError):
             job.cancel()
             self.close_connection = True
+
+    def _count_tokens(self) -> None:
+        """Anthropic's count_tokens: the prompt a Messages request would prefill, rendered the same way."""
+        app = self.server.app
+        data = parse_body(self._read_body())
+        req = anthropic.parse_request({**data, "stream": False}, model_name=app.model_name, defaults=app.defaults,
+                                      max_tokens_limit=app.max_tokens_limit)
+        try:
+            ids = prompt_ids(app.model, req)
+        except MTPNBError as e:
+            raise APIError(400, str(e), code="invalid_parameter") from None
+        self._json(200, {"input_tokens": len(ids)})
 
     def _next(self, job: Job):
         """The worker's next message for this job; cancel the job if the client hangs up meanwhile."""

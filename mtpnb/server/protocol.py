@@ -30,7 +30,9 @@ The streamed text (`delta.content` / `text`) is the concatenation of the output 
 engine holds back tokens whose text may begin a stop string, so it always equals the final text.
 
 Tools (chat): `tools` (function tools) are rendered by the model's chat template; `tool_choice` "auto"
-(default) or "none" (the tools are then not shown). The model's calls leave the content and arrive as
+(default), "none" (the tools are then not shown), "required" or {"type": "function", "function": {"name"}}
+(a call is forced: the assistant's turn starts with the model's own call-opening marker, so the model
+writes the call; a named function is then the only tool shown). The model's calls leave the content and arrive as
 `tool_calls` (streamed: one delta per call, whole, with its index), finish_reason "tool_calls"; earlier
 calls and `role: tool` results in `messages` are rendered back by the template. See tools.py.
 """
@@ -105,6 +107,7 @@ class Request:
     created: int = 0
     stop: tuple = ()
     tools: list | None = None  # chat: the tools the template renders (OpenAI's shape), None: no tools
+    force_tool: bool = False  # tool_choice forces a call: the assistant's turn opens one (tools.call_opening)
     extra: dict = field(default_factory=dict)
 
 
@@ -183,7 +186,7 @@ def parse_request(endpoint: str, data: dict, *, model_name: str, defaults: dict,
     _unsupported(endpoint, data)
 
     if endpoint == "chat":
-        prompt, chat, tools = _messages(data.get("messages")), True, _tools(data)
+        prompt, chat, (tools, force_tool) = _messages(data.get("messages")), True, _tools(data)
     else:
         prompt, chat, tools = _prompt(data.get("prompt")), False, None
 
@@ -240,6 +243,7 @@ def parse_request(endpoint: str, data: dict, *, model_name: str, defaults: dict,
         endpoint=endpoint, prompt=prompt, chat=chat, params=params, stream=stream, include_usage=include_usage,
         mtp_events=stream if mtp_events is None else mtp_events, model=model_name,
         id=prefix + uuid.uuid4().hex[:24], created=int(time.time()), stop=checked.stop, tools=tools,
+        force_tool=force_tool,
     )
 
 
@@ -277,14 +281,24 @@ def _unsupported(endpoint: str, data: dict) -> None:
             raise APIError(400, "tools need a chat template: send them to /v1/chat/completions", param="tools")
 
 
-def _tools(data: dict) -> list | None:
-    """The request's tools in the shape chat templates read, or None (no tools, or tool_choice "none")."""
+def _tools(data: dict) -> tuple[list | None, bool]:
+    """(the request's tools in the shape chat templates read, or None: no tools, or tool_choice "none";
+    whether tool_choice forces a call: "required", or a named function, then the only tool shown)."""
     tools, choice = data.get("tools"), data.get("tool_choice")
-    if choice not in (None, "auto", "none"):
-        raise APIError(400, "tool_choice must be 'auto' or 'none': mtpnb serve cannot force a call ('required' or "
-                            "a named function)", param="tool_choice")
+    named = None
+    if isinstance(choice, dict):
+        function = choice.get("function") if choice.get("type") == "function" else None
+        named = function.get("name") if isinstance(function, dict) else None
+        if not (isinstance(named, str) and named):
+            raise APIError(400, "tool_choice must be 'auto', 'none', 'required' or {type: function, function: {name}}",
+                           param="tool_choice")
+    elif choice not in (None, "auto", "none", "required"):
+        raise APIError(400, "tool_choice must be 'auto', 'none', 'required' or {type: function, function: {name}}",
+                       param="tool_choice")
     if tools is None:
-        return None
+        if choice == "required" or named:
+            raise APIError(400, "tool_choice forces a call, but the request has no tools", param="tool_choice")
+        return None, False
     if not isinstance(tools, list):
         raise APIError(400, "tools must be a list of {type: function, function: {name, description, parameters}}",
                        param="tools")
@@ -297,7 +311,13 @@ def _tools(data: dict) -> list | None:
         if not isinstance(function.get("parameters", {}), dict):
             raise APIError(400, f"tools[{i}].function.parameters must be a JSON Schema object", param="tools")
         out.append({"type": "function", "function": function})
-    return out if out and choice != "none" else None
+    if named:
+        out = [t for t in out if t["function"]["name"] == named]
+        if not out:
+            raise APIError(400, f"tool_choice names {named!r}, which is not among the tools", param="tool_choice")
+    if not out or choice == "none":
+        return None, False
+    return out, bool(named) or choice == "required"
 
 
 def _messages(messages) -> list[dict]:
@@ -427,7 +447,7 @@ class Encoder:
         self.chat = req.endpoint == "chat"
         self.fingerprint = fingerprint
         self.sent = ""  # the output text streamed so far (tool calls included)
-        self.splitter = OutputSplitter(tokenizer, req.tools) if req.tools else None
+        self.splitter = OutputSplitter(tokenizer, req.tools, in_call=req.force_tool) if req.tools else None
         self.calls = 0  # tool calls given out
 
     def _chunk(self, choice: dict, **top) -> dict:

@@ -39,9 +39,11 @@ class OutputSplitter:
         tool-call markers are ordinary text.
     thinking: separate the thinking (Anthropic's thinking blocks); `opened`: the prompt itself opened
         the think block (templates that pre-fill the think marker), so the output starts inside it.
+    in_call: the prompt opened a tool call (a forced call, see call_opening): the output starts inside it.
     """
 
-    def __init__(self, tokenizer, tools: list | None = None, *, thinking: bool = False, opened: bool = False):
+    def __init__(self, tokenizer, tools: list | None = None, *, thinking: bool = False, opened: bool = False,
+                 in_call: bool = False):
         self.tools = tools
         self.tool_start = getattr(tokenizer, "tool_call_start", None) if tools else None
         self.tool_end = getattr(tokenizer, "tool_call_end", None)
@@ -49,6 +51,8 @@ class OutputSplitter:
         self.think_start = getattr(tokenizer, "think_start", None) or THINK_START
         self.think_end = getattr(tokenizer, "think_end", None) or THINK_END
         self.state = ("thinking" if opened else "start") if thinking else "text"
+        if in_call and self.tool_start:
+            self.state = "tool"
         self.pending = ""  # text not yet given out: a possible marker start, or a tool call's body
         self.thought = False  # some thinking was given out (blank lines before it are dropped)
         self.after_thinking = False  # drop the blank lines between the think block and the answer
@@ -151,6 +155,13 @@ def _partial(text: str, marker: str) -> int:
         if text.endswith(marker[:n]):
             return n
     return 0
+
+
+def call_opening(tokenizer) -> str | None:
+    """The text that opens a tool call in the model's own format (the marker mlx-lm's parser for its
+    template looks for). A forced call starts the assistant's turn with it: the model writes the rest,
+    which is parsed as usual. None when the model has no tool-call format."""
+    return getattr(tokenizer, "tool_call_start", None) or None
 
 
 def prompt_opens_thinking(tokenizer, prompt_ids: list[int]) -> bool:

@@ -15,6 +15,7 @@ from ..errors import MTPNBError
 from ..events import Done, TokenEvent
 from ..runtime import Task, runtime, wait_interruptibly
 from .protocol import APIError
+from .tools import call_opening, prompt_opens_thinking
 
 log = logging.getLogger("mtpnb.server")
 
@@ -171,7 +172,8 @@ class Worker:
                                param="tools")
             # Validates and encodes; nothing runs until iterated. The chat messages go in as they
             # are: the prompt cache keeps a state where the conversation so far ends.
-            events = model.stream(req.prompt, chat=req.chat, tools=req.tools, cache=self.prompt_cache, **req.params)
+            events = model.stream(req.prompt, chat=req.chat, tools=req.tools, opening=opening_of(model, req),
+                                  cache=self.prompt_cache, **req.params)
             ids = events.prompt_ids
             if self.max_prompt_tokens and len(ids) > self.max_prompt_tokens:
                 events.close()
@@ -226,6 +228,24 @@ class Worker:
     def _fail(self, job: Job, error: APIError, wait_s: float) -> None:
         self.stats.record(job, None, "error", wait_s)
         job.out.put(("error", error))
+
+
+def opening_of(model, req) -> str | None:
+    """What the assistant's turn starts with: where tool_choice forces a call, the model's own
+    call-opening marker (the model writes the rest of the call); else nothing."""
+    if not req.force_tool:
+        return None
+    if prompt_opens_thinking(model.tokenizer, model.engine.encode(req.prompt, chat=req.chat, tools=req.tools,
+                                                                  reasoning=req.params.get("reasoning"))):
+        raise APIError(400, "tool_choice forces a call, which cannot follow the thinking this prompt opens: turn "
+                            "reasoning (thinking) off", param="tool_choice")
+    return call_opening(model.tokenizer)
+
+
+def prompt_ids(model, req) -> list[int]:
+    """The request's prompt as the model reads it (what a generation of it would prefill)."""
+    return model.engine.encode(req.prompt, chat=req.chat, reasoning=req.params.get("reasoning"), tools=req.tools,
+                               opening=opening_of(model, req))
 
 
 def _one_line(e: BaseException) -> str:
