@@ -75,7 +75,7 @@ class Metrics:
     cached_prompt_tokens: int = 0  # of the prompt's tokens, those whose state came from a prompt cache
     generated_tokens: int = 0
     ttft_s: float = 0.0
-    prefill_tok_s: float = 0.0
+    prefill_tok_s: float = 0.0  # prompt tokens prefilled (those not from a prompt cache) / ttft_s
     decode_tok_s: float = 0.0  # tokens after the first / time after the first
     end_to_end_tok_s: float = 0.0  # all generated tokens / whole wall time, prefill included
     decode_tok_s_first32: float = 0.0  # decode tok/s over the first 32 generated tokens
