@@ -73,7 +73,9 @@ class Engine:
         if context:  # the answer ends ("length") where the model's context does, if that comes first
             gp = dataclasses.replace(gp, max_tokens=min(gp.max_tokens, context - len(ids)))
         cancelled = threading.Event()
-        history = self.history_length(prompt, ids, chat=gp.chat, reasoning=gp.reasoning, tools=tools) if cache is not None else None
+        history = None  # where the conversation so far ends: the prompt cache keeps the state there too
+        if cache is not None:
+            history = self.history_length(prompt, ids, chat=gp.chat, reasoning=gp.reasoning, tools=tools)
         events = self._generation(ids, gp, cancelled, cache, history)
         if not (threading.current_thread() is threading.main_thread() or runtime().on_thread()):
             events = runtime().iterate(events)  # another thread's generation runs on the MLX thread (mtpnb.runtime)

@@ -166,7 +166,8 @@ class PromptCache:
     def __repr__(self) -> str:
         s = self.stats
         return (f"<mtpnb.PromptCache {s['entries']} states, {s['bytes'] / 2**20:.1f} of "
-                f"{self.max_bytes / 2**20:.0f} MB; {s['hits']}/{s['lookups']} hits, {s['tokens_reused']} tokens reused>")
+                f"{self.max_bytes / 2**20:.0f} MB; {s['hits']}/{s['lookups']} hits, "
+                f"{s['tokens_reused']} tokens reused>")
 
 
 class Reuse:

@@ -113,6 +113,17 @@ def test_the_cache_is_bounded_and_checks_its_input(model):
         model.generate("x", cache={})
 
 
+def test_the_widgets_runner_takes_the_cache_to_the_mlx_thread(model):
+    from mtpnb.widgets.runner import Generation
+
+    cache, messages = PromptCache(), [{"role": "user", "content": QUESTIONS[0]}]
+    first = Generation(model, messages, {"cache": cache, "max_tokens": 6}, []).start().wait()
+    messages += [{"role": "assistant", "content": first.text}, {"role": "user", "content": QUESTIONS[1]}]
+    second = Generation(model, messages, {"cache": cache, "max_tokens": 6}, []).start().wait()
+    assert second.metrics.cached_prompt_tokens > 0
+    assert second.tokens == model.generate(messages, max_tokens=6).tokens
+
+
 # -- the server: one cache for all requests ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):

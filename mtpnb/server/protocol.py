@@ -188,7 +188,7 @@ def parse_request(endpoint: str, data: dict, *, model_name: str, defaults: dict,
     if endpoint == "chat":
         prompt, chat, (tools, force_tool) = _messages(data.get("messages")), True, _tools(data)
     else:
-        prompt, chat, tools = _prompt(data.get("prompt")), False, None
+        prompt, chat, tools, force_tool = _prompt(data.get("prompt")), False, None, False
 
     params: dict[str, Any] = {}
     for name in ("temperature", "top_p", "min_p"):
