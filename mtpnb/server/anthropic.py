@@ -23,6 +23,13 @@ Non-streamed message
 Thinking: `thinking: {"type": "enabled"}` turns the template's reasoning on (`disabled` off; absent:
 the server's --reasoning, else off, as Anthropic's API); the output's think block becomes a thinking
 content block (its signature is empty: nothing to verify on a local model).
+
+Tools: `tool_choice` {type: auto} (default), {type: none}, or a forced call, {type: any} or {type: tool,
+name} (as OpenAI's "required" / named function: the turn opens the call, the model writes it; refused
+with thinking on, as in Anthropic's API). Usage: `input_tokens` counts the prompt tokens prefilled,
+`cache_read_input_tokens` those whose state came from the server's prompt cache.
+`POST /v1/messages/count_tokens` answers {"input_tokens": n} for a Messages request (the whole prompt,
+rendered as a generation would render it).
 """
 
 from __future__ import annotations
