@@ -49,16 +49,17 @@ class Engine:
         self.model = model
         self.profile = profile  # phase timings on every StepEvent, with eval barriers (the bench's profile)
 
-    def generate(self, prompt, *, cache: PromptCache | None = None, tools: list | None = None,
-                 opening: str | None = None, **params) -> Result:
-        return final_result(self.stream(prompt, cache=cache, tools=tools, opening=opening, **params))
+    def generate(self, prompt, **params) -> Result:
+        return final_result(self.stream(prompt, **params))
 
     def stream(self, prompt, *, cache: PromptCache | None = None, tools: list | None = None,
-               opening: str | None = None, **params) -> "Generation":
+               opening: str | None = None, history: int | None = None, **params) -> "Generation":
         """Yield events as tokens are decided. Validates everything before the first yield;
         closing the iterator early, or cancel() from any thread, cancels the generation (the engine
         stays usable). `cache`: a PromptCache to start from the longest cached state the prompt
-        extends, and to keep this generation's states in (mtpnb.prompt_cache). `tools`, `opening`: see encode."""
+        extends, and to keep this generation's states in (mtpnb.prompt_cache). `tools`, `opening`: see
+        encode. `history`: for a chat prompt already encoded (token ids), `history_length`'s answer
+        (computed here for chat messages), where the prompt cache also keeps the state."""
         if cache is not None and not isinstance(cache, PromptCache):
             raise MTPNBError(f"cache must be an mtpnb.PromptCache, got {type(cache).__name__}")
         gp = GenerationParams.of(**params)
@@ -73,13 +74,12 @@ class Engine:
         if context:  # the answer ends ("length") where the model's context does, if that comes first
             gp = dataclasses.replace(gp, max_tokens=min(gp.max_tokens, context - len(ids)))
         cancelled = threading.Event()
-        history = None  # where the conversation so far ends: the prompt cache keeps the state there too
-        if cache is not None:
+        if cache is not None and history is None:  # where the conversation so far ends: kept there too
             history = self.history_length(prompt, ids, chat=gp.chat, reasoning=gp.reasoning, tools=tools)
         events = self._generation(ids, gp, cancelled, cache, history)
         if not (threading.current_thread() is threading.main_thread() or runtime().on_thread()):
             events = runtime().iterate(events)  # another thread's generation runs on the MLX thread (mtpnb.runtime)
-        return Generation(events, cancelled, ids)
+        return Generation(events, cancelled)
 
     def _generation(self, ids: list[int], params: GenerationParams, cancelled: threading.Event,
                     prompt_cache: PromptCache | None, history: int | None) -> Iterator[TokenEvent | StepEvent | Done]:
@@ -159,10 +159,9 @@ class Generation(Iterator):
     widget's Stop): the decode loop checks between prefill chunks and between steps, and the events
     end with Done (finish_reason "cancelled")."""
 
-    def __init__(self, events: Iterator, cancelled: threading.Event, prompt_ids: list[int]):
+    def __init__(self, events: Iterator, cancelled: threading.Event):
         self._events = events
         self._cancelled = cancelled
-        self.prompt_ids = prompt_ids  # the prompt as the model reads it
 
     def __next__(self):
         return next(self._events)
@@ -210,6 +209,8 @@ class DecodeLoop:
             if self.reuse is not None and not self.cancelled.is_set() and len(self.fed) > len(self.prompt_ids):
                 self.reuse.keep(self.fed, *self.live, answer=True)
             raise
+        finally:  # the caches are freed now, before the engine empties MLX's buffer cache
+            self.live = self.trunk_at_history = None
 
     def _start(self, cache, head_cache=None):
         """Load the longest cached state the prompt extends into the fresh caches; -> the hidden

@@ -170,17 +170,17 @@ class Worker:
                 raise APIError(400, f"{model.name}'s chat template does not render tools (mlx-lm finds no tool-call "
                                     "format in it): send the request without tools", code="tools_not_supported",
                                param="tools")
-            # Validates and encodes; nothing runs until iterated. The chat messages go in as they
-            # are: the prompt cache keeps a state where the conversation so far ends.
-            events = model.stream(req.prompt, chat=req.chat, tools=req.tools, opening=opening_of(model, req),
-                                  cache=self.prompt_cache, **req.params)
-            ids = events.prompt_ids
+            ids = prompt_ids(model, req)
             if self.max_prompt_tokens and len(ids) > self.max_prompt_tokens:
-                events.close()
                 raise APIError(400, f"the prompt has {len(ids)} tokens, above this server's limit of "
                                     f"{self.max_prompt_tokens} (mtpnb serve --max-prompt-tokens)",
                                code="context_length_exceeded")
-            job.events = events
+            history = None  # where the conversation so far ends: the prompt cache keeps the state there too
+            if self.prompt_cache is not None:
+                history = model.engine.history_length(req.prompt, ids, chat=req.chat, tools=req.tools,
+                                                      reasoning=req.params.get("reasoning"))
+            params = {k: v for k, v in req.params.items() if k != "reasoning"}
+            events = job.events = model.stream(ids, cache=self.prompt_cache, history=history, **params)
             if job.cancelled.is_set():  # cancelled while it was being set up
                 events.cancel()
         except MTPNBError as e:
