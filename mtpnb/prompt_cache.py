@@ -31,6 +31,7 @@ import mlx.core as mx
 from mlx_lm.models.cache import ArraysCache, KVCache, LRUPromptCache
 
 from .errors import MTPNBError
+from .head import HeadCache
 
 log = logging.getLogger("mtpnb.prompt_cache")
 
@@ -44,12 +45,12 @@ class Snapshot:
 
     tokens: tuple[int, ...]
     trunk: tuple  # per layer: ("kv", keys, values) cut to the cached length, or ("arrays", (arrays...))
-    head: tuple | None  # the head's (keys, values), or None: a snapshot of plain decoding
+    head: tuple | None  # per MTP layer, the head's (keys, values); None: a snapshot of plain decoding
     pending: mx.array | None  # [1, P, H] trunk hidden states at the last P positions, not yet in the head
 
     def arrays(self) -> list[mx.array]:
         out = [a for layer in self.trunk for a in (layer[1:] if layer[0] == "kv" else layer[1]) if a is not None]
-        out += [a for a in (self.head or ()) if a is not None]
+        out += [a for layer in (self.head or ()) for a in layer if a is not None]
         return out + ([self.pending] if self.pending is not None else [])
 
     @property
@@ -181,7 +182,7 @@ class Reuse:
         """Prompt tokens whose state comes from the cache (0: none)."""
         return len(self.start.tokens) if self.start is not None else 0
 
-    def restore(self, cache: list, head_cache: KVCache | None) -> mx.array | None:
+    def restore(self, cache: list, head_cache: HeadCache | None) -> mx.array | None:
         """Load the starting state into fresh caches (the trunk's and, at depth > 0, the head's);
         returns the pending hidden states the head has not consumed (None at depth 0 or no start)."""
         if self.start is None:
@@ -193,10 +194,11 @@ class Reuse:
                 c.cache = list(layer[1])
         if head_cache is None:
             return None
-        _set_kv(head_cache, *self.start.head)
+        for c, layer in zip(head_cache.caches, self.start.head, strict=True):
+            _set_kv(c, *layer)
         return self.start.pending
 
-    def keep(self, tokens, trunk: list | tuple | None, head_cache: KVCache | None = None,
+    def keep(self, tokens, trunk: list | tuple | None, head_cache: HeadCache | None = None,
              pending: mx.array | None = None, *, answer: bool) -> None:
         """Store the state after `tokens`: the trunk's (its caches, or a `trunk_state` taken earlier),
         and at depth > 0 the head's cache and the hidden states it has not consumed. Lazy arrays are
@@ -204,5 +206,5 @@ class Reuse:
         if isinstance(trunk, list):
             trunk = trunk_state(trunk)
         if trunk is not None:
-            head = None if head_cache is None else _kv(head_cache)
+            head = None if head_cache is None else tuple(_kv(c) for c in head_cache.caches)
             self.prompt_cache.store(self.model, Snapshot(tuple(tokens), trunk, head, pending), answer=answer)

@@ -68,6 +68,21 @@ def test_a_prompt_that_extends_an_answer_starts_at_the_answer(model, depth):
     assert cached >= len(prompt)
 
 
+@pytest.mark.parametrize("family", ["qwen3_5_moe", "deepseek_v3"])
+def test_two_mtp_layers_keep_their_caches(tmp_path, family):
+    """A head of two MTP layers (each its own KV cache; DeepSeek's latent attention cache too)."""
+    pytest.importorskip("transformers")
+    from mtpnb.fixtures import make_hf_checkpoint
+
+    model = mtpnb.load(make_hf_checkpoint(tmp_path, family=family, experts="per_expert", mtp_layers=2))
+    cache, prompt = PromptCache(), [5, 17, 99, 3, 42, 250, 7]
+    for turn in range(3):
+        reused = model.generate(prompt, depth=3, max_tokens=10, cache=cache)
+        assert reused.tokens == model.generate(prompt, depth=3, max_tokens=10).tokens
+        assert (reused.metrics.cached_prompt_tokens > 0) == (turn > 0)
+        prompt = prompt + reused.tokens + [100 + turn, 3]
+
+
 def test_a_failed_or_cancelled_generation_leaves_no_state(model, monkeypatch):
     cache = PromptCache()
     long_prompt = model.tokenizer.encode("x = 1\n" * PREFILL_CHUNK)[: PREFILL_CHUNK + 100]
