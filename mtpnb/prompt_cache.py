@@ -4,8 +4,11 @@ from that state instead of prefilling it again.
 
 A Gated DeltaNet layer's state cannot be trimmed back to an earlier position (mlx-lm's own server
 therefore reuses only caches whose key is a prefix of the new prompt, for hybrid models), so states
-are kept at the points a conversation comes back to: the end of a prompt's prefill and the end of an
-answer. A snapshot holds, for the tokens the trunk has consumed:
+are kept at the points a conversation comes back to: where the conversation so far ends (a chat
+prompt without the generation prompt: the next turn's prompt starts with it even where the template
+renders this turn's answer otherwise than it was generated, as Qwen3.5's drops the empty thinking
+block), the end of the prompt, and the end of the answer. A snapshot holds, for the tokens the trunk
+has consumed (the per-head parts for every MTP layer):
 - the trunk's caches (attention keys and values cut to their length; Gated DeltaNet conv and
   recurrent states), as immutable MLX arrays: restoring builds fresh cache objects around them, so a
   generation that goes on from a snapshot (and rolls back, or fails half-way) never changes it;
@@ -19,6 +22,9 @@ The LRU, its byte cap and its prefix search are mlx-lm's `LRUPromptCache` (model
 (model, kind): a snapshot with a head part ("mtp") serves every depth, one without ("plain") serves
 depth 0 only. A lookup searches the prompt minus its last token, so at least one token is prefilled:
 its logits give the first output token.
+
+Exactness: greedy output is the same with and without reuse (tests/test_prompt_cache.py, depth 0 and
+3); the probabilities agree up to float rounding, since a reused prefix was prefilled in other chunks.
 """
 
 from __future__ import annotations
