@@ -36,7 +36,8 @@ QUESTIONS = [
 def context(model, tokens: int) -> str:
     """About `tokens` tokens of mtpnb's own source (stream.py, then engine.py)."""
     root = Path(__file__).resolve().parent.parent / "mtpnb"
-    text = ((root / "stream.py").read_text() + (root / "engine.py").read_text())[: 5 * tokens]  # enough, not past the context
+    # enough source for `tokens`, not so much that encoding it passes the model's context
+    text = ((root / "stream.py").read_text() + (root / "engine.py").read_text())[: 5 * tokens]
     ids = model.tokenizer.encode(text)[:tokens]
     return "You answer questions about this Python code:\n\n" + model.tokenizer.decode(ids)
 
