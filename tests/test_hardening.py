@@ -430,7 +430,7 @@ def test_load_of_a_folder_without_a_tokenizer(checkpoint, tmp_path):
     assert "has no tokenizer files" in one_line(e)
 
 
-def test_load_of_a_deeper_mtp_head_refuses_instead_of_loading_one_layer(checkpoint, tmp_path):
+def test_a_config_declaring_more_mtp_layers_than_the_weights_hold_is_refused(checkpoint, tmp_path):
     import shutil
 
     folder = shutil.copytree(checkpoint, tmp_path / "two_layers")
@@ -439,4 +439,4 @@ def test_load_of_a_deeper_mtp_head_refuses_instead_of_loading_one_layer(checkpoi
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(MTPNBError) as e:
         mtpnb.load(folder)
-    assert "mtp_num_hidden_layers is 2" in one_line(e)
+    assert one_line(e) == "mtp.layers: the checkpoint has MTP layers [0], the config declares 2"
