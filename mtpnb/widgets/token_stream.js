@@ -64,20 +64,24 @@ const STORES = new Map();
 
 // anywidget (0.11) gives a model 2 s from its creation to load this module and run `initialize`; on a
 // busy CPU it can miss that, logs "[anywidget] Failed to initialize model." and from then on drops every
-// message the kernel sends to that model (its _handle_comm_msg awaits the rejected promise first): the
-// view would sit "ready" and empty. Once this module runs, that wait has no purpose, so this model's
-// comm messages go straight to the widget base class's handler, and the kernel is asked for the state
-// it sent meanwhile. Guarded: where the model or comm lacks these methods, nothing changes.
-function keepListening(model) {
-  const base = Object.getPrototypeOf(Object.getPrototypeOf(model));
-  const comm = model.comm;
+// message the kernel sends to that model (its _handle_comm_msg awaits the rejected promise first), trait
+// updates included: the view would sit "ready" and empty while the kernel's generation ran to its end.
+// Once this module runs, that wait has no purpose, so this model's comm messages go straight to the
+// widget base class's handler, and the kernel is asked for the state it sent meanwhile. `initialize`
+// gets a proxy of the model (get, set, on, send...), not the model: the model is looked up by its id,
+// which the kernel side makes equal to `_stream_key`. Where any of this is missing (no kernel, another
+// widget manager), nothing changes.
+async function keepListening(proxy) {
+  const model = await proxy.widget_manager?.get_model?.(proxy.get("_stream_key"));
+  const base = model && Object.getPrototypeOf(Object.getPrototypeOf(model));
+  const comm = model?.comm;
   if (typeof base?._handle_comm_msg !== "function" || typeof comm?.on_msg !== "function") return;
   comm.on_msg((msg) => base._handle_comm_msg.call(model, msg));
   if (typeof comm.send === "function") comm.send({ method: "request_state" }, model.callbacks?.());
 }
 
 function initialize({ model }) {
-  keepListening(model);
+  keepListening(model).catch((error) => console.warn("[mtpnb] TokenStream: anywidget's wait not bypassed:", error));
   const key = model.get("_stream_key");
   const store = { records: [], progress: null, views: new Set() };
   STORES.set(key, store);

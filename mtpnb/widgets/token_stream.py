@@ -89,10 +89,12 @@ class TokenStream(anywidget.AnyWidget):
     error = traitlets.Unicode().tag(sync=True)  # first line: the message; then details, if any
     hide_rejected = traitlets.Bool(False).tag(sync=True)  # the view's toggle
     depth = traitlets.Int(-1).tag(sync=True)  # of the run shown (-1: not known); depth 0 has no drafts to hide
-    _stream_key = traitlets.Unicode().tag(sync=True)  # names this model's token store in the browser
+    # names this model's token store in the browser, and is its model id: the front end finds the model by it
+    _stream_key = traitlets.Unicode().tag(sync=True)
 
     def __init__(self, **kwargs):
-        super().__init__(_stream_key=uuid.uuid4().hex, **kwargs)
+        key = uuid.uuid4().hex
+        super().__init__(model_id=key, _stream_key=key, **kwargs)
         self._pending: deque[list] = deque()  # records not yet sent (decode thread appends, ticker drains)
         self._records: list[list] = []
         self._progress = (0, 0.0)  # (generated tokens, seconds) at the last verify step
