@@ -1,6 +1,7 @@
 // The front end of mtpnb.widgets.TokenStream (token_stream.py): tokens appended as they are decided,
-// coloured by kind. Streaming batches arrive as custom messages; `initialize` (once per model)
-// keeps them in a store, so a view created after the stream began still shows every token; each
+// coloured by kind. Streaming batches arrive as custom messages (a "replay" replaces those held);
+// `initialize` (once per model) keeps them in a store, so a view created after the stream began still
+// shows every token; each
 // view appends new ones on its next animation frame. The `tokens` trait holds the final state and
 // is rendered whole when it changes. A token record: [kind, text, position, step, p, q].
 
@@ -67,7 +68,8 @@ const STORES = new Map();
 // message the kernel sends to that model (its _handle_comm_msg awaits the rejected promise first), trait
 // updates included: the view would sit "ready" and empty while the kernel's generation ran to its end.
 // Once this module runs, that wait has no purpose, so this model's comm messages go straight to the
-// widget base class's handler, and the kernel is asked for the state it sent meanwhile. `initialize`
+// widget base class's handler, and the kernel is asked for the state it sent meanwhile and, while it
+// streams, for the token batches (a "replay" message that replaces the store's records). `initialize`
 // gets a proxy of the model (get, set, on, send...), not the model: the model is looked up by its id,
 // which the kernel side makes equal to `_stream_key`. Where any of this is missing (no kernel, another
 // widget manager), nothing changes.
@@ -77,7 +79,9 @@ async function keepListening(proxy) {
   const comm = model?.comm;
   if (typeof base?._handle_comm_msg !== "function" || typeof comm?.on_msg !== "function") return;
   comm.on_msg((msg) => base._handle_comm_msg.call(model, msg));
-  if (typeof comm.send === "function") comm.send({ method: "request_state" }, model.callbacks?.());
+  if (typeof comm.send !== "function") return;
+  comm.send({ method: "request_state" }, model.callbacks?.());
+  proxy.send({ type: "replay" });
 }
 
 function initialize({ model }) {
@@ -86,7 +90,8 @@ function initialize({ model }) {
   const store = { records: [], progress: null, views: new Set() };
   STORES.set(key, store);
   function onMessage(msg) {
-    if (msg.type !== "tokens") return;
+    if (msg.type !== "tokens" && msg.type !== "replay") return;
+    if (msg.type === "replay") store.records = [];
     for (const record of msg.tokens) store.records.push(record);
     store.progress = msg;
     for (const view of store.views) view(msg);
@@ -181,6 +186,7 @@ function render({ model, el }) {
     }
   }
   function onBatch(msg) {
+    if (msg.type === "replay") reset();
     for (const record of msg.tokens) queue.push(record);
     showProgress(msg);
     if (!frame) frame = requestAnimationFrame(drain);
