@@ -271,6 +271,48 @@ def test_notebook7_streams_tokens(lab):
         page.locator(".mtp-stream").first.screenshot(path=str(ARTIFACTS / "notebook7-token-stream.png"))
 
 
+# anywidget (0.11) rejects a model's initialisation 2 s after the model is created (AbortSignal.timeout(2000)) and
+# then drops every message the kernel sends that model. This makes the 2 s end at once: every TokenStream front
+# end misses its window, deterministically, as a slow one does on a busy CPU.
+ANYWIDGET_GIVES_UP_AT_ONCE = """
+const timeout = AbortSignal.timeout.bind(AbortSignal);
+AbortSignal.timeout = (ms) => timeout(ms === 2000 ? 0 : ms);
+"""
+
+
+def test_token_streams_render_after_anywidget_gave_up_waiting(lab):
+    """A TokenStream whose front end initialised after anywidget's 2 s (its model created, the kernel's trait
+    updates and token messages sent, before this module ran) still shows the whole stream: show_generation's
+    view and both Compare panes end "done" with the engine's tokens. Before, they stayed "ready" and empty
+    while the verdict reported both runs' rates."""
+    url, token, work = lab
+    name = "browser_notebook_late.ipynb"  # a copy: its own kernel, in a workspace of its own
+    shutil.copy(NOTEBOOK, work / name)
+    _shut_down_kernels(url, token)
+    with _chromium_page("late-init") as page:
+        gave_up = []
+        page.on("pageerror", lambda e: gave_up.append(e) if "Failed to initialize model" in str(e) else None)
+        page.add_init_script(ANYWIDGET_GIVES_UP_AT_ONCE)
+        page.goto(f"{url}/lab/workspaces/late/tree/{name}?token={token}")
+        page.locator(".jp-Notebook").wait_for(timeout=60_000)
+        _run_all_cells(page)
+        first = page.locator(".mtp-stream").first
+        first.locator(".mtp-status", has_text="done").wait_for(timeout=120_000)
+        expected = _expected_text(work)
+        assert _shown_text(first) == expected
+        assert gave_up, "anywidget did not give up waiting: this test tested nothing"
+
+        playground = page.locator(".jp-OutputArea-output").filter(has=page.locator("textarea"))
+        playground.get_by_role("button", name="Compare with depth 0").click()
+        playground.locator(".mtp-verdict", has_text="depth 3 vs depth 0").wait_for(timeout=180_000)
+        panes = playground.locator(".mtp-stream:visible")
+        panes.locator(".mtp-status", has_text="done").nth(1).wait_for(timeout=30_000)
+        assert panes.locator(".mtp-label").all_inner_texts() == ["depth 0 (plain decoding)", "depth 3 (MTP)"]
+        assert panes.nth(0).locator(".mtp-out .mtp-tok").count() > 0
+        assert _shown_text(panes.nth(1)) == expected  # the notebook's parameters, as show_generation's
+        page.screenshot(path=str(ARTIFACTS / "late-init.png"), full_page=True)
+
+
 # -- under CPU load ------------------------------------------------------------------------------------------
 LIVE_DEMO = ROOT / "notebooks" / "00_live_demo.ipynb"
 # As many busy processes as this machine's cores: the front end gets a slow, contended CPU.

@@ -131,6 +131,32 @@ def test_a_view_of_a_finished_result():
     assert view.status == "done" and view.text == "ab" and len(view.tokens) == 2
 
 
+def test_a_front_end_that_listens_late_gets_the_batches_sent_before(captured):
+    """token_stream.js, made to start listening late by anywidget's 2 s limit, asks for a replay: one
+    message with every record sent so far, that the later batches extend to the whole stream."""
+    view = TokenStream()
+    view.start(PROMPT, 3)
+    events = [mtpnb.TokenEvent(i, f"t{i}", "plain", 0, i, 0.5) for i in range(5)]
+
+    def replay():
+        view._handle_msg({"content": {"data": {"method": "custom", "content": {"type": "replay"}}}, "buffers": []})
+
+    for e in events[:3]:
+        view.event(e)
+    view.flush()
+    for e in events[3:]:
+        view.event(e)
+    replay()
+    view.flush()
+    first, replayed, last = custom_messages(captured, view)
+    records = [token_record(e) for e in events]
+    assert (first["type"], replayed["type"], last["type"]) == ("tokens", "replay", "tokens")
+    assert replayed["tokens"] == first["tokens"] == records[:3] and last["tokens"] == records[3:]
+    view.finish(None, "cancelled")
+    replay()  # over: the synced `tokens` trait holds the records
+    assert len(custom_messages(captured, view)) == 3 and view.tokens == records
+
+
 # -- stopping -----------------------------------------------------------------------------------------
 
 def test_stop_cancels_within_one_verify_step(model, captured):

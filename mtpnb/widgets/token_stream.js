@@ -1,6 +1,7 @@
 // The front end of mtpnb.widgets.TokenStream (token_stream.py): tokens appended as they are decided,
-// coloured by kind. Streaming batches arrive as custom messages; `initialize` (once per model)
-// keeps them in a store, so a view created after the stream began still shows every token; each
+// coloured by kind. Streaming batches arrive as custom messages (a "replay" replaces those held);
+// `initialize` (once per model) keeps them in a store, so a view created after the stream began still
+// shows every token; each
 // view appends new ones on its next animation frame. The `tokens` trait holds the final state and
 // is rendered whole when it changes. A token record: [kind, text, position, step, p, q].
 
@@ -64,25 +65,33 @@ const STORES = new Map();
 
 // anywidget (0.11) gives a model 2 s from its creation to load this module and run `initialize`; on a
 // busy CPU it can miss that, logs "[anywidget] Failed to initialize model." and from then on drops every
-// message the kernel sends to that model (its _handle_comm_msg awaits the rejected promise first): the
-// view would sit "ready" and empty. Once this module runs, that wait has no purpose, so this model's
-// comm messages go straight to the widget base class's handler, and the kernel is asked for the state
-// it sent meanwhile. Guarded: where the model or comm lacks these methods, nothing changes.
-function keepListening(model) {
-  const base = Object.getPrototypeOf(Object.getPrototypeOf(model));
-  const comm = model.comm;
+// message the kernel sends to that model (its _handle_comm_msg awaits the rejected promise first), trait
+// updates included: the view would sit "ready" and empty while the kernel's generation ran to its end.
+// Once this module runs, that wait has no purpose, so this model's comm messages go straight to the
+// widget base class's handler, and the kernel is asked for the state it sent meanwhile and, while it
+// streams, for the token batches (a "replay" message that replaces the store's records). `initialize`
+// gets a proxy of the model (get, set, on, send...), not the model: the model is looked up by its id,
+// which the kernel side makes equal to `_stream_key`. Where any of this is missing (no kernel, another
+// widget manager), nothing changes.
+async function keepListening(proxy) {
+  const model = await proxy.widget_manager?.get_model?.(proxy.get("_stream_key"));
+  const base = model && Object.getPrototypeOf(Object.getPrototypeOf(model));
+  const comm = model?.comm;
   if (typeof base?._handle_comm_msg !== "function" || typeof comm?.on_msg !== "function") return;
   comm.on_msg((msg) => base._handle_comm_msg.call(model, msg));
-  if (typeof comm.send === "function") comm.send({ method: "request_state" }, model.callbacks?.());
+  if (typeof comm.send !== "function") return;
+  comm.send({ method: "request_state" }, model.callbacks?.());
+  proxy.send({ type: "replay" });
 }
 
 function initialize({ model }) {
-  keepListening(model);
+  keepListening(model).catch((error) => console.warn("[mtpnb] TokenStream: anywidget's wait not bypassed:", error));
   const key = model.get("_stream_key");
   const store = { records: [], progress: null, views: new Set() };
   STORES.set(key, store);
   function onMessage(msg) {
-    if (msg.type !== "tokens") return;
+    if (msg.type !== "tokens" && msg.type !== "replay") return;
+    if (msg.type === "replay") store.records = [];
     for (const record of msg.tokens) store.records.push(record);
     store.progress = msg;
     for (const view of store.views) view(msg);
@@ -177,6 +186,7 @@ function render({ model, el }) {
     }
   }
   function onBatch(msg) {
+    if (msg.type === "replay") reset();
     for (const record of msg.tokens) queue.push(record);
     showProgress(msg);
     if (!frame) frame = requestAnimationFrame(drain);

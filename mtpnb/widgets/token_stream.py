@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import html
 import pathlib
+import threading
 import uuid
 from collections import deque
 
@@ -89,18 +90,24 @@ class TokenStream(anywidget.AnyWidget):
     error = traitlets.Unicode().tag(sync=True)  # first line: the message; then details, if any
     hide_rejected = traitlets.Bool(False).tag(sync=True)  # the view's toggle
     depth = traitlets.Int(-1).tag(sync=True)  # of the run shown (-1: not known); depth 0 has no drafts to hide
-    _stream_key = traitlets.Unicode().tag(sync=True)  # names this model's token store in the browser
+    # names this model's token store in the browser, and is its model id: the front end finds the model by it
+    _stream_key = traitlets.Unicode().tag(sync=True)
 
     def __init__(self, **kwargs):
-        super().__init__(_stream_key=uuid.uuid4().hex, **kwargs)
+        key = uuid.uuid4().hex
+        super().__init__(model_id=key, _stream_key=key, **kwargs)
         self._pending: deque[list] = deque()  # records not yet sent (decode thread appends, ticker drains)
         self._records: list[list] = []
+        self._sent = 0  # how many of _records went out in batches
+        self._sending = threading.Lock()  # a batch (ticker thread) or a replay (kernel thread) at a time
         self._progress = (0, 0.0)  # (generated tokens, seconds) at the last verify step
+        self.on_msg(self._replay)
 
     # -- the sink protocol (see runner.py) ----------------------------------------------------------
     def start(self, prompt: str = "", depth: int = 0) -> None:
-        self._pending.clear()
-        self._records = []
+        with self._sending:
+            self._pending.clear()
+            self._records, self._sent = [], 0
         self._progress = (0, 0.0)
         with self.hold_sync():
             self.tokens, self.text, self.prompt = [], "", prompt
@@ -118,12 +125,26 @@ class TokenStream(anywidget.AnyWidget):
 
     def flush(self) -> None:
         """Send the records queued since the last flush as one message."""
-        n = len(self._pending)
-        if not n:
+        with self._sending:
+            n = len(self._pending)
+            if not n:
+                return
+            batch = [self._pending.popleft() for _ in range(n)]
+            self._sent += n
+            self._send_records("tokens", batch)
+
+    def _replay(self, _, content: dict, buffers) -> None:
+        """A front end that began listening late (see token_stream.js) asks for the batches sent before:
+        they come back as one message that replaces what it holds. Once the run is over, the synced
+        `tokens` trait has them all."""
+        if content.get("type") != "replay" or self.status != "running":
             return
-        batch = [self._pending.popleft() for _ in range(n)]
+        with self._sending:
+            self._send_records("replay", self._records[:self._sent])
+
+    def _send_records(self, kind: str, records: list) -> None:
         generated, elapsed = self._progress
-        self.send({"type": "tokens", "tokens": batch, "generated": generated, "elapsed": round(elapsed, 3)})
+        self.send({"type": kind, "tokens": records, "generated": generated, "elapsed": round(elapsed, 3)})
 
     def finish(self, result: Result | None, status: str = "done", error: str = "") -> None:
         records = [token_record(e) for e in result.events] if result is not None else self._records
@@ -140,8 +161,9 @@ class TokenStream(anywidget.AnyWidget):
 
     def reset(self, status: str = "idle", error: str = "") -> None:
         """Empty the view: "idle" (waiting for a generation), or "error" with a message."""
-        self._pending.clear()
-        self._records = []
+        with self._sending:
+            self._pending.clear()
+            self._records, self._sent = [], 0
         with self.hold_sync():
             self.tokens, self.text, self.prompt = [], "", ""
             self.summary, self.metrics, self.finish_reason = "", {}, ""
