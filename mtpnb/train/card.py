@@ -218,7 +218,7 @@ def render_card(training: dict, evaluation: dict | None) -> str:
     runs_line = " ".join(
         f"{'Then' if run is not first else ''} {run['hardware']['device']}, torch {run['hardware']['torch']}, "
         f"transformers {run['hardware']['transformers']}, Python {run['hardware']['python']}: {run['wall_s']:.0f} s "
-        f"({', '.join(p['name'] for p in run['phases'])})." for run in runs).strip()
+        f"({', '.join(p['name'] for p in run['phases'])}; batch {run['hyperparameters']['batch_size']})." for run in runs).strip()
     lines = [
         "# mtpnb default model",
         "",
@@ -247,7 +247,7 @@ def render_card(training: dict, evaluation: dict | None) -> str:
         "## Training",
         "",
         f"Seed {hp['seed']}. {runs_line} {sum(run['wall_s'] for run in runs):.0f} s of training in all. Random "
-        f"windows of {hp['seq_len']} + {hp['depth']} + 1 tokens, batch {hp['batch_size']}, "
+        f"windows of {hp['seq_len']} + {hp['depth']} + 1 tokens, "
         f"{'bf16 autocast' if hp['autocast'] else 'float32'}, AdamW (betas 0.9/0.95, weight decay "
         f"{hp['weight_decay']} on matrices and embeddings), gradient clip {hp['grad_clip']}, linear warm-up then "
         f"cosine decay to {hp['min_lr_ratio']:g} x the peak.",
