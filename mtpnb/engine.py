@@ -10,14 +10,16 @@ State between steps (n = committed tokens so far, x_n the newest, not yet fed to
 - the trunk's caches hold positions < n;
 - `pending_hidden` holds the trunk's hidden states at the positions the head has not seen yet, and
   `pending_tokens` the token that followed each of them (the last one is x_n). The head's first
-  draft step runs over all of them at once (the whole prompt after prefill, then the j+1 positions
-  a verify commits); its later steps feed back their own output on one row each and are trimmed
+  draft step runs over all of them at once (the prompt's last prefill chunk, the head having read
+  the others during the prefill; then the j+1 positions a verify commits); its later steps feed back their own output on one row each and are trimmed
   from the head's cache after the verify.
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -32,9 +34,13 @@ from .runtime import runtime
 from .sampling import Sampling, accept_greedy, accept_sampled, next_greedy, sample
 from .stream import GenerationStream, Step
 
-# Prompt tokens per prefill forward. mlx-lm prefills 2048 at a time, with mx.clear_cache() between
-# chunks; smaller chunks bound how long a cancellation waits (it is checked between them).
-PREFILL_CHUNK = 512
+# Prefill forwards are sized to take about PREFILL_CHUNK_S each, measured as they go: a cancellation
+# (a hang-up, a Stop) is checked between them, so this bounds how long it waits, on a slow CPU as on a
+# fast GPU. Sizes are multiples of PREFILL_CHUNK_MIN, start there, at most double from one forward to the
+# next and stay <= PREFILL_CHUNK_MAX. As mlx-lm (2048 tokens a forward), MLX's buffer cache is cleared
+# between forwards, so a long prompt's buffers do not pile up.
+PREFILL_CHUNK_S = 0.25
+PREFILL_CHUNK_MIN, PREFILL_CHUNK_MAX = 32, 512
 
 
 class Engine:
@@ -76,17 +82,16 @@ class Engine:
                     cancelled: threading.Event) -> Iterator[TokenEvent | StepEvent | Done]:
         """The loop's steps through the stream layer (runs when first iterated)."""
         model = self.model
-        if params.seed is not None:
-            mx.random.seed(params.seed)
         mx.reset_peak_memory()
         depth = params.depth if model.has_mtp else 0
-        loop = DecodeLoop(model, ids, Sampling(*params.sampling_settings), depth, self.profile, cancelled)
+        loop = DecodeLoop(model, ids, Sampling(*params.sampling_settings), depth, self.profile, cancelled,
+                          seed=params.seed)
         text = GenerationStream(model.tokenizer, ids, params, depth=depth,
                                 eos=set(model.tokenizer.eos_token_ids or ()), memory=memory_mb)
         try:
             yield from text.run(loop.steps())
         finally:
-            mx.clear_cache()  # the buffers of a long prompt go back, not into MLX's cache
+            release_memory()
 
     def encode(self, prompt, *, chat: bool = False, reasoning: bool | None = None,
                tools: list | None = None) -> list[int]:
@@ -144,11 +149,13 @@ class Generation(Iterator):
 
 
 class DecodeLoop:
-    """One generation's decode loop over arrays (created per call; holds its own caches): yields a
-    Step per verify (per token at depth 0), the decision on the host; ends early once `cancelled`."""
+    """One generation's decode loop over arrays (created per call; holds its own caches and random
+    key): yields a Step per verify (per token at depth 0), the decision on the host; ends early once
+    `cancelled`. Its key is mx.random.key(seed), or drawn from MLX's global random state without a
+    seed, then split for every draw: a seeded generation is the same whatever else ran meanwhile."""
 
     def __init__(self, model, prompt_ids: list[int], sampling: Sampling, depth: int, profile: bool = False,
-                 cancelled: threading.Event | None = None):
+                 cancelled: threading.Event | None = None, *, seed: int | None = None):
         self.model = model
         self.prompt_ids = prompt_ids
         self.sampling = sampling
@@ -156,6 +163,17 @@ class DecodeLoop:
         self.profile = profile
         self.cancelled = cancelled or threading.Event()
         self.vocab_size = model.text_config["vocab_size"]
+        self._key = None
+        if not sampling.greedy:
+            self._key = (mx.random.key(seed) if seed is not None
+                         else mx.random.randint(0, 2**31 - 1, (2,)).astype(mx.uint32))
+
+    def _draw_key(self) -> mx.array | None:
+        """A fresh key for one draw (None at greedy: nothing is drawn)."""
+        if self._key is None:
+            return None
+        self._key, key = mx.random.split(self._key)
+        return key
 
     def steps(self) -> Iterator[Step]:
         for step in self._speculative() if self.depth else self._plain():
@@ -163,34 +181,41 @@ class DecodeLoop:
                 return
             yield step
 
-    def _prefill(self, cache, *, hidden: bool):
-        """The trunk over the prompt, PREFILL_CHUNK tokens at a time (mlx-lm's pattern: each chunk's
-        cache state evaluated, then MLX's buffer cache cleared) -> (the hidden states [1, L, H] if
-        asked, the logits at the last position [V]); None when cancelled between chunks."""
-        ids, states, logits = self.prompt_ids, [], None
-        for start in range(0, len(ids), PREFILL_CHUNK):
+    def _prefill(self, cache, head_cache=None):
+        """The trunk over the prompt in forwards of about PREFILL_CHUNK_S each, each one's cache state
+        evaluated and MLX's buffer cache cleared after it; with head_cache, the head too reads every
+        chunk but the last (whose last position waits for the first generated token), so that no forward
+        runs over the whole prompt at once. -> (where the last chunk starts, its hidden states [1, l, H],
+        the logits at the last position [V]); None when cancelled between forwards."""
+        model, ids = self.model, self.prompt_ids
+        start, size = 0, PREFILL_CHUNK_MIN
+        while True:
             if self.cancelled.is_set():
                 return None
-            h, logits = self.model.forward(mx.array(ids[start:start + PREFILL_CHUNK])[None], cache=cache,
-                                           last_only=True)
-            if hidden:
-                states.append(h)
-            if start + PREFILL_CHUNK < len(ids):
-                mx.eval([c.state for c in cache], states[-1:])
-                mx.clear_cache()
-        return (mx.concatenate(states, axis=1) if hidden else None), logits[0, -1]
+            end = min(start + size, len(ids))
+            t0 = time.perf_counter()
+            hidden, logits = model.forward(mx.array(ids[start:end])[None], cache=cache, last_only=True)
+            if end == len(ids):
+                return start, hidden, logits[0, -1]
+            state = [c.state for c in cache]
+            if head_cache is not None:  # the head pairs each position with the token after it
+                model.head(hidden, model.embed(mx.array(ids[start + 1:end + 1])[None]), cache=head_cache)
+                state.append(head_cache.state)
+            mx.eval(state)
+            mx.clear_cache()
+            size = next_chunk_size(end - start, time.perf_counter() - t0)
+            start = end
 
     def _speculative(self) -> Iterator[Step]:
         """Depth >= 1: draft, verify, accept, roll back (plain decoding is `_plain`)."""
         model = self.model
         cache, head_cache = model.make_cache(), model.make_head_cache()
-        prefilled = self._prefill(cache, hidden=True)
+        prefilled = self._prefill(cache, head_cache)
         if prefilled is None:
             return
-        hidden, last_logits = prefilled
-        token, p_token = token_to_host(next_token(self.sampling, last_logits))
-        pending_hidden = hidden
-        pending_tokens = self.prompt_ids[1:] + [token]
+        start, pending_hidden, last_logits = prefilled
+        token, p_token = token_to_host(next_token(self.sampling, last_logits, self._draw_key()))
+        pending_tokens = self.prompt_ids[start + 1:] + [token]
         yield Step(0, [], [], [], 0, token, p_token, first_token_at=time.perf_counter())
         step = 0
         while True:
@@ -228,10 +253,10 @@ class DecodeLoop:
         Step.verify_s is the wait for token n, the next graph's building included."""
         model = self.model
         cache = model.make_cache(rollback=False)
-        prefilled = self._prefill(cache, hidden=False)
+        prefilled = self._prefill(cache)
         if prefilled is None:
             return
-        decision = next_token(self.sampling, prefilled[1])
+        decision = next_token(self.sampling, prefilled[2], self._draw_key())
         step = 0
         while True:
             t0 = time.perf_counter()
@@ -243,7 +268,7 @@ class DecodeLoop:
             if self.profile:  # serializes the pipeline: the phases say where the work goes, not how fast
                 mx.eval(logits)
             t_queued = time.perf_counter()
-            queued = next_token(self.sampling, logits[0, 0])
+            queued = next_token(self.sampling, logits[0, 0], self._draw_key())
             mx.async_eval(queued)
             if step:
                 token, p_token = token_to_host(decision)
@@ -266,7 +291,7 @@ class DecodeLoop:
         g = model.head(pending_hidden, model.embed(mx.array(pending_tokens)[None]), cache=head_cache)[:, -1:]
         drafts, dists = [], []
         for j in range(self.depth):
-            draft, dist = draft_token(model, sampling, g)
+            draft, dist = draft_token(model, sampling, g, self._draw_key())
             drafts.append(draft)
             dists.append(dist)
             if j + 1 < self.depth:
@@ -280,7 +305,25 @@ class DecodeLoop:
     def _accept(self, logits, draft_dists, drafts):
         if self.sampling.greedy:
             return accept_greedy(logits, draft_dists, drafts)
-        return accept_sampled(self.sampling.logprobs(logits), draft_dists, drafts)
+        return accept_sampled(self.sampling.logprobs(logits), draft_dists, drafts, self._draw_key())
+
+
+def next_chunk_size(size: int, seconds: float) -> int:
+    """The next prefill forward's size after one of `size` tokens took `seconds`: what fits in
+    PREFILL_CHUNK_S at that pace, a multiple of PREFILL_CHUNK_MIN, at most twice `size`."""
+    fits = int(size * PREFILL_CHUNK_S / max(seconds, 1e-6)) // PREFILL_CHUNK_MIN * PREFILL_CHUNK_MIN
+    return max(PREFILL_CHUNK_MIN, min(fits, 2 * size, PREFILL_CHUNK_MAX))
+
+
+def release_memory() -> None:
+    """After a generation: MLX's buffer cache emptied, and on glibc the freed heap given back to the
+    system (glibc keeps it otherwise: a long prompt's buffers stayed resident, +34% RSS)."""
+    mx.clear_cache()
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
+
+_malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", None) if sys.platform.startswith("linux") else None
 
 
 def memory_mb() -> tuple[float, float]:
@@ -295,20 +338,21 @@ def to_host(decision):
     return n_accepted.item(), token.item(), p_drafts.tolist(), q_drafts.tolist(), p_token.item()
 
 
-def next_token(sampling: Sampling, logits: mx.array) -> tuple[mx.array, mx.array]:
-    """Plain decoding's choice from one row of logits (also the first token after a prefill):
-    lazy (token, its probability under the target)."""
+def next_token(sampling: Sampling, logits: mx.array, key: mx.array | None) -> tuple[mx.array, mx.array]:
+    """Plain decoding's choice from one row of logits (also the first token after a prefill), with a
+    random key when sampling: lazy (token, its probability under the target)."""
     if sampling.greedy:
         return next_greedy(logits)
-    return sample(sampling.logprobs(logits))
+    return sample(sampling.logprobs(logits), key)
 
 
-def draft_token(model, sampling: Sampling, g: mx.array) -> tuple[mx.array, mx.array]:
-    """One draft from the head's last output g [1, T, H]: (token id, the distribution it was drawn
-    from over the draft vocabulary: log-probs when sampling, raw logits at greedy)."""
+def draft_token(model, sampling: Sampling, g: mx.array, key: mx.array | None) -> tuple[mx.array, mx.array]:
+    """One draft from the head's last output g [1, T, H], with a random key when sampling: (token id,
+    the distribution it was drawn from over the draft vocabulary: log-probs when sampling, raw logits
+    at greedy)."""
     logits = model.draft_logits(g)[0, -1]
     dist = logits if sampling.greedy else sampling.logprobs(logits)
-    index = mx.argmax(dist, axis=-1) if sampling.greedy else sample(dist)[0]
+    index = mx.argmax(dist, axis=-1) if sampling.greedy else sample(dist, key)[0]
     return (index if model.draft_vocab is None else model.draft_vocab[index]), dist
 
 

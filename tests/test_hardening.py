@@ -137,32 +137,75 @@ def test_past_the_limits_a_503_with_retry_after_never_a_reset(small, local):
 
 
 # -- 2. long prompts: chunked prefill, cancellable between chunks, memory released, context enforced ------
-LONG = [(17 + 31 * i) % 200 + 10 for i in range(1300)]  # three prefill chunks of 512
+LONG = [(17 + 31 * i) % 200 + 10 for i in range(1300)]
 
 
-@pytest.mark.parametrize("depth", [0, 3])
-def test_a_chunked_prefill_decides_what_a_whole_one_does(local, monkeypatch, depth):
+@pytest.mark.parametrize("depth, sampling", [(0, {}), (3, {}), (3, {"temperature": 1.0, "seed": 5})])
+@pytest.mark.parametrize("chunks", ["paced", "64 at a time"])
+def test_a_chunked_prefill_decides_what_a_whole_one_does(local, monkeypatch, depth, sampling, chunks):
     from mtpnb import engine
 
-    chunked = local.generate(LONG, max_tokens=12, depth=depth)
-    monkeypatch.setattr(engine, "PREFILL_CHUNK", len(LONG))
-    assert local.generate(LONG, max_tokens=12, depth=depth).tokens == chunked.tokens
+    if chunks != "paced":  # fixed small chunks: the head reads 20 of them during the prefill
+        monkeypatch.setattr(engine, "PREFILL_CHUNK_MIN", 64)
+        monkeypatch.setattr(engine, "PREFILL_CHUNK_MAX", 64)
+    chunked = local.generate(LONG, max_tokens=12, depth=depth, **sampling)
+    monkeypatch.setattr(engine, "PREFILL_CHUNK_MIN", len(LONG))
+    monkeypatch.setattr(engine, "PREFILL_CHUNK_MAX", len(LONG))
+    assert local.generate(LONG, max_tokens=12, depth=depth, **sampling).tokens == chunked.tokens
+
+
+def trunk_forwards(monkeypatch, model, seconds_per_token: float = 0.0, on_forward=None) -> list:
+    """Record (tokens, seconds) of every trunk forward of `model`, slowed down by seconds_per_token
+    (a slow machine) and evaluated (as the prefill does) so that the time is the forward's."""
+    import mlx.core as mx
+
+    forwards, forward = [], type(model).forward
+
+    def recorded(self, ids, cache=None, **kw):
+        t0 = time.perf_counter()
+        out = forward(self, ids, cache=cache, **kw)
+        mx.eval(out)
+        time.sleep(seconds_per_token * ids.shape[1])
+        forwards.append((ids.shape[1], time.perf_counter() - t0))
+        if on_forward is not None:
+            on_forward(len(forwards))
+        return out
+
+    monkeypatch.setattr(type(model), "forward", recorded)
+    return forwards
+
+
+def test_prefill_forwards_are_sized_to_the_time_budget(local, monkeypatch):
+    from mtpnb import engine
+
+    forwards = trunk_forwards(monkeypatch, local, seconds_per_token=0.003)  # 512 tokens: 1.5 s
+    local.generate(LONG, max_tokens=1, depth=3)  # no verify: every trunk forward is the prefill's
+    prefill = forwards
+    assert sum(n for n, _ in prefill) == len(LONG)
+    assert all(n % engine.PREFILL_CHUNK_MIN == 0 for n, _ in prefill[:-1])
+    assert max(s for _, s in prefill) < 3 * engine.PREFILL_CHUNK_S, prefill  # not 1.5 s (a busy CPU: 3x)
+    assert max(n for n, _ in prefill) > engine.PREFILL_CHUNK_MIN  # it grows as far as the budget allows
+
+
+def test_prefill_chunk_sizes():
+    from mtpnb.engine import PREFILL_CHUNK_MAX, PREFILL_CHUNK_MIN, PREFILL_CHUNK_S, next_chunk_size
+
+    assert next_chunk_size(64, PREFILL_CHUNK_S / 10) == 128  # at most twice the last
+    assert next_chunk_size(512, PREFILL_CHUNK_S / 10) == PREFILL_CHUNK_MAX
+    assert next_chunk_size(256, PREFILL_CHUNK_S * 2) == 128
+    assert next_chunk_size(256, PREFILL_CHUNK_S * 3) == 64  # 85 tokens fit: a multiple of 32 below
+    assert next_chunk_size(64, PREFILL_CHUNK_S * 10) == PREFILL_CHUNK_MIN
 
 
 def test_a_cancel_during_the_prefill_stops_it_after_the_chunk_in_progress(local, monkeypatch):
-    chunks = []
-    forward = type(local).forward
-
-    def counting(self, ids, cache=None, **kw):
-        chunks.append(ids.shape[1])
-        if len(chunks) == 2:
+    def hang_up(n):
+        if n == 2:
             stream.cancel()  # as a handler thread does when its client hangs up
-        return forward(self, ids, cache=cache, **kw)
 
-    monkeypatch.setattr(type(local), "forward", counting)
+    forwards = trunk_forwards(monkeypatch, local, on_forward=hang_up)
     stream = local.stream(LONG, max_tokens=50)
     events = list(stream)
-    assert chunks == [512, 512]  # no third chunk
+    assert len(forwards) == 2 and sum(n for n, _ in forwards) < len(LONG)  # no third forward
     assert [type(e) for e in events] == [Done] and events[0].result.metrics.finish_reason == "cancelled"
     assert events[0].result.tokens == []
     monkeypatch.undo()
@@ -401,6 +444,34 @@ def test_a_non_ascii_api_key_in_python_too(checkpoint):
     for bad in (0, -1, 2.5, True):
         with pytest.raises(MTPNBError, match="max_prompt_tokens must be an integer >= 1"):
             Server(checkpoint, port=0, max_prompt_tokens=bad)
+
+
+# -- 11. seeds are per generation ---------------------------------------------------------------------------------
+def interleaved(model, seeded: dict, other: dict) -> list[int]:
+    """The seeded generation's tokens, run step by step in turn with another sampled generation and
+    with draws from MLX's global random state in between."""
+    import mlx.core as mx
+
+    ours, theirs = model.stream(PROMPT, **seeded), model.stream("def f(x):", **other)
+    for event in ours:
+        next(theirs, None)
+        mx.random.uniform()
+        if isinstance(event, Done):
+            return event.result.tokens
+
+
+@pytest.mark.parametrize("other_seed", [None, 12])
+def test_a_seeded_generation_is_the_same_whatever_runs_between_its_steps(local, other_seed):
+    from mtpnb.runtime import runtime
+
+    seeded = dict(max_tokens=24, temperature=1.0, depth=2, seed=11)
+    other = dict(max_tokens=24, temperature=1.0, depth=2, seed=other_seed)
+    alone = local.generate(PROMPT, **seeded).tokens
+    assert interleaved(local, seeded, other) == alone  # on this thread
+    assert runtime().run(interleaved, local, seeded, other) == alone  # on the MLX thread the widgets and server use
+    for depth in (0, 3):  # plain decoding and deeper drafts draw from their own keys too
+        params = {**seeded, "depth": depth}
+        assert interleaved(local, params, other) == local.generate(PROMPT, **params).tokens
 
 
 # -- 12. the loader's bad sources --------------------------------------------------------------------------------
