@@ -34,13 +34,12 @@ from .runtime import runtime
 from .sampling import Sampling, accept_greedy, accept_sampled, next_greedy, sample
 from .stream import GenerationStream, Step
 
-# Prefill forwards are sized to take about PREFILL_CHUNK_S each, measured as they go: a cancellation
-# (a hang-up, a Stop) is checked between them, so this bounds how long it waits, on a slow CPU as on a
-# fast GPU. Sizes are multiples of PREFILL_CHUNK_MIN, start there, at most double from one forward to the
-# next and stay <= PREFILL_CHUNK_MAX. As mlx-lm (2048 tokens a forward), MLX's buffer cache is cleared
-# between forwards, so a long prompt's buffers do not pile up.
-PREFILL_CHUNK_S = 0.25
-PREFILL_CHUNK_MIN, PREFILL_CHUNK_MAX = 32, 512
+# Prompt tokens per prefill forward. A cancellation (a hang-up, a Stop) waits for the forward in
+# progress: on a GPU 512 tokens take milliseconds (mlx-lm prefills 2048 at a time), on 2 CPU cores a
+# 512-token forward of the default model took 0.75-2 s, 128 tokens a quarter of that. Fixed sizes, not
+# timed ones: where the chunks end changes the floating-point rounding, and a prompt must give the same
+# numbers in every process (the server's and its client's comparison, a rerun with the same seed).
+PREFILL_CHUNK_GPU, PREFILL_CHUNK_CPU = 512, 128
 
 
 class Engine:
@@ -182,18 +181,19 @@ class DecodeLoop:
             yield step
 
     def _prefill(self, cache, head_cache=None):
-        """The trunk over the prompt in forwards of about PREFILL_CHUNK_S each, each one's cache state
-        evaluated and MLX's buffer cache cleared after it; with head_cache, the head too reads every
-        chunk but the last (whose last position waits for the first generated token), so that no forward
-        runs over the whole prompt at once. -> (where the last chunk starts, its hidden states [1, l, H],
-        the logits at the last position [V]); None when cancelled between forwards."""
+        """The trunk over the prompt a chunk at a time (PREFILL_CHUNK_CPU/GPU tokens), each chunk's cache
+        state evaluated and MLX's buffer cache cleared after it (mlx-lm's pattern); with head_cache, the
+        head too reads every chunk but the last (whose last position waits for the first generated
+        token), so that no forward runs over the whole prompt at once. -> (where the last chunk starts,
+        its hidden states [1, l, H], the logits at the last position [V]); None when cancelled between
+        chunks."""
         model, ids = self.model, self.prompt_ids
-        start, size = 0, PREFILL_CHUNK_MIN
+        size = PREFILL_CHUNK_CPU if mx.default_device() == mx.cpu else PREFILL_CHUNK_GPU
+        start = 0
         while True:
             if self.cancelled.is_set():
                 return None
             end = min(start + size, len(ids))
-            t0 = time.perf_counter()
             hidden, logits = model.forward(mx.array(ids[start:end])[None], cache=cache, last_only=True)
             if end == len(ids):
                 return start, hidden, logits[0, -1]
@@ -203,7 +203,6 @@ class DecodeLoop:
                 state.append(head_cache.state)
             mx.eval(state)
             mx.clear_cache()
-            size = next_chunk_size(end - start, time.perf_counter() - t0)
             start = end
 
     def _speculative(self) -> Iterator[Step]:
@@ -306,13 +305,6 @@ class DecodeLoop:
         if self.sampling.greedy:
             return accept_greedy(logits, draft_dists, drafts)
         return accept_sampled(self.sampling.logprobs(logits), draft_dists, drafts, self._draw_key())
-
-
-def next_chunk_size(size: int, seconds: float) -> int:
-    """The next prefill forward's size after one of `size` tokens took `seconds`: what fits in
-    PREFILL_CHUNK_S at that pace, a multiple of PREFILL_CHUNK_MIN, at most twice `size`."""
-    fits = int(size * PREFILL_CHUNK_S / max(seconds, 1e-6)) // PREFILL_CHUNK_MIN * PREFILL_CHUNK_MIN
-    return max(PREFILL_CHUNK_MIN, min(fits, 2 * size, PREFILL_CHUNK_MAX))
 
 
 def release_memory() -> None:
