@@ -401,6 +401,14 @@ def test_content_length_is_one_plain_number(server, lengths, status):
     error_of(*exchange(server, head + b"\r\n", b"{}"), status)
 
 
+@pytest.mark.parametrize("line", [b"a b: c", b"\x01x: y", b"no colon"])
+def test_a_malformed_header_line_is_refused_not_read_as_the_body(server, line):
+    """The standard library stops reading headers at such a line: the Connection: close after it was
+    ignored and the connection kept open (the fuzz suite's client waited for its end)."""
+    head = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n" + line + b"\r\nConnection: close\r\n\r\n"
+    error_of(*exchange(server, head, timeout=20), 400, "bad_request")
+
+
 def test_transfer_encoding_is_refused(server):
     head = (b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
             b"Transfer-Encoding: chunked\r\nContent-Length: 2\r\n\r\n")

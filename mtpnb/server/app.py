@@ -395,6 +395,11 @@ class Handler(BaseHTTPRequestHandler):
                                      code="bad_request").body(), close=True)
             return False
         try:
+            if self.headers.defects or self.headers.get_payload():
+                # a line that is no header ("a b: c") ends the standard library's header parsing: what
+                # follows (a Connection: close, a Content-Length) would be ignored
+                raise APIError(400, "a header line is malformed (no 'name: value', or a name with spaces)",
+                               code="bad_request")
             self._check_host()
         except APIError as e:
             self.server.app.stats.count(f"http_{e.status}")
