@@ -113,7 +113,7 @@ def start_server(model: str | None, extra: list[str]):
     key_file = Path(tmp.name) / "key"
     key_file.write_text(KEY)
     env = dict(os.environ)
-    root = str(Path(__file__).resolve().parents[2])
+    root = str(Path(__file__).resolve().parents[1])  # the repository: benchmarks/ is one level down
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     proc = subprocess.Popen([sys.executable, "-m", "mtpnb.server", model, "--port", "0", "--api-key-file",
                              str(key_file), "--quiet", *extra], stdout=subprocess.PIPE, text=True, env=env)

@@ -10,14 +10,16 @@ State between steps (n = committed tokens so far, x_n the newest, not yet fed to
 - the trunk's caches hold positions < n;
 - `pending_hidden` holds the trunk's hidden states at the positions the head has not seen yet, and
   `pending_tokens` the token that followed each of them (the last one is x_n). The head's first
-  draft step runs over all of them at once (the whole prompt after prefill, then the j+1 positions
-  a verify commits); its later steps feed back their own output on one row each and are trimmed
+  draft step runs over all of them at once (the prompt's last prefill chunk, the head having read
+  the others during the prefill; then the j+1 positions a verify commits); its later steps feed back their own output on one row each and are trimmed
   from the head's cache after the verify.
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -33,9 +35,12 @@ from .runtime import runtime
 from .sampling import Sampling, accept_greedy, accept_sampled, next_greedy, sample
 from .stream import GenerationStream, Step
 
-# Prompt tokens per prefill forward. mlx-lm prefills 2048 at a time, with mx.clear_cache() between
-# chunks; smaller chunks bound how long a cancellation waits (it is checked between them).
-PREFILL_CHUNK = 512
+# Prompt tokens per prefill forward. A cancellation (a hang-up, a Stop) waits for the forward in
+# progress: on a GPU 512 tokens take milliseconds (mlx-lm prefills 2048 at a time), on 2 CPU cores a
+# 512-token forward of the default model took 0.75-2 s, 128 tokens a quarter of that. Fixed sizes, not
+# timed ones: where the chunks end changes the floating-point rounding, and a prompt must give the same
+# numbers in every process (the server's and its client's comparison, a rerun with the same seed).
+PREFILL_CHUNK_GPU, PREFILL_CHUNK_CPU = 512, 128
 
 
 class Engine:
@@ -85,18 +90,16 @@ class Engine:
                     prompt_cache: PromptCache | None, history: int | None) -> Iterator[TokenEvent | StepEvent | Done]:
         """The loop's steps through the stream layer (runs when first iterated)."""
         model = self.model
-        if params.seed is not None:
-            mx.random.seed(params.seed)
         mx.reset_peak_memory()
         depth = params.depth if model.has_mtp else 0
         loop = DecodeLoop(model, ids, Sampling(*params.sampling_settings), depth, self.profile, cancelled,
-                          prompt_cache, history)
+                          prompt_cache, history, seed=params.seed)
         text = GenerationStream(model.tokenizer, ids, params, depth=depth,
                                 eos=set(model.tokenizer.eos_token_ids or ()), memory=memory_mb)
         try:
             yield from text.run(loop.steps())
         finally:
-            mx.clear_cache()  # the buffers of a long prompt go back, not into MLX's cache
+            release_memory()
 
     def encode(self, prompt, *, chat: bool = False, reasoning: bool | None = None,
                tools: list | None = None, opening: str | None = None) -> list[int]:
@@ -178,12 +181,14 @@ class Generation(Iterator):
 
 
 class DecodeLoop:
-    """One generation's decode loop over arrays (created per call; holds its own caches): yields a
-    Step per verify (per token at depth 0), the decision on the host; ends early once `cancelled`."""
+    """One generation's decode loop over arrays (created per call; holds its own caches and random
+    key): yields a Step per verify (per token at depth 0), the decision on the host; ends early once
+    `cancelled`. Its key is mx.random.key(seed), or drawn from MLX's global random state without a
+    seed, then split for every draw: a seeded generation is the same whatever else ran meanwhile."""
 
     def __init__(self, model, prompt_ids: list[int], sampling: Sampling, depth: int, profile: bool = False,
                  cancelled: threading.Event | None = None, prompt_cache: PromptCache | None = None,
-                 history: int | None = None):
+                 history: int | None = None, *, seed: int | None = None):
         self.model = model
         self.prompt_ids = prompt_ids
         self.sampling = sampling
@@ -198,6 +203,17 @@ class DecodeLoop:
         self.trunk_at_history = None  # the trunk's state there, taken during the prefill
         self.fed = list(prompt_ids)  # the tokens the trunk's caches hold at the last yield
         self.live = None  # (trunk caches, head cache, pending hidden) at the last yield
+        self._key = None
+        if not sampling.greedy:
+            self._key = (mx.random.key(seed) if seed is not None
+                         else mx.random.randint(0, 2**31 - 1, (2,)).astype(mx.uint32))
+
+    def _draw_key(self) -> mx.array | None:
+        """A fresh key for one draw (None at greedy: nothing is drawn)."""
+        if self._key is None:
+            return None
+        self._key, key = mx.random.split(self._key)
+        return key
 
     def steps(self) -> Iterator[Step]:
         try:
@@ -221,52 +237,70 @@ class DecodeLoop:
         self.reused = self.reuse.tokens
         return self.reuse.restore(cache, head_cache)
 
-    def _prefill(self, cache, *, hidden: bool):
-        """The trunk over the prompt, PREFILL_CHUNK tokens at a time (mlx-lm's pattern: each chunk's
-        cache state evaluated, then MLX's buffer cache cleared) -> (the hidden states [1, L, H] if
-        asked, the logits at the last position [V]); None when cancelled between chunks."""
-        ids, states, logits = self.prompt_ids[self.reused:], [], None
-        # A chunk ends where the conversation so far does, when the prompt cache keeps the state there
-        cut = self.history - self.reused if self.reuse is not None and self.history else 0
-        starts = sorted({*range(0, len(ids), PREFILL_CHUNK), *([cut] if 0 < cut < len(ids) else [])})
-        for start, end in zip(starts, starts[1:] + [len(ids)]):
+    def _prefill(self, cache, head_cache=None, pending=None):
+        """The trunk over the prompt from where the prompt cache left it, a chunk at a time
+        (PREFILL_CHUNK_CPU/GPU tokens), each chunk's cache state evaluated and MLX's buffer cache cleared
+        after it (mlx-lm's pattern); with head_cache, the head too reads every chunk but the last (whose
+        last position waits for the first generated token), so that no forward runs over the whole prompt
+        at once. `pending`: hidden states the head has not read yet (from the prompt cache). A chunk ends
+        where the conversation so far does when the prompt cache keeps the state there.
+        -> (the hidden states the head has not read [1, n, H] (None without head_cache), the position of
+        the first of them, the logits at the last position [V]); None when cancelled between chunks."""
+        model, ids, size = self.model, self.prompt_ids, (PREFILL_CHUNK_CPU if mx.default_device() == mx.cpu
+                                                         else PREFILL_CHUNK_GPU)
+        cut = self.history if self.reuse is not None and self.history and self.reused < self.history < len(ids) else 0
+        start = self.reused
+        first = start - (0 if pending is None else pending.shape[1])  # the position of pending[0]
+        while True:
             if self.cancelled.is_set():
                 return None
-            h, logits = self.model.forward(mx.array(ids[start:end])[None], cache=cache, last_only=True)
-            if hidden:
-                states.append(h)
-            if end == cut:
+            end = min(start + size, len(ids))
+            if start < cut < end:
+                end = cut
+            hidden, logits = model.forward(mx.array(ids[start:end])[None], cache=cache, last_only=True)
+            if head_cache is not None:
+                pending = hidden if pending is None else mx.concatenate([pending, hidden], axis=1)
+            if end == len(ids):
+                return pending, first, logits[0, -1]
+            state = [c.state for c in cache]
+            if head_cache is not None:  # the head pairs each position with the token after it
+                if end == cut:  # the state at the end of the conversation so far: its last position pending
+                    first = self._head_reads(head_cache, pending[:, :-1], first)
+                    pending = pending[:, -1:]
+                    self.reuse.keep(ids[:end], trunk_state(cache), head_cache, pending, answer=False)
+                first = self._head_reads(head_cache, pending, first)
+                pending = None
+                state.append(head_cache.state)
+            elif end == cut:
                 self.trunk_at_history = trunk_state(cache)
-            if end < len(ids):
-                mx.eval([c.state for c in cache], states[-1:])
-                mx.clear_cache()
-        return (mx.concatenate(states, axis=1) if hidden else None), logits[0, -1]
+            mx.eval(state)
+            mx.clear_cache()
+            start = end
+
+    def _head_reads(self, head_cache, hidden, first: int) -> int:
+        """The head reads hidden states [1, n, H] of positions first.. with the tokens after them;
+        -> the position after the last one read."""
+        n = hidden.shape[1]
+        if n:
+            self.model.head(hidden, self.model.embed(mx.array(self.prompt_ids[first + 1:first + n + 1])[None]),
+                            cache=head_cache)
+        return first + n
 
     def _speculative(self) -> Iterator[Step]:
         """Depth >= 1: draft, verify, accept, roll back (plain decoding is `_plain`)."""
         model = self.model
         cache, head_cache = model.make_cache(), model.make_head_cache()
-        cached_hidden = self._start(cache, head_cache)
-        prefilled = self._prefill(cache, hidden=True)
+        pending = self._start(cache, head_cache)
+        prefilled = self._prefill(cache, head_cache, pending)
         if prefilled is None:
             return
-        hidden, last_logits = prefilled
-        if cached_hidden is not None:
-            hidden = mx.concatenate([cached_hidden, hidden], axis=1)
-        token, p_token = token_to_host(next_token(self.sampling, last_logits))
+        pending_hidden, first, last_logits = prefilled
+        token, p_token = token_to_host(next_token(self.sampling, last_logits, self._draw_key()))
         first_token_at = time.perf_counter()
-        # The head catches up with the prompt: it reads the hidden state at t with the token at t+1,
-        # known for every position but the last (whose next token is the one just decided); in two
-        # parts where the cache keeps the state at the end of the conversation so far.
-        L, first = len(self.prompt_ids), len(self.prompt_ids) - hidden.shape[1]  # hidden: positions first..L-1
-        for end in ([self.history] if self.trunk_at_history is not None else []) + [L]:
-            if end - 1 > first:
-                model.head(hidden[:, : end - 1 - first], model.embed(mx.array(self.prompt_ids[first + 1:end])[None]),
-                           cache=head_cache)
-                hidden, first = hidden[:, end - 1 - first:], end - 1
-            if end < L:
-                self.reuse.keep(self.prompt_ids[:end], self.trunk_at_history, head_cache, hidden[:, :1], answer=False)
-        pending_hidden = hidden
+        # The head catches up with the last chunk but its last position (whose next token is the one
+        # just decided): the state at the end of the prompt, which the prompt cache keeps.
+        self._head_reads(head_cache, pending_hidden[:, :-1], first)
+        pending_hidden = pending_hidden[:, -1:]
         pending_tokens = [token]
         self.live = (cache, head_cache, pending_hidden)
         if self.reuse is not None:
@@ -313,10 +347,10 @@ class DecodeLoop:
         cache = model.make_cache(rollback=False)
         self._start(cache)
         self.live = (cache,)
-        prefilled = self._prefill(cache, hidden=False)
+        prefilled = self._prefill(cache)
         if prefilled is None:
             return
-        decision = next_token(self.sampling, prefilled[1])
+        decision = next_token(self.sampling, prefilled[2], self._draw_key())
         step = 0
         while True:
             t0 = time.perf_counter()
@@ -332,7 +366,7 @@ class DecodeLoop:
             if self.profile:  # serializes the pipeline: the phases say where the work goes, not how fast
                 mx.eval(logits)
             t_queued = time.perf_counter()
-            queued = next_token(self.sampling, logits[0, 0])
+            queued = next_token(self.sampling, logits[0, 0], self._draw_key())
             mx.async_eval(queued)
             if step:
                 token, p_token = token_to_host(decision)
@@ -357,7 +391,7 @@ class DecodeLoop:
         g = model.head(pending_hidden, model.embed(mx.array(pending_tokens)[None]), cache=head_cache)[:, -1:]
         drafts, dists = [], []
         for j in range(self.depth):
-            draft, dist = draft_token(model, sampling, g, step=j)
+            draft, dist = draft_token(model, sampling, g, self._draw_key(), step=j)
             drafts.append(draft)
             dists.append(dist)
             if j + 1 < self.depth:
@@ -371,7 +405,18 @@ class DecodeLoop:
     def _accept(self, logits, draft_dists, drafts):
         if self.sampling.greedy:
             return accept_greedy(logits, draft_dists, drafts)
-        return accept_sampled(self.sampling.logprobs(logits), draft_dists, drafts)
+        return accept_sampled(self.sampling.logprobs(logits), draft_dists, drafts, self._draw_key())
+
+
+def release_memory() -> None:
+    """After a generation: MLX's buffer cache emptied, and on glibc the freed heap given back to the
+    system (glibc keeps it otherwise: a long prompt's buffers stayed resident, +34% RSS)."""
+    mx.clear_cache()
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
+
+_malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", None) if sys.platform.startswith("linux") else None
 
 
 def memory_mb() -> tuple[float, float]:
@@ -386,20 +431,22 @@ def to_host(decision):
     return n_accepted.item(), token.item(), p_drafts.tolist(), q_drafts.tolist(), p_token.item()
 
 
-def next_token(sampling: Sampling, logits: mx.array) -> tuple[mx.array, mx.array]:
-    """Plain decoding's choice from one row of logits (also the first token after a prefill):
-    lazy (token, its probability under the target)."""
+def next_token(sampling: Sampling, logits: mx.array, key: mx.array | None) -> tuple[mx.array, mx.array]:
+    """Plain decoding's choice from one row of logits (also the first token after a prefill), with a
+    random key when sampling: lazy (token, its probability under the target)."""
     if sampling.greedy:
         return next_greedy(logits)
-    return sample(sampling.logprobs(logits))
+    return sample(sampling.logprobs(logits), key)
 
 
-def draft_token(model, sampling: Sampling, g: mx.array, step: int = 0) -> tuple[mx.array, mx.array]:
-    """One draft from the head's last output g [1, T, H] at draft step `step`: (token id, the
-    distribution it was drawn from over the draft vocabulary: log-probs when sampling, raw logits at greedy)."""
+def draft_token(model, sampling: Sampling, g: mx.array, key: mx.array | None,
+                step: int = 0) -> tuple[mx.array, mx.array]:
+    """One draft from the head's last output g [1, T, H] at draft step `step`, with a random key when
+    sampling: (token id, the distribution it was drawn from over the draft vocabulary: log-probs when
+    sampling, raw logits at greedy)."""
     logits = model.draft_logits(g, step)[0, -1]
     dist = logits if sampling.greedy else sampling.logprobs(logits)
-    index = mx.argmax(dist, axis=-1) if sampling.greedy else sample(dist)[0]
+    index = mx.argmax(dist, axis=-1) if sampling.greedy else sample(dist, key)[0]
     return (index if model.draft_vocab is None else model.draft_vocab[index]), dist
 
 

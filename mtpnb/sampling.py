@@ -15,14 +15,16 @@ Cost: MLX's CPU exp and log run at ~20 ns an element, so a pass over an 8k-152k 
 price to count. Filtering with top-k normalizes within the k survivors; the acceptance reads p and
 q at the drafts only and builds the one row it samples from (residual or bonus), drawn by inverse
 CDF (`sample`: one exp pass) instead of Gumbel-max (a uniform and two logs over the vocabulary).
+
+Randomness comes in as an explicit key (`mx.random.key`), never from MLX's global random state: each
+generation splits its own key for every draw, so a seeded one draws the same numbers whatever else
+runs on the thread between its steps.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import partial
-
 import mlx.core as mx
 from mlx_lm.sample_utils import apply_min_p, apply_top_p
 
@@ -87,15 +89,16 @@ class Sampling:
         return mx.put_along_axis(filtered, index, best, axis=-1)
 
 
-@partial(mx.compile, inputs=mx.random.state, outputs=mx.random.state)
-def accept_sampled(p_logprobs: mx.array, q_logprobs: mx.array, drafts: mx.array):
-    """p_logprobs [..., K+1, V], q_logprobs [..., K, V], drafts [..., K] (int) -> lazy arrays
-    (n_accepted [...], next_token [...], p_drafts [..., K], q_drafts [..., K], p_next [...]).
+@mx.compile
+def accept_sampled(p_logprobs: mx.array, q_logprobs: mx.array, drafts: mx.array, key: mx.array):
+    """p_logprobs [..., K+1, V], q_logprobs [..., K, V], drafts [..., K] (int), a random key -> lazy
+    arrays (n_accepted [...], next_token [...], p_drafts [..., K], q_drafts [..., K], p_next [...]).
     Leading batch dimensions are independent trials (the tests run 1e5 of them at once)."""
     K = drafts.shape[-1]
+    accept_key, token_key = mx.random.split(key)
     p_drafts = mx.exp(_at(p_logprobs[..., :K, :], drafts))
     q_drafts = mx.exp(_at(q_logprobs, drafts))
-    accepted = mx.random.uniform(shape=drafts.shape) * q_drafts < p_drafts
+    accepted = mx.random.uniform(shape=drafts.shape, key=accept_key) * q_drafts < p_drafts
     n_accepted = _leading_true(accepted)
     # Only the row where acceptance stopped is sampled from: the residual max(0, p - q) of the first
     # rejected draft, or p_K+1 itself for the bonus (there q is zero).
@@ -105,26 +108,26 @@ def accept_sampled(p_logprobs: mx.array, q_logprobs: mx.array, drafts: mx.array)
         q_row = mx.exp(_at_row(q_logprobs, mx.minimum(n_accepted, K - 1)))
         residual = mx.where((n_accepted < K)[..., None], mx.maximum(p_row - q_row, 0), p_row)
         weights = mx.where(residual.sum(axis=-1, keepdims=True) > RESIDUAL_EPS, residual, p_row)
-    next_token = _sample_weights(weights)
+    next_token = _sample_weights(weights, token_key)
     return n_accepted, next_token, p_drafts, q_drafts, _at(p_row, next_token)
 
 
-@partial(mx.compile, inputs=mx.random.state, outputs=mx.random.state)
-def sample(logprobs: mx.array):
-    """A draw from normalized log-probabilities [..., V] (inverse CDF) -> lazy (token [...], its
-    probability [...]): plain decoding's step when sampling, and the head's drafts."""
+@mx.compile
+def sample(logprobs: mx.array, key: mx.array):
+    """A draw from normalized log-probabilities [..., V] (inverse CDF) with a random key -> lazy
+    (token [...], its probability [...]): plain decoding's step when sampling, and the head's drafts."""
     probs = mx.exp(logprobs)
-    token = _sample_weights(probs)
+    token = _sample_weights(probs, key)
     return token, _at(probs, token)
 
 
-def _sample_weights(weights: mx.array) -> mx.array:
+def _sample_weights(weights: mx.array, key: mx.array) -> mx.array:
     """Inverse-CDF draw from non-negative weights [..., V] (any scale) -> token ids [...]. The first
     index whose running sum exceeds u * total has a positive weight (float addition is monotone, and
     adding a zero weight leaves the sum unchanged); u * total rounding up to the total is clamped to
     the last positive weight."""
     cdf = mx.cumsum(weights, axis=-1)
-    x = mx.random.uniform(shape=cdf.shape[:-1] + (1,)) * cdf[..., -1:]
+    x = mx.random.uniform(shape=cdf.shape[:-1] + (1,), key=key) * cdf[..., -1:]
     token = mx.sum(cdf <= x, axis=-1)
     last_positive = weights.shape[-1] - 1 - mx.argmax(weights[..., ::-1] > 0, axis=-1)
     return mx.minimum(token, last_positive).astype(mx.uint32)

@@ -1,4 +1,3 @@
-import os
 import warnings
 
 import pytest
@@ -77,12 +76,3 @@ def assert_rollback_matches_fresh_prefill(model, prompt=(11, 42, 7, 99, 3, 150),
             _, fresh_drafted = model.mtp_forward(rows, mx.array([full[1:] + [verify[0]]]), step=step)
             np.testing.assert_allclose(np.array(drafted[0, -1]), np.array(fresh_drafted[0, -1]), atol=1e-5)
 
-
-def pytest_collection_modifyitems(config, items):
-    """Tests marked `quarantine` failed or hung intermittently in a full clean-clone run (never alone);
-    CI skips them until the cause is found (issue 15's note says which and how they failed)."""
-    if os.environ.get("CI"):
-        skip = pytest.mark.skip(reason="quarantined in CI: intermittent in full runs (see issue 15)")
-        for item in items:
-            if "quarantine" in item.keywords:
-                item.add_marker(skip)

@@ -264,7 +264,6 @@ def raw_requests(draw):
     return http_request(method, path, version, headers, body), short
 
 
-@pytest.mark.quarantine  # failed once in a full run, never alone
 @fuzz_settings("http")
 @given(case=raw_requests())
 def test_every_raw_request_gets_a_well_formed_answer_never_a_500(server, case):

@@ -53,14 +53,21 @@ def small(checkpoint, tmp_path_factory):
 
 def exchange(server, head: bytes, body: bytes = b"", timeout: float = 60) -> tuple[int, dict, bytes]:
     """Send raw bytes, read the whole answer (the request should say Connection: close, or be
-    refused) -> (status, headers with lower-case names, body)."""
+    refused) -> (status, headers with lower-case names, body). TimeoutError if the whole exchange
+    takes longer than `timeout` seconds; AssertionError on an answer that is not HTTP."""
+    deadline = time.monotonic() + timeout
     with socket.create_connection((server.host, server.port), timeout=timeout) as s:
         s.sendall(head + body)
         data = b""
-        while chunk := s.recv(65536):
+        while True:
+            s.settimeout(max(deadline - time.monotonic(), 0.01))
+            chunk = s.recv(65536)
+            if not chunk:
+                break
             data += chunk
     head, _, rest = data.partition(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
+    assert lines[0].startswith("HTTP/"), f"not an HTTP answer: {data[:200]!r}"
     headers = {}
     for line in lines[1:]:
         name, _, value = line.partition(":")
@@ -91,29 +98,33 @@ def sse_payloads(body: bytes) -> list:
 
 
 # -- 1. bursts: 503 with Retry-After, never a reset -------------------------------------------------------
-def burst(server, n: int, params: dict) -> list:
-    """n clients connect at the same moment and each POSTs one completion -> [(i, status, headers, body)]."""
-    results, barrier = [None] * n, threading.Barrier(n)
+def burst(server, n: int, params: dict, timeout: float = 120) -> list:
+    """n clients connect at the same moment and each POSTs one completion -> [(i, status, headers, body)],
+    status the repr of the exception for a client that got no HTTP answer (a reset, a timeout). Fails
+    at once, naming them, if clients are still waiting past `timeout`: a wedge is a failure, not a hang."""
+    results, barrier = [None] * n, threading.Barrier(n, timeout=60)
 
     def client(i):
         try:
             barrier.wait()
-            results[i] = (i, *exchange(server, *post("/v1/completions", {**params, "seed": i})))
-        except OSError as e:  # ConnectionResetError and friends: what the issue saw
+            results[i] = (i, *exchange(server, *post("/v1/completions", {**params, "seed": i}), timeout=timeout))
+        except (OSError, AssertionError, threading.BrokenBarrierError) as e:  # a reset (the issue's), a timeout
             results[i] = (i, repr(e), {}, b"")
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(n)]
     for t in threads:
         t.start()
+    deadline = time.monotonic() + timeout + 70  # the barrier's wait, the exchange's, and slack
     for t in threads:
-        t.join(300)
+        t.join(max(deadline - time.monotonic(), 0))
+    stuck = [i for i, t in enumerate(threads) if t.is_alive()]
+    assert not stuck, f"clients {stuck} got no answer in {timeout} s: {server.log()[-3000:]}"
     return results
 
 
 BURST = {"prompt": PROMPT, "max_tokens": 3, "temperature": 0.9, "mtp_depth": 2}
 
 
-@pytest.mark.quarantine  # a client thread went unanswered once in a full run
 def test_64_simultaneous_clients_all_complete_as_a_sequential_run(server, local):
     results = burst(server, 64, BURST)
     assert [r[1] for r in results] == [200] * 64, [r[:2] for r in results if r[1] != 200]
@@ -122,9 +133,10 @@ def test_64_simultaneous_clients_all_complete_as_a_sequential_run(server, local)
         assert json.loads(body)["choices"][0]["text"] == expected
 
 
-@pytest.mark.quarantine  # a client thread went unanswered once in a full run
 def test_past_the_limits_a_503_with_retry_after_never_a_reset(small, local):
-    results = burst(small, 32, BURST)  # 6 connections, 1 generating + 2 queued
+    # 6 connections, 1 generating + 2 queued: 96 clients overflowed a backlog of 6 into SYN cookies (resets)
+    # and outnumbered the threads that answer 503 (closed unanswered)
+    results = burst(small, 96, BURST)
     statuses = [r[1] for r in results]
     assert set(statuses) == {200, 503}, statuses
     for i, status, headers, body in results:
@@ -137,32 +149,51 @@ def test_past_the_limits_a_503_with_retry_after_never_a_reset(small, local):
 
 
 # -- 2. long prompts: chunked prefill, cancellable between chunks, memory released, context enforced ------
-LONG = [(17 + 31 * i) % 200 + 10 for i in range(1300)]  # three prefill chunks of 512
+LONG = [(17 + 31 * i) % 200 + 10 for i in range(1300)]
 
 
-@pytest.mark.parametrize("depth", [0, 3])
-def test_a_chunked_prefill_decides_what_a_whole_one_does(local, monkeypatch, depth):
+@pytest.mark.parametrize("depth, sampling", [(0, {}), (3, {}), (3, {"temperature": 1.0, "seed": 5})])
+@pytest.mark.parametrize("chunks", ["as configured", "64 at a time"])
+def test_a_chunked_prefill_decides_what_a_whole_one_does(local, monkeypatch, depth, sampling, chunks):
     from mtpnb import engine
 
-    chunked = local.generate(LONG, max_tokens=12, depth=depth)
-    monkeypatch.setattr(engine, "PREFILL_CHUNK", len(LONG))
-    assert local.generate(LONG, max_tokens=12, depth=depth).tokens == chunked.tokens
+    if chunks != "as configured":  # small chunks: the head reads 20 of them during the prefill
+        monkeypatch.setattr(engine, "PREFILL_CHUNK_CPU", 64)
+        monkeypatch.setattr(engine, "PREFILL_CHUNK_GPU", 64)
+    chunked = local.generate(LONG, max_tokens=12, depth=depth, **sampling)
+    monkeypatch.setattr(engine, "PREFILL_CHUNK_CPU", len(LONG))
+    monkeypatch.setattr(engine, "PREFILL_CHUNK_GPU", len(LONG))
+    assert local.generate(LONG, max_tokens=12, depth=depth, **sampling).tokens == chunked.tokens
+
+
+def trunk_forwards(monkeypatch, model, on_forward) -> list:
+    """Record the size of every trunk forward of `model`, calling on_forward(how many so far)."""
+    forwards, forward = [], type(model).forward
+
+    def recorded(self, ids, cache=None, **kw):
+        forwards.append(ids.shape[1])
+        on_forward(len(forwards))
+        return forward(self, ids, cache=cache, **kw)
+
+    monkeypatch.setattr(type(model), "forward", recorded)
+    return forwards
+
+
+def test_the_same_prompt_gives_the_same_numbers_every_time(local):
+    """Chunk boundaries do not depend on timing (they change the rounding): p and q are bit-equal."""
+    runs = [local.generate(LONG, max_tokens=8, depth=3, temperature=1.0, seed=2) for _ in range(2)]
+    assert runs[0].events == runs[1].events
 
 
 def test_a_cancel_during_the_prefill_stops_it_after_the_chunk_in_progress(local, monkeypatch):
-    chunks = []
-    forward = type(local).forward
-
-    def counting(self, ids, cache=None, **kw):
-        chunks.append(ids.shape[1])
-        if len(chunks) == 2:
+    def hang_up(n):
+        if n == 2:
             stream.cancel()  # as a handler thread does when its client hangs up
-        return forward(self, ids, cache=cache, **kw)
 
-    monkeypatch.setattr(type(local), "forward", counting)
+    forwards = trunk_forwards(monkeypatch, local, on_forward=hang_up)
     stream = local.stream(LONG, max_tokens=50)
     events = list(stream)
-    assert chunks == [512, 512]  # no third chunk
+    assert len(forwards) == 2 and sum(forwards) < len(LONG)  # no third forward
     assert [type(e) for e in events] == [Done] and events[0].result.metrics.finish_reason == "cancelled"
     assert events[0].result.tokens == []
     monkeypatch.undo()
@@ -195,7 +226,36 @@ def test_a_client_hanging_up_during_a_prefill_frees_the_worker(server):
     status, _, answer = exchange(server, *post("/v1/completions", {"prompt": "hi", "max_tokens": 2}))
     assert status == 200 and json.loads(answer)["usage"]["completion_tokens"] == 2
     metrics = json.loads(exchange(server, b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")[2])
-    assert metrics["recent"][-2]["finish_reason"] == "cancelled"
+    # the long stream's record (the small request's may not be written yet when its answer is read)
+    assert [r["finish_reason"] for r in metrics["recent"] if r["stream"]][-1] == "cancelled"
+
+
+def test_a_hang_up_during_a_3000_token_prefill_frees_the_worker_within_a_second(tmp_path):
+    """The issue's goal, on the default model (whose 512-token forwards took seconds on a busy 2-core
+    CPU): from the hang-up to the answer of a small request, its own time subtracted."""
+    live = start("default", log_path=tmp_path / "server.log")
+    try:
+        small = post("/v1/completions", {"prompt": PROMPT, "max_tokens": 2})
+
+        def small_request_s() -> float:
+            t0 = time.perf_counter()
+            status, _, _ = exchange(live, *small, timeout=30)
+            assert status == 200
+            return time.perf_counter() - t0
+
+        idle = min(small_request_s() for _ in range(3))
+        long = [(17 + 31 * i) % 200 + 10 for i in range(3000)]
+        with socket.create_connection((live.host, live.port), timeout=30) as s:
+            s.sendall(b"".join(post("/v1/completions", {"prompt": long, "max_tokens": 8, "stream": True})))
+            assert s.recv(65536).startswith(b"HTTP/1.1 200")  # the prefill has started
+            time.sleep(2.0)  # well inside it (the whole request takes 10-30 s on 2 cores)
+        freed = small_request_s() - idle
+        metrics = json.loads(exchange(live, b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")[2])
+        assert [r["finish_reason"] for r in metrics["recent"] if r["stream"]] == ["cancelled"]  # cut, not finished
+        # the goal; 0.1-0.2 s on 2 cores (128-token forwards), 0.75 s (idle) to 2 s (busy) with 512-token ones
+        assert freed < 1.0, f"the worker answered {freed:.2f} s after the hang-up"
+    finally:
+        assert live.stop() == 0, live.log()[-3000:]
 
 
 # -- 3. and 4. no silently empty answer, no 500: strict JSON ---------------------------------------------
@@ -341,6 +401,14 @@ def test_content_length_is_one_plain_number(server, lengths, status):
     error_of(*exchange(server, head + b"\r\n", b"{}"), status)
 
 
+@pytest.mark.parametrize("line", [b"a b: c", b"\x01x: y", b"no colon"])
+def test_a_malformed_header_line_is_refused_not_read_as_the_body(server, line):
+    """The standard library stops reading headers at such a line: the Connection: close after it was
+    ignored and the connection kept open (the fuzz suite's client waited for its end)."""
+    head = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n" + line + b"\r\nConnection: close\r\n\r\n"
+    error_of(*exchange(server, head, timeout=20), 400, "bad_request")
+
+
 def test_transfer_encoding_is_refused(server):
     head = (b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
             b"Transfer-Encoding: chunked\r\nContent-Length: 2\r\n\r\n")
@@ -401,6 +469,34 @@ def test_a_non_ascii_api_key_in_python_too(checkpoint):
     for bad in (0, -1, 2.5, True):
         with pytest.raises(MTPNBError, match="max_prompt_tokens must be an integer >= 1"):
             Server(checkpoint, port=0, max_prompt_tokens=bad)
+
+
+# -- 11. seeds are per generation ---------------------------------------------------------------------------------
+def interleaved(model, seeded: dict, other: dict) -> list[int]:
+    """The seeded generation's tokens, run step by step in turn with another sampled generation and
+    with draws from MLX's global random state in between."""
+    import mlx.core as mx
+
+    ours, theirs = model.stream(PROMPT, **seeded), model.stream("def f(x):", **other)
+    for event in ours:
+        next(theirs, None)
+        mx.random.uniform()
+        if isinstance(event, Done):
+            return event.result.tokens
+
+
+@pytest.mark.parametrize("other_seed", [None, 12])
+def test_a_seeded_generation_is_the_same_whatever_runs_between_its_steps(local, other_seed):
+    from mtpnb.runtime import runtime
+
+    seeded = dict(max_tokens=24, temperature=1.0, depth=2, seed=11)
+    other = dict(max_tokens=24, temperature=1.0, depth=2, seed=other_seed)
+    alone = local.generate(PROMPT, **seeded).tokens
+    assert interleaved(local, seeded, other) == alone  # on this thread
+    assert runtime().run(interleaved, local, seeded, other) == alone  # on the MLX thread the widgets and server use
+    for depth in (0, 3):  # plain decoding and deeper drafts draw from their own keys too
+        params = {**seeded, "depth": depth}
+        assert interleaved(local, params, other) == local.generate(PROMPT, **params).tokens
 
 
 # -- 12. the loader's bad sources --------------------------------------------------------------------------------

@@ -54,10 +54,10 @@ def _chi2_pvalue(samples: np.ndarray, probs: np.ndarray) -> float:
 @pytest.mark.parametrize("case", list(CASES))
 def test_speculative_output_follows_p(case):
     p, q = CASES[case]
-    mx.random.seed(1234)
+    draft_key, key = mx.random.split(mx.random.key(1234))
     q_lp = mx.broadcast_to(_log(q), (N, K, V))
-    drafts = mx.random.categorical(q_lp)  # drafts really drawn from q
-    n_acc, token, p_d, q_d, p_tok = accept_sampled(mx.broadcast_to(_log(p), (N, K + 1, V)), q_lp, drafts)
+    drafts = mx.random.categorical(q_lp, key=draft_key)  # drafts really drawn from q
+    n_acc, token, p_d, q_d, p_tok = accept_sampled(mx.broadcast_to(_log(p), (N, K + 1, V)), q_lp, drafts, key)
     mx.eval(n_acc, token, drafts)
     n_acc, token, drafts = np.array(n_acc), np.array(token), np.array(drafts)
 
@@ -78,9 +78,8 @@ def test_speculative_output_follows_p(case):
 
 def test_p_and_q_of_drafts_are_reported():
     p, q = CASES["random p and q"]
-    mx.random.seed(0)
     drafts = mx.array([3, 1, 7])
-    _, _, p_d, q_d, _ = accept_sampled(_log(p), _log(q), drafts)
+    _, _, p_d, q_d, _ = accept_sampled(_log(p), _log(q), drafts, mx.random.key(0))
     np.testing.assert_allclose(np.array(p_d), p[[0, 1, 2], [3, 1, 7]], rtol=1e-5)
     np.testing.assert_allclose(np.array(q_d), q[[0, 1, 2], [3, 1, 7]], rtol=1e-5)
 
@@ -94,10 +93,9 @@ def test_greedy_accepts_the_matching_prefix():
 
 
 def test_no_drafts_samples_from_p():
-    mx.random.seed(3)
     p = _dist(*range(1, V + 1))
     lp = mx.broadcast_to(_log(p[None]), (N, 1, V))
-    n, token, *_ = accept_sampled(lp, lp[:, :0], mx.zeros((N, 0), dtype=mx.int32))
+    n, token, *_ = accept_sampled(lp, lp[:, :0], mx.zeros((N, 0), dtype=mx.int32), mx.random.key(3))
     assert np.all(np.array(n) == 0)
     assert _chi2_pvalue(np.array(token), p) > 1e-3
 
@@ -105,13 +103,13 @@ def test_no_drafts_samples_from_p():
 def test_sample_follows_p_and_never_draws_a_zero():
     """The inverse-CDF sampler (drafts, plain decoding, residuals): p's frequencies, no zero-p token,
     zeros at both ends of the vocabulary included."""
-    mx.random.seed(11)
     p = _dist(0, 1, 0, 4, 2, 0, 3, 0)
     lp = mx.broadcast_to(_log(p), (N, V))
-    tokens, probs = sample(lp)
+    tokens, probs = sample(lp, mx.random.key(11))
     assert _chi2_pvalue(np.array(tokens), p) > 1e-3
     np.testing.assert_allclose(np.array(probs), p[np.array(tokens)], rtol=1e-5)
-    assert np.all(np.array(sample(_log(np.eye(V)[[0, V - 1]]))[0]) == [0, V - 1])  # one-hot at either end
+    one_hot_at_either_end = sample(_log(np.eye(V)[[0, V - 1]]), mx.random.key(12))[0]
+    assert np.all(np.array(one_hot_at_either_end) == [0, V - 1])
 
 
 def test_processed_distribution_filters_then_tempers():

@@ -47,7 +47,7 @@ def median_time(fn, repeats: int) -> float:
 def measure_costs(model, context_ids: Sequence[int], max_depth: int, samplings: dict[str, Sampling],
                   repeats: int = 9) -> dict:
     """Verify-cost curve, draft-step and acceptance costs with warm caches at len(context_ids) tokens."""
-    mx.random.seed(0)
+    key = mx.random.key(0)  # one key for every timed draw: what is drawn does not matter, its cost does
     ids = mx.array(list(context_ids))[None]
     cache = model.make_cache()
     hidden, logits = model.forward(ids, cache=cache)
@@ -99,7 +99,7 @@ def measure_costs(model, context_ids: Sequence[int], max_depth: int, samplings: 
     for mode, sampling in samplings.items():
         def draft_step():  # the engine's own: head layer, draft-vocabulary logits, the draw
             g2 = model.head(g, model.embed(token), cache=head_cache, step=1)
-            d, dist = draft_token(model, sampling, g2, step=1)
+            d, dist = draft_token(model, sampling, g2, key, step=1)
             mx.eval(g2, d, dist)
             head_cache.trim(1)
 
@@ -117,11 +117,11 @@ def measure_costs(model, context_ids: Sequence[int], max_depth: int, samplings: 
 
             def accept():
                 if not k:  # no drafts: plain decoding's choice
-                    token_to_host(next_token(sampling, lg[0]))
+                    token_to_host(next_token(sampling, lg[0], key))
                 elif sampling.greedy:
                     to_host(accept_greedy(lg, q, drafts))
                 else:
-                    to_host(accept_sampled(sampling.logprobs(lg), q, drafts))
+                    to_host(accept_sampled(sampling.logprobs(lg), q, drafts, key))
 
             accept()
             accept_ms.append(median_time(accept, repeats) * 1e3)

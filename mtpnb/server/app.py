@@ -8,8 +8,8 @@ streams (the poll, or a failed write); its job is then cancelled: skipped if sti
 generator closed if running.
 
 What a shared endpoint must hold to:
-- Bursts: the listen backlog is --max-connections, and a connection past that limit (or a request past
-  --max-queue) gets a 503 with Retry-After, never a reset.
+- Bursts: the listen backlog is the kernel's largest, and a connection past --max-connections (or a
+  request past --max-queue) gets a 503 with Retry-After, never a reset.
 - Browsers: POSTs must be application/json (a page's form or text/plain POST is refused, CSRF); the
   Host header must be a loopback name or one given with --allowed-host (DNS rebinding); a request with
   an Origin header is refused unless --cors-origin allows that origin, and only then are CORS headers
@@ -108,11 +108,13 @@ class _HTTPServer(ThreadingHTTPServer):
         self.app = app
         self._slots = threading.BoundedSemaphore(max_connections)
         # Refused connections are answered on threads of their own, as many as the connection limit;
-        # past twice the limit a connection is closed unanswered.
+        # past that, accepting waits for one of them (the rest of the burst waits in the backlog).
         self._refusals = threading.BoundedSemaphore(max_connections)
-        # The listen backlog: a burst waits to be accepted instead of being reset (socketserver's
-        # default is 5; the kernel caps it at net.core.somaxconn).
-        self.request_queue_size = max_connections
+        # The listen backlog, where a burst waits to be accepted (then served or refused with a 503): the
+        # most the kernel allows (net.core.somaxconn caps it), whatever --max-connections is. A small
+        # one (socketserver's 5, or a --max-connections of 6) overflows into SYN cookies, and a cookie
+        # that comes back while the queue is full is answered with a reset.
+        self.request_queue_size = socket.SOMAXCONN
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, handler)
@@ -129,10 +131,14 @@ class _HTTPServer(ThreadingHTTPServer):
             raise
 
     def refuse(self, request, error: APIError) -> None:
-        """Answer a connection that will not be served with `error` and close it, without a reset."""
-        if not self._refusals.acquire(blocking=False):
-            self.shutdown_request(request)
-            return
+        """Answer a connection that will not be served with `error` and close it, without a reset.
+        With every refusal thread busy, accepting waits for one (each ends within 2 * LINGER_S) and the
+        rest of the burst waits in the backlog: closing the connection unanswered instead (a reset when
+        its request is unread) left clients of a burst of 3 x --max-connections without an answer."""
+        while not self._refusals.acquire(timeout=POLL_S):
+            if self.app.closing:
+                self.shutdown_request(request)
+                return
         threading.Thread(target=self._refuse, args=(request, error), name="mtpnb-serve-refuse", daemon=True).start()
 
     def _refuse(self, request, error: APIError) -> None:
@@ -391,6 +397,11 @@ class Handler(BaseHTTPRequestHandler):
                                      code="bad_request").body(), close=True)
             return False
         try:
+            if self.headers.defects or self.headers.get_payload():
+                # a line that is no header ("a b: c") ends the standard library's header parsing: what
+                # follows (a Connection: close, a Content-Length) would be ignored
+                raise APIError(400, "a header line is malformed (no 'name: value', or a name with spaces)",
+                               code="bad_request")
             self._check_host()
         except APIError as e:
             self.server.app.stats.count(f"http_{e.status}")
