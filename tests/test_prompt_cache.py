@@ -13,10 +13,11 @@ import pytest
 
 import mtpnb
 from mtpnb import MTPNBError, PromptCache, TokenEvent
-from mtpnb.engine import PREFILL_CHUNK
+from mtpnb.engine import PREFILL_CHUNK_CPU, PREFILL_CHUNK_GPU
 from mtpnb.loading import DEFAULT_MODEL_DIR
-
 from live_server import start
+
+PREFILL_CHUNK = max(PREFILL_CHUNK_CPU, PREFILL_CHUNK_GPU)  # a prompt longer than this needs several chunks anywhere
 
 SYSTEM = "You are a careful Python programmer. Answer with short, correct code. " * 6
 QUESTIONS = ["Write a function that reverses a list.", "Now make it work for strings too.", "Add a docstring."]
