@@ -15,6 +15,7 @@ import mtpnb
 from mtpnb import MTPNBError, PromptCache, TokenEvent
 from mtpnb.engine import PREFILL_CHUNK_CPU, PREFILL_CHUNK_GPU
 from mtpnb.loading import DEFAULT_MODEL_DIR
+
 from live_server import start
 
 PREFILL_CHUNK = max(PREFILL_CHUNK_CPU, PREFILL_CHUNK_GPU)  # a prompt longer than this needs several chunks anywhere
