@@ -206,11 +206,14 @@ def test_kernel_interrupt_stops_a_blocking_wait(model):
 
 
 def test_one_generation_at_a_time_per_model(model):
-    first = Generation(model, PROMPT, dict(max_tokens=5000, **SAMPLED), [TokenStream()]).start()
+    hold = threading.Event()  # the runtime thread waits: the first generation holds the model, not yet running
+    runtime().submit(hold.wait, 30)
+    first = Generation(model, PROMPT, dict(max_tokens=4), [TokenStream()]).start()
     try:
         with pytest.raises(mtpnb.MTPNBError, match="already generating"):
             Generation(model, PROMPT, dict(max_tokens=4), [TokenStream()]).start()
     finally:
+        hold.set()
         first.stop()
         first.wait()
 

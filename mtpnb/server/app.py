@@ -24,6 +24,7 @@ What a shared endpoint must hold to:
 from __future__ import annotations
 
 import atexit
+import email.errors
 import hmac
 import ipaddress
 import logging
@@ -397,7 +398,8 @@ class Handler(BaseHTTPRequestHandler):
                                      code="bad_request").body(), close=True)
             return False
         try:
-            if self.headers.defects or self.headers.get_payload():
+            if self.headers.get_payload() or any(isinstance(d, email.errors.MissingHeaderBodySeparatorDefect)
+                                                 for d in self.headers.defects):
                 # a line that is no header ("a b: c") ends the standard library's header parsing: what
                 # follows (a Connection: close, a Content-Length) would be ignored
                 raise APIError(400, "a header line is malformed (no 'name: value', or a name with spaces)",
