@@ -13,8 +13,8 @@ VENV ?= .venv
 VPY = $(VENV)/bin/python
 SUDO = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 TEST_APT_PACKAGES = chromium libopenblas0-pthread
-# The quick benchmark's duration, measured with `time make demo` on 2 shared x86-64 cores with OpenBLAS.
-QUICK_BENCH_TIME = about 3 minutes on 2 cores
+# The quick benchmark's duration, measured (`time mtpnb bench --quick`, 2 x86-64 cores, OpenBLAS, nothing else running: 40 s).
+QUICK_BENCH_TIME = about 40 s on 2 idle cores, several minutes on busy ones
 
 .PHONY: install install-test venv openblas demo test
 
