@@ -212,7 +212,9 @@ def test_hub_download_offline_and_errors(tmp_path, checkpoints, hybrid_model):
         assert any("/resolve/" in r and "model.safetensors" in r for r in hub.requests)
     _, logits = hybrid_model.forward(mx.array([[5, 17, 99]]))
     assert online["ok"]["has_mtp"] and online["ok"]["name"] == "acme/tiny-mtp"
-    np.testing.assert_allclose(online["ok"]["logits"], np.array(logits).ravel()[:50], atol=1e-6)
+    # the same forward in another process agrees to float32 rounding only (seen: 1.3e-6 apart on logits
+    # of ~3 on one machine); a wrong or differently loaded model is off by O(1)
+    np.testing.assert_allclose(online["ok"]["logits"], np.array(logits).ravel()[:50], rtol=1e-5, atol=1e-5)
     assert "no revision 'v9'" in online["rev"]["error"]
     assert "not found" in online["missing"]["error"]
 
