@@ -317,9 +317,11 @@ def test_comparison_runs_both_depths_and_computes_the_speedup(model):
 
 
 def test_stopping_a_comparison_skips_its_second_run(model):
+    hold = threading.Event()  # the runtime thread waits, so the stop lands before the first run ends
+    runtime().submit(hold.wait, 30)  # (a random model's sampled run can end by itself within a few tokens)
     comparison = Comparison(model).run(PROMPT, depth=3, max_tokens=5000, **{"temperature": 1.0})
-    wait_for(lambda: len(comparison.base._records) > 10)
     comparison.stop()
+    hold.set()
     assert comparison.wait(timeout=30) is None and comparison.speedup is None
     assert comparison.base.status == "cancelled" and comparison.mtp.status == "idle"
     assert "Stopped" in comparison.verdict.value
