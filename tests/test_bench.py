@@ -6,9 +6,11 @@ import math
 
 import pytest
 
+import mtpnb
 from mtpnb import bench
 from mtpnb.blas import KINDS
 from mtpnb.events import StepEvent
+from mtpnb.loading import DEFAULT_MODEL_DIR
 from mtpnb.metrics import acceptance_counts
 
 TOP_LEVEL = {
@@ -150,7 +152,8 @@ def test_tokens_per_verify_and_acceptance_counts():
 
 
 def test_compare_alternates_two_models_in_one_run_and_reports_both(checkpoints, tmp_path, capsys):
-    first, second = checkpoints(family="qwen3_5", head="echo"), checkpoints(family="qwen3_5", head="echo", seed=2)
+    # a byte-level random model against the default model: the same prompt text, each model's own tokens
+    first, second = checkpoints(family="qwen3_5", head="echo"), DEFAULT_MODEL_DIR
     (tmp_path / "p.py").write_text(PROMPTS[0])
     argv = [str(first), "--compare", str(second), "--quick", "--max-tokens", "6", "--depths", "0,1",
             "--prompt-file", str(tmp_path / "p.py"), "--json", str(tmp_path / "r.json"), "--quiet", "--no-peers"]
@@ -158,6 +161,9 @@ def test_compare_alternates_two_models_in_one_run_and_reports_both(checkpoints, 
     data = json.loads((tmp_path / "r.json").read_text())
     compared = data["compare"]
     assert compared["model"]["path"] != data["model"]["path"]
+    assert compared["prompt_tokens"] == [len(mtpnb.load().engine.encode(PROMPTS[0]))]
+    assert compared["prompt_tokens"] != [p["tokens"] for p in data["settings"]["prompts"]]
+    assert any("tokenize the prompts differently" in n for n in data["notes"])
     assert {(r["depth"], r["temperature"]) for r in compared["results"]} == {(d, t) for d in (0, 1) for t in (0.0, 0.6)}
     for r in compared["results"]:  # a decode rate needs a second token (a random model may end at once)
         assert r["generated_tokens"] > 0 and (r["decode_tok_s"] > 0 if r["generated_tokens"] > 1 else r["decode_tok_s"] is None)

@@ -96,8 +96,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--compare-blas", action="store_true",
                         help="also measure depth 0 and the verify-cost curve with and without OpenBLAS (two subprocesses)")
     parser.add_argument("--compare", metavar="MODEL2",
-                        help="a second model (same tokenizer), alternated with MODEL in the same run: the report adds "
-                             "its speedups, depth-0 tok/s and cost model beside MODEL's")
+                        help="a second model with an MTP head, alternated with MODEL in the same run on the same prompt "
+                             "texts: the report adds its speedups, depth-0 tok/s and cost model beside MODEL's")
     parser.add_argument("--standin", metavar="DIR",
                         help="bench a random checkpoint shaped like the default model, written to DIR if missing "
                              "(machinery only: its speedups mean nothing)")

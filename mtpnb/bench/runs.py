@@ -172,23 +172,27 @@ def phase_profile(model, ids, depth: int, sampler: Sampler, max_tokens: int, see
     }
 
 
-def schedule(configs: list[Config], encoded: list[list[int]], samplers: list[Sampler], *, repeats: int,
-             warmup: int, max_tokens: int, tick) -> dict[tuple[Config, Sampler], list[list[dict]]]:
+def schedule(configs: list[Config], encoded: dict[int, list[list[int]]], samplers: list[Sampler], *,
+             repeats: int, warmup: int, max_tokens: int, tick) -> dict[tuple[Config, Sampler], list[list[dict]]]:
     """Warm up every configuration, then for every repeat, prompt and sampler run each configuration
-    once, the order turning round every repeat. Returns the runs per (config, sampler): one list per
-    repeat, one record per prompt. tick(label) is called before each generation."""
+    once, the order turning round every repeat. encoded: the prompts' ids per model, keyed by
+    id(model) (two compared models may tokenize the same text differently). Returns the runs per
+    (config, sampler): one list per repeat, one record per prompt. tick(label) is called before each
+    generation."""
+    prompts = len(next(iter(encoded.values())))
     for w in range(warmup):
         for sampler in samplers:
             for config in configs:
                 tick(f"warm-up {config.engine} depth {config.depth} T={sampler.temperature}")
-                run(config, encoded[0], sampler, min(max_tokens, 16), 12345 + w)
+                run(config, encoded[id(config.model)][0], sampler, min(max_tokens, 16), 12345 + w)
     records = {(c, s): [[] for _ in range(repeats)] for c in configs for s in samplers}
     for r in range(repeats):
         order = configs if r % 2 == 0 else configs[::-1]
-        for i, ids in enumerate(encoded):
+        for i in range(prompts):
             for sampler in samplers:
                 for config in order:
-                    tick(f"repeat {r + 1}/{repeats}, prompt {i + 1}/{len(encoded)}, T={sampler.temperature}, "
+                    tick(f"repeat {r + 1}/{repeats}, prompt {i + 1}/{prompts}, T={sampler.temperature}, "
                          f"{config.engine} depth {config.depth}")
+                    ids = encoded[id(config.model)][i]
                     records[(config, sampler)][r].append(run(config, ids, sampler, max_tokens, 1000 * r + i))
     return records

@@ -51,8 +51,9 @@ def run_bench(
     prompts: texts (or {"name", "text"} dicts); default: code prompts from the held-out modules
         (6, or 2 with quick=True). max_tokens / repeats / warmup default to FULL or QUICK.
     progress(done, total, label) is called before each generation.
-    other: a second mtpnb.Model with the same tokenizer; its depths run in the same schedule, alternated
-        with `model`'s, and data["compare"] holds its rows, best speedups and cost model.
+    other: a second mtpnb.Model with an MTP head (its own tokenizer: the same prompt texts); its depths
+        run in the same schedule, alternated with `model`'s, and data["compare"] holds its rows, best
+        speedups and cost model.
     """
     preset = QUICK if quick else FULL
     max_tokens = preset["max_tokens"] if max_tokens is None else max_tokens
@@ -85,10 +86,13 @@ def run_bench(
     configs = [Config("mlx-lm", 0, model)] if peers else []
     configs += [Config("mtpnb", d, model) for d in depths]
     other_configs, other_cost = [], None
+    encoded_by_model = {id(model): encoded}
     if other is not None:
-        if not other.has_mtp or any(other.engine.encode(p["text"]) != ids for p, ids in zip(prompt_list, encoded)):
-            raise MTPNBError(f"--compare needs a model with an MTP head and the same tokenizer as {model.name}")
-        other_cost = _cost_model(other, encoded, samplers, max(depths), max_tokens, cost_repeats)
+        if not other.has_mtp:
+            raise MTPNBError(f"--compare needs a model with an MTP head; {other.name} has none")
+        other_encoded = [other.engine.encode(p["text"]) for p in prompt_list]
+        encoded_by_model[id(other)] = other_encoded
+        other_cost = _cost_model(other, other_encoded, samplers, max(depths), max_tokens, cost_repeats)
         other_configs = [Config("mtpnb", d, other) for d in depths]
         configs += other_configs
     total = warmup * len(configs) * len(samplers) + repeats * len(encoded) * len(samplers) * len(configs)
@@ -102,7 +106,8 @@ def run_bench(
             progress(done, total, label)
         done += 1
 
-    records = schedule(configs, encoded, samplers, repeats=repeats, warmup=warmup, max_tokens=max_tokens, tick=tick)
+    records = schedule(configs, encoded_by_model, samplers, repeats=repeats, warmup=warmup, max_tokens=max_tokens,
+                       tick=tick)
     profiles = {}
     if phases:
         for sampler in samplers:
@@ -117,7 +122,10 @@ def run_bench(
         other_results = [_row(config, sampler, records, other_cost, None)
                          for sampler in samplers for config in other_configs]
         compared = {"model": model_info(other), **_best(other_results, temperatures), "cost_model": other_cost,
-                    "results": other_results}
+                    "prompt_tokens": [len(ids) for ids in other_encoded], "results": other_results}
+        if compared["prompt_tokens"] != [p["tokens"] for p in prompt_list]:
+            notes.append(f"{model.name} and {other.name} tokenize the prompts differently: each model's tok/s "
+                         "counts its own tokens, so compare their speedups over their own depth 0, not their tok/s")
     vs_mlx, vs_mlx_detail = {}, {}
     if peers:
         for sampler in samplers:
