@@ -99,21 +99,24 @@ def _corpus_lines(corpus: dict) -> list[str]:
 
 
 def _shape_rows(shapes: dict) -> list[str]:
-    acceptance = shapes["assumed_acceptance"]
+    acceptance = shapes["acceptance"]
     rows = [
         f"Candidate shapes with untrained weights (`python -m mtpnb.train.shapes`; bf16 on disk, float32 MLX on "
         f"this 2-core CPU with OpenBLAS, warm caches at {shapes['context_tokens']} tokens of context; the fastest "
         f"of {shapes['repeats']} interleaved repeats, since other work shared the machine: 1-minute load average "
         f"{', '.join(f'{v:.1f}' for v in shapes['load_average_1min'])}). The bound is "
-        "E[tokens per verify] / (t_verify(D+1)/t_1 + D t_draft/t_1) at an assumed acceptance of "
-        f"{acceptance['greedy']:g} (greedy) and {acceptance['sampled']:g} (T=0.6) per draft position.",
+        "E[tokens per verify] / (t_verify(D+1)/t_1 + D t_draft/t_1) at a per-position acceptance of "
+        f"{' / '.join(f'{a:.2f}' for a in acceptance['greedy'])} (greedy) and "
+        f"{' / '.join(f'{a:.2f}' for a in acceptance['sampled'])} (T=0.6), {acceptance['source'].split(':')[0]}"
+        f"{' (this model at depth 4, `mtpnb.train.quality`; a candidate trained alike would accept about as often)' if acceptance['source'].startswith('measured') else ''}"
+        f". BLAS: {shapes['blas']['message'].removeprefix('BLAS: ')}.",
         "",
         "| shape | parameters | on disk | t_1 | plain decoding | t_verify(M)/t_1, M = 1..5 | draft step / t_1 "
         "| bound greedy, D = 3 / 4 | bound T=0.6, D = 3 / 4 |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for c in shapes["candidates"]:
-        bg, bs = c["bound_at_assumed"]["greedy"], c["bound_at_assumed"]["sampled"]
+        bg, bs = c["bound"]["greedy"], c["bound"]["sampled"]
         rows.append(
             f"| {c['name']} | {c['parameters']['total'] / 1e6:.1f}M | {c['weights_mb']:.1f} MB | {c['t1_ms']:.1f} ms "
             f"| {c['plain_tok_s']:.1f} tok/s | {' / '.join(f'{v:.2f}' for v in c['verify_ratio'])} "
@@ -147,11 +150,12 @@ def _quality_rows(quality: dict) -> list[str]:
             depths = m["depths"]
             tpv = " / ".join(f"{depths[d]['tokens_per_verify']:.2f}" for d in ("1", "2", "3", "4") if d in depths)
             acc = " / ".join(f"{a:.2f}" for a in depths.get("4", {}).get("acceptance_by_position", []) if a is not None)
+            non_looping = depths["3"]["non_looping"]
+            nl_tpv = non_looping["tokens_per_verify"]
             rows.append(
                 f"| {label} | {ppl} | {mode} "
                 f"| {m['loop_rate']:.0%} | {m['parse_rate']:.0%} | {tpv} "
-                f"| {depths['3']['non_looping']['tokens_per_verify'] or float('nan'):.2f} "
-                f"({depths['3']['non_looping']['completions']}) | {acc} |"
+                f"| {'-' if nl_tpv is None else f'{nl_tpv:.2f}'} ({non_looping['completions']}) | {acc} |"
             )
     for label in (label for label in labels if "examples" in quality[label]):
         rows += ["", f"Five uncurated greedy completions of `{label}` (the first five prompts, depth 3):", ""]
