@@ -174,7 +174,10 @@ class LiveCharts(widgets.VBox):
     def to_mimebundle(self) -> dict:
         """The figure as plotly's mime bundle: what the live view shows, and what a saved notebook keeps."""
         figure = json.loads(self.figure.to_json())
-        figure["config"] = {"responsive": True, "displaylogo": False}
+        # Not plotly's `responsive`: its plot is 100% of its div's CSS height once resized (no width in the
+        # layout), and a notebook output's div has none: a reopened notebook drew the chart 0 px high. Without
+        # it the layout's height holds, and the front end's resize (Plots.resize) sets the container's width.
+        figure["config"] = {"displaylogo": False}
         return {"application/vnd.plotly.v1+json": figure, "text/plain": "LiveCharts: " + ", ".join(TITLES)}
 
     def _repr_mimebundle_(self, **kwargs):
