@@ -195,6 +195,11 @@ def _check_reopened(page, front_end: str, expected: str) -> None:
     # the chart's box holds the plotted figure (its svg is positioned absolutely: it does not give the box a height)
     box, figure = live_chart.evaluate("el => [el.offsetHeight, el.querySelector('.main-svg').getBoundingClientRect().height]")
     assert box > 0 and box == figure, (box, figure)
+    # ipywidgets' "no kernel" icon: on each control, not on the boxes that only lay them out (token_stream.css)
+    icons = playground.evaluate("""out => [...out.querySelectorAll('.jupyter-widgets-disconnected')]
+        .filter(view => getComputedStyle(view, '::before').display !== 'none')
+        .map(view => view.matches('.widget-box, .widget-output') ? 'box' : view.className)""")
+    assert "box" not in icons and any("widget-button" in icon for icon in icons), icons
     suffix = "" if front_end == "jupyterlab" else f"-{front_end}"
     page.screenshot(path=str(ARTIFACTS / f"{front_end}-reopened.png"), full_page=True)
     playground.screenshot(path=str(ARTIFACTS / f"playground-reopened{suffix}.png"))

@@ -26,6 +26,7 @@ from plotly.subplots import make_subplots
 
 from ..events import Result, StepEvent, TokenEvent
 from ..metrics import count_positions
+from .token_stream import LAYOUT_CLASS
 
 RATE_WINDOW_S = 1.0  # the solid line's tok/s is measured over the verify steps of the last second
 MAX_POINTS = 240  # points kept on the time axis (a minute at 4 redraws a second)
@@ -78,6 +79,7 @@ class LiveCharts(widgets.VBox):
         self.figure.update_xaxes(title_text="tokens emitted", dtick=1, row=1, col=3)
         self.output = widgets.Output(layout={"width": "100%"})
         super().__init__([self.output], **kwargs)
+        self.add_class(LAYOUT_CLASS)
         self.start(depth=None)
 
     # -- the sink protocol (see runner.py) ----------------------------------------------------------
