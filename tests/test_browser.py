@@ -32,6 +32,8 @@ LAB_OVERRIDES = ROOT / "jupyter-config" / "lab" / "settings" / "overrides.d" / "
 ARTIFACTS = ROOT / "artifacts"
 ALL_CELLS_QUEUED = ("() => [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')]"
                     ".every(p => /\\[(\\*|\\d+)\\]/.test(p.textContent))")
+# A plotly chart that rendered its data has drawn traces (lines, bars); a blank one only its default axes.
+PLOTTED_TRACES = "el => el.querySelectorAll('.scatterlayer .trace path.js-line, .barlayer .point path').length"
 SETTINGS = {
     "@jupyterlab/notebook-extension:tracker": {"autoStartDefaultKernel": True},
     "@jupyterlab/apputils-extension:notification": {"fetchNews": "false", "checkForUpdates": False},
@@ -172,6 +174,43 @@ def _check_token_stream(page, stream, expected: str) -> None:
     page.locator(".js-plotly-plot").first.wait_for(timeout=30_000)
 
 
+def _is_widget_error(text: str) -> bool:
+    return "model not found" in text or "Failed to initialize model" in text
+
+
+def _check_reopened(page, front_end: str, expected: str) -> None:
+    """A notebook saved after its run, opened with no cell run: show_generation's view and the Playground,
+    its Compare verdict and its live chart (an Output widget's plotly output: drawn, with its height and its
+    traces) come back from the widget state saved with the notebook."""
+    page.locator(".jp-Notebook").wait_for(timeout=60_000)
+    reopened = page.locator(".mtp-stream").first
+    reopened.locator(".mtp-status", has_text="done").wait_for(timeout=60_000)
+    assert _shown_text(reopened) == expected
+    playground = page.locator(".jp-OutputArea-output").filter(has=page.locator("textarea"))
+    playground.locator(".mtp-verdict", has_text="depth 3 vs depth 0").wait_for(state="attached", timeout=30_000)
+    live_chart = playground.locator(".widget-output .js-plotly-plot")
+    live_chart.wait_for(state="attached", timeout=30_000)
+    page.wait_for_function(f"el => ({PLOTTED_TRACES})(el) > 0", arg=live_chart.element_handle(), timeout=30_000)
+    page.wait_for_timeout(500)  # the front end resizes a plot it has just shown: what was 0 px high came after
+    # the chart's box holds the plotted figure (its svg is positioned absolutely: it does not give the box a height)
+    box, figure = live_chart.evaluate("el => [el.offsetHeight, el.querySelector('.main-svg').getBoundingClientRect().height]")
+    assert box > 0 and box == figure, (box, figure)
+    # ipywidgets' "no kernel" icon: on each control, not on the boxes that only lay them out (token_stream.css)
+    icons = playground.evaluate("""out => [...out.querySelectorAll('.jupyter-widgets-disconnected')]
+        .filter(view => getComputedStyle(view, '::before').display !== 'none')
+        .map(view => view.matches('.widget-box, .widget-output') ? 'box' : view.className)""")
+    assert "box" not in icons and any("widget-button" in icon for icon in icons), icons
+    suffix = "" if front_end == "jupyterlab" else f"-{front_end}"
+    page.screenshot(path=str(ARTIFACTS / f"{front_end}-reopened.png"), full_page=True)
+    playground.screenshot(path=str(ARTIFACTS / f"playground-reopened{suffix}.png"))
+    broken = page.locator(".jp-CodeCell", has=page.get_by_text("Error displaying widget"))
+    assert broken.count() == 0, broken.locator(".jp-InputArea").all_inner_texts()
+    # show_generation's charts: a plain plotly output since the run ended (drawn, or as its saved PNG where
+    # the notebook is not trusted)
+    charts = page.locator(".jp-CodeCell", has_text="show_generation(model")
+    charts.locator(".jp-RenderedPlotly :is(.main-svg, img.plot-img)").first.wait_for(timeout=30_000)
+
+
 @contextmanager
 def _chromium_page(name: str):
     """A page of Debian's chromium; on failure a screenshot goes to artifacts/NAME-failure.png."""
@@ -237,25 +276,18 @@ def test_jupyterlab_streams_tokens_plays_and_compares(lab):
         playground.screenshot(path=str(ARTIFACTS / "playground-dark.png"))
         first.screenshot(path=str(ARTIFACTS / "token-stream-dark.png"))
 
-        # saved, then reopened without running: every widget drawn from the state saved with the notebook
+        # saved, then reopened without running: every widget drawn from the state saved with the notebook,
+        # in JupyterLab and then in Notebook 7
         page.keyboard.press("Control+s")
         page.wait_for_function("!document.querySelector('.lm-TabBar-tab.jp-mod-dirty')", timeout=30_000)
-        _shut_down_kernels(url, token)
-        page.goto(f"{url}/lab/workspaces/reopened/tree/{NOTEBOOK.name}?token={token}")
-        page.locator(".jp-Notebook").wait_for(timeout=60_000)
-        reopened = page.locator(".mtp-stream").first
-        reopened.locator(".mtp-status", has_text="done").wait_for(timeout=60_000)
-        assert _shown_text(reopened) == expected
-        playground = page.locator(".jp-OutputArea-output").filter(has=page.locator("textarea"))
-        playground.locator(".mtp-verdict", has_text="depth 3 vs depth 0").wait_for(state="attached", timeout=30_000)
-        page.screenshot(path=str(ARTIFACTS / "jupyterlab-reopened.png"), full_page=True)
-        playground.screenshot(path=str(ARTIFACTS / "playground-reopened.png"))
-        broken = page.locator(".jp-CodeCell", has=page.get_by_text("Error displaying widget"))
-        assert broken.count() == 0, broken.locator(".jp-InputArea").all_inner_texts()
-        # show_generation's charts: a plain plotly output since the run ended (drawn, or as its saved PNG where
-        # the notebook is not trusted). The Playground's (a plot in an Output widget) comes back 0 px high: not checked.
-        charts = page.locator(".jp-CodeCell", has_text="show_generation(model")
-        charts.locator(".jp-RenderedPlotly :is(.main-svg, img.plot-img)").first.wait_for(timeout=30_000)
+        widget_errors = []
+        page.on("console", lambda m: widget_errors.append(m.text) if _is_widget_error(m.text) else None)
+        page.on("pageerror", lambda e: widget_errors.append(str(e)) if _is_widget_error(str(e)) else None)
+        for front_end, route in [("jupyterlab", "lab/workspaces/reopened/tree"), ("notebook7", "notebooks")]:
+            _shut_down_kernels(url, token)
+            page.goto(f"{url}/{route}/{NOTEBOOK.name}?token={token}")
+            _check_reopened(page, front_end, expected)
+        assert not widget_errors, widget_errors
 
 
 def test_notebook7_streams_tokens(lab):
@@ -317,8 +349,6 @@ def test_token_streams_render_after_anywidget_gave_up_waiting(lab):
 LIVE_DEMO = ROOT / "notebooks" / "00_live_demo.ipynb"
 # As many busy processes as this machine's cores: the front end gets a slow, contended CPU.
 BUSY_LOOPS = int(os.environ.get("MTPNB_BUSY_LOOPS", "2"))
-# A plotly chart that rendered its data has drawn traces (lines, bars); a blank one only its default axes.
-PLOTTED_TRACES = "el => el.querySelectorAll('.scatterlayer .trace path.js-line, .barlayer .point path').length"
 
 
 @contextmanager

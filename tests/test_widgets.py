@@ -292,7 +292,8 @@ def test_live_charts_end_with_the_engine_figures(model, captured):
     assert 2 <= len(redraws) <= elapsed / 0.1 + 3  # throttled, each redraw one message
     shown = redraws[-1][2]["state"]["outputs"][0]["data"]["application/vnd.plotly.v1+json"]
     assert shown["data"][2]["y"] == pytest.approx(result.metrics.acceptance_by_position)  # what the browser got
-    assert shown["config"]["responsive"] and "width" not in shown["layout"]  # as wide as its container
+    assert "width" not in shown["layout"]  # as wide as its container
+    assert shown["layout"]["height"] > 0 and "responsive" not in shown["config"]  # its own height (test_browser.py)
 
 
 def test_live_charts_say_nothing_about_depth_0_before_a_run():

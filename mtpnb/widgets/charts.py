@@ -26,6 +26,7 @@ from plotly.subplots import make_subplots
 
 from ..events import Result, StepEvent, TokenEvent
 from ..metrics import count_positions
+from .token_stream import LAYOUT_CLASS
 
 RATE_WINDOW_S = 1.0  # the solid line's tok/s is measured over the verify steps of the last second
 MAX_POINTS = 240  # points kept on the time axis (a minute at 4 redraws a second)
@@ -78,6 +79,7 @@ class LiveCharts(widgets.VBox):
         self.figure.update_xaxes(title_text="tokens emitted", dtick=1, row=1, col=3)
         self.output = widgets.Output(layout={"width": "100%"})
         super().__init__([self.output], **kwargs)
+        self.add_class(LAYOUT_CLASS)
         self.start(depth=None)
 
     # -- the sink protocol (see runner.py) ----------------------------------------------------------
@@ -174,7 +176,10 @@ class LiveCharts(widgets.VBox):
     def to_mimebundle(self) -> dict:
         """The figure as plotly's mime bundle: what the live view shows, and what a saved notebook keeps."""
         figure = json.loads(self.figure.to_json())
-        figure["config"] = {"responsive": True, "displaylogo": False}
+        # Not plotly's `responsive`: its plot is 100% of its div's CSS height once resized (no width in the
+        # layout), and a notebook output's div has none: a reopened notebook drew the chart 0 px high. Without
+        # it the layout's height holds, and the front end's resize (Plots.resize) sets the container's width.
+        figure["config"] = {"displaylogo": False}
         return {"application/vnd.plotly.v1+json": figure, "text/plain": "LiveCharts: " + ", ".join(TITLES)}
 
     def _repr_mimebundle_(self, **kwargs):

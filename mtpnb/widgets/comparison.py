@@ -21,7 +21,7 @@ from ..events import Result
 from ..params import GenerationParams
 from ..runtime import Task, runtime
 from .runner import Generation, describe_error
-from .token_stream import TokenStream
+from .token_stream import LAYOUT_CLASS, TokenStream
 
 log = logging.getLogger("mtpnb.widgets")
 
@@ -83,6 +83,7 @@ class Comparison(widgets.VBox):
         self._task: Task | None = None  # both runs, on the runtime's thread
         self._say("Runs the same prompt at depth 0 and at depth D, one after the other.")
         super().__init__([self.verdict, widgets.HBox([self.base, self.mtp])], **kwargs)
+        self.add_class(LAYOUT_CLASS)
 
     @property
     def speedup(self) -> dict | None:

@@ -16,7 +16,7 @@ from .charts import LiveCharts
 from .comparison import Comparison
 from .controls import Controls
 from .runner import Generation, describe_error
-from .token_stream import TokenStream
+from .token_stream import LAYOUT_CLASS, TokenStream
 
 DEFAULT_PROMPT = "def fibonacci(n):\n"
 
@@ -50,6 +50,7 @@ class Playground(widgets.VBox):
         self.controls.on_compare(self._guarded(self.compare, self.comparison.show_error))
         self.controls.on_stop(self.stop)
         super().__init__([widgets.HTML(_describe_model(model)), self.controls, self.tabs])
+        self.add_class(LAYOUT_CLASS)
 
     def generate(self, prompt=None, **params) -> Generation:
         """Start a generation from the controls' prompt and values (arguments override them)."""

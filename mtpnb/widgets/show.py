@@ -17,7 +17,7 @@ from ..events import Result
 from .charts import LiveCharts
 from .comparison import Comparison
 from .runner import Generation
-from .token_stream import TokenStream
+from .token_stream import LAYOUT_CLASS, TokenStream
 
 
 class GenerationView(widgets.VBox):
@@ -28,6 +28,7 @@ class GenerationView(widgets.VBox):
         self.stream = TokenStream(label=label)
         self.charts = LiveCharts() if charts else None
         super().__init__([self.stream] + ([self.charts] if charts else []))
+        self.add_class(LAYOUT_CLASS)
 
     @property
     def sinks(self) -> list:

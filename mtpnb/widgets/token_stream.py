@@ -24,6 +24,9 @@ import traitlets
 from ..events import Result, StepEvent, TokenEvent
 
 _HERE = pathlib.Path(__file__).parent
+# The class of mtpnb's widgets that lay out others (Playground, Comparison, ...): token_stream.css keeps
+# ipywidgets' "no kernel" icon off them and their inner boxes, and on the controls and views they hold.
+LAYOUT_CLASS = "mtp-layout"
 
 # kind -> (legend label, Okabe-Ito colour, second cue). token_stream.css carries the same styles.
 KINDS = {
