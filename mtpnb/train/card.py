@@ -117,11 +117,14 @@ def _shape_rows(shapes: dict) -> list[str]:
     ]
     for c in shapes["candidates"]:
         bg, bs = c["bound"]["greedy"], c["bound"]["sampled"]
+        name = f"{c['name']} ({c['shipped_as']})" if c.get("shipped_as") else c["name"]
         rows.append(
-            f"| {c['name']} | {c['parameters']['total'] / 1e6:.1f}M | {c['weights_mb']:.1f} MB | {c['t1_ms']:.1f} ms "
+            f"| {name} | {c['parameters']['total'] / 1e6:.1f}M | {c['weights_mb']:.1f} MB | {c['t1_ms']:.1f} ms "
             f"| {c['plain_tok_s']:.1f} tok/s | {' / '.join(f'{v:.2f}' for v in c['verify_ratio'])} "
             f"| {c['draft_ratio']['greedy']:.2f} | {bg['3']:.2f} / {bg['4']:.2f} | {bs['3']:.2f} / {bs['4']:.2f} |"
         )
+    if shapes.get("conclusion"):  # what the table says about the choice, written by whoever ran it
+        rows += ["", shapes["conclusion"]]
     return rows
 
 

@@ -21,15 +21,26 @@ import statistics
 import tempfile
 from pathlib import Path
 
-# Candidate trunks (vocabulary 8192, one MTP layer). "current" is the model shipped before v2.
+# Candidate trunks (vocabulary 8192, one MTP layer), and which shipped models have which shape.
 CANDIDATES = {
-    "current": dict(hidden_size=384, num_hidden_layers=8, intermediate_size=896),
+    "h384-l8": dict(hidden_size=384, num_hidden_layers=8, intermediate_size=896),
     "h512-l8": dict(hidden_size=512, num_hidden_layers=8, intermediate_size=1152, num_attention_heads=8),
-    "h448-l10": dict(hidden_size=448, num_hidden_layers=10, intermediate_size=1152, num_attention_heads=7),
-    "h576-l6": dict(hidden_size=576, num_hidden_layers=6, intermediate_size=1408, num_attention_heads=9,
+    "h448-l10": dict(hidden_size=448, num_hidden_layers=10, intermediate_size=1152, num_attention_heads=7,
+                     num_key_value_heads=1),
+    "h576-l6": dict(hidden_size=576, num_hidden_layers=6, intermediate_size=1408, num_attention_heads=9, num_key_value_heads=3,
                     full_attention_interval=3),
 }
-ASSUMED_ACCEPTANCE = {"greedy": 0.8, "sampled": 0.7}  # per draft position, before a trained model exists
+SHIPPED = {"h384-l8": "v1", "h512-l8": "v2 and this model"}
+ASSUMED_ACCEPTANCE = {"greedy": [0.8] * 4, "sampled": [0.7] * 4}  # per draft position, before a model is trained
+QUALITY_LABEL, QUALITY_SAMPLINGS = "this model", {"greedy": "greedy", "sampled": "T=0.6"}
+
+
+def measured_acceptance(evaluation: Path) -> dict:
+    """Per-position acceptance at depth 4 of a trained model, from its evaluation.json (the quality
+    evaluation's completions, `mtpnb.train.quality`): {"greedy": [a_1..a_4], "sampled": [...], "source"}."""
+    quality = json.loads(Path(evaluation).read_text())["quality"][QUALITY_LABEL]
+    out = {mode: quality[label]["depths"]["4"]["acceptance_by_position"] for mode, label in QUALITY_SAMPLINGS.items()}
+    return {**out, "source": f"measured: {evaluation}, depth 4 of the quality evaluation"}
 
 
 def build_candidate(name: str, shape: dict, tokenizer_dir: Path, out_dir: Path) -> dict:
@@ -45,12 +56,8 @@ def build_candidate(name: str, shape: dict, tokenizer_dir: Path, out_dir: Path) 
     export(model, out_dir, tokenizer_dir, torch.bfloat16)
     if (tokenizer_dir / "draft_vocab.json").exists():
         shutil.copyfile(tokenizer_dir / "draft_vocab.json", out_dir / "draft_vocab.json")
-    return {"name": name, "shape": shape, "parameters": count_parameters(model),
+    return {"name": name, "shipped_as": SHIPPED.get(name), "shape": shape, "parameters": count_parameters(model),
             "weights_mb": (out_dir / "model.safetensors").stat().st_size / 1e6}
-
-
-def expected_tokens(acceptance: float, depth: int) -> float:
-    return sum(acceptance**k for k in range(depth + 1))
 
 
 def measure(model_dir: Path, context: str, max_tokens: int) -> dict:
@@ -81,9 +88,17 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--only", nargs="*", help="candidate names (default: all)")
+    parser.add_argument("--acceptance-from", type=Path, metavar="EVALUATION_JSON",
+                        help="a trained model's evaluation.json: the bound at its measured per-position acceptance "
+                             "(default: an assumed 0.8 greedy / 0.7 sampled)")
     args = parser.parse_args(argv)
     import sysconfig
 
+    from mtpnb.bench import expected_tokens_per_verify
+    from mtpnb.blas import blas_info
+
+    acceptance = (measured_acceptance(args.acceptance_from) if args.acceptance_from
+                  else {**ASSUMED_ACCEPTANCE, "source": "assumed"})
     context = (Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py").read_text()[:2400]  # ~600 tokens
     work = Path(tempfile.mkdtemp(prefix="mtpnb-shapes-"))
     names = args.only or list(CANDIDATES)
@@ -106,18 +121,20 @@ def main(argv=None) -> None:
         row["draft_ratio"] = {mode: best(lambda m, mode=mode: m["costs"]["draft_step_ms"][mode]) / row["verify_ms"][0]
                               for mode in ASSUMED_ACCEPTANCE}
         row["plain_tok_s"] = max(m["plain_tok_s"] for m in runs[n])
-        row["bound_at_assumed"] = {
-            mode: {d: expected_tokens(a, d) / (row["verify_ratio"][d] + d * row["draft_ratio"][mode]) for d in range(1, 5)}
-            for mode, a in ASSUMED_ACCEPTANCE.items()
+        row["bound"] = {
+            mode: {d: expected_tokens_per_verify(acceptance[mode][:d])
+                   / (row["verify_ratio"][d] + d * row["draft_ratio"][mode]) for d in range(1, 5)}
+            for mode in ASSUMED_ACCEPTANCE
         }
     table = {"repeats": args.repeats, "context_tokens": runs[names[0]][0]["costs"]["context_tokens"],
-             "load_average_1min": loads, "assumed_acceptance": ASSUMED_ACCEPTANCE, "candidates": list(rows.values())}
+             "load_average_1min": loads, "acceptance": acceptance, "blas": blas_info(),
+             "candidates": list(rows.values())}
     args.out.write_text(json.dumps(table, indent=1) + "\n")
     for row in rows.values():
         print(f"{row['name']:10s} {row['parameters']['total'] / 1e6:5.1f}M {row['weights_mb']:5.1f} MB "
               f"t1 {row['t1_ms']:5.1f} ms plain {row['plain_tok_s']:5.1f} tok/s ratio "
               f"{' '.join(f'{v:.2f}' for v in row['verify_ratio'])} draft {row['draft_ratio']['greedy']:.2f} "
-              f"bound greedy D3 {row['bound_at_assumed']['greedy'][3]:.2f} D4 {row['bound_at_assumed']['greedy'][4]:.2f}")
+              f"bound greedy D3 {row['bound']['greedy'][3]:.2f} D4 {row['bound']['greedy'][4]:.2f}")
     shutil.rmtree(work)
 
 
