@@ -11,7 +11,7 @@ HELDOUT_PACKAGES, read from this environment; models sharing a tokenizer then se
   `--prompts` in all, spread evenly over each package's functions; a prompt is up to PROMPT_CONTEXT_LINES
   lines before the `def` (decorators included), the signature and the docstring, up to its line end;
 - completions: 128 tokens with mtpnb's engine (MLX, float32) at depth 3, greedy and at T=0.6 / top-p 0.95
-  / top-k 20 (seed = prompt index), decoded from the generated ids with the model's tokenizer
+  / top-k 20 (seed = prompt index + --seed-offset), decoded from the generated ids with the model's tokenizer
   (`decode(prompt_ids + ids)` minus the decoded prompt);
 - loop rate: share of completions in which some 8-token span (of generated ids) occurs 3 or more times;
 - parse rate: share whose first function body parses with `ast`: the signature + docstring + completion,
@@ -154,9 +154,10 @@ def _pooled(results: list, depth: int) -> dict:
 
 
 def quality(model_dir: Path, prompts: list[dict], depth_prompts: int = 16, ppl_tokens: int = 28672,
-            samplings=tuple(SAMPLINGS)) -> dict:
+            samplings=tuple(SAMPLINGS), seed_offset: int = 0) -> dict:
     """The measurements of the module docstring for one model; ppl_tokens=0 leaves the perplexity out,
-    `samplings` picks among SAMPLINGS (the parts can run in separate processes and be merged)."""
+    `samplings` picks among SAMPLINGS (the parts can run in separate processes and be merged); prompt i is
+    sampled with seed seed_offset + i (another offset: another sample of the same sampled rates)."""
     import mtpnb
 
     from .tokenizer import load_tokenizer
@@ -173,7 +174,7 @@ def quality(model_dir: Path, prompts: list[dict], depth_prompts: int = 16, ppl_t
         rows, results = [], []
         for i, p in enumerate(prompts):
             prompt_ids = tokenizer.encode(p["prompt"]).ids
-            r = model.generate(prompt_ids, depth=3, max_tokens=MAX_NEW_TOKENS, seed=i, **sampling)
+            r = model.generate(prompt_ids, depth=3, max_tokens=MAX_NEW_TOKENS, seed=seed_offset + i, **sampling)
             prefix = tokenizer.decode(prompt_ids)
             text = tokenizer.decode(prompt_ids + list(r.tokens))[len(prefix):]
             finished = r.metrics.finish_reason == "stop"
@@ -186,8 +187,8 @@ def quality(model_dir: Path, prompts: list[dict], depth_prompts: int = 16, ppl_t
         by_depth = {3: _pooled(results, 3)}
         by_depth[3]["non_looping"] = _pooled([r for r, row in zip(results, rows) if not row["loops"]], 3)
         for d in (1, 2, 4):
-            runs = [model.generate(tokenizer.encode(p["prompt"]).ids, depth=d, max_tokens=MAX_NEW_TOKENS, seed=i,
-                                   **sampling) for i, p in enumerate(prompts[:depth_prompts])]
+            runs = [model.generate(tokenizer.encode(p["prompt"]).ids, depth=d, max_tokens=MAX_NEW_TOKENS,
+                                   seed=seed_offset + i, **sampling) for i, p in enumerate(prompts[:depth_prompts])]
             by_depth[d] = _pooled(runs, d)
         out[label] = {
             "sampling": sampling,
@@ -216,13 +217,14 @@ def main(argv=None) -> None:
     parser.add_argument("--depth-prompts", type=int, default=16, help="prompts for depths 1, 2 and 4")
     parser.add_argument("--ppl-tokens", type=int, default=28672, help="0: no perplexity")
     parser.add_argument("--samplings", nargs="+", choices=list(SAMPLINGS), default=list(SAMPLINGS))
+    parser.add_argument("--seed-offset", type=int, default=0, help="prompt i is sampled with seed OFFSET + i")
     args = parser.parse_args(argv)
     prompts = function_prompts(args.prompts)
     results = json.loads(args.json.read_text()) if args.json.exists() else {}
     labels = args.label or [m.resolve().name for m in args.models]
     for label, model_dir in zip(labels, args.models):
         results.setdefault(label, {}).update(
-            quality(model_dir, prompts, args.depth_prompts, args.ppl_tokens, tuple(args.samplings)))
+            quality(model_dir, prompts, args.depth_prompts, args.ppl_tokens, tuple(args.samplings), args.seed_offset))
         args.json.write_text(json.dumps(results, indent=1) + "\n")
 
 
