@@ -207,7 +207,8 @@ def _out(r: int, runs: list[dict]) -> str:
     return "OUT" if len(runs) == 1 else f"OUT{r + 1}"
 
 
-def render_card(training: dict, evaluation: dict | None) -> str:
+def render_card(training: dict, evaluation: dict | None, draft_vocab: dict | None = None) -> str:
+    """The model card from training.json, evaluation.json and draft_vocab.json (each as loaded)."""
     runs = _lineage(training)
     first = runs[0]
     hp, corpus, model = first["hyperparameters"], first["corpus"], training["model"]
@@ -245,6 +246,9 @@ def render_card(training: dict, evaluation: dict | None) -> str:
         "- MTP head (`mtp.*`, 15 tensors, `mtp_num_hidden_layers: 1`): `g = norm(layer(fc([norm_e(embed(x[t+1])),"
         " norm_h(h[t])])))`, logits through the shared lm_head; step k >= 2 feeds the previous step's `g` back"
         " with the next token.",
+        *([f"- Draft vocabulary (`draft_vocab.json`): the head drafts from {draft_vocab['source']}; a draft step "
+           "computes only those rows of lm_head (`python -m mtpnb.train.draft_vocab` says how the size was chosen)."]
+          if draft_vocab else []),
         f"- Weights in {training['hyperparameters']['export_dtype']} (`A_log` in float32).",
         "",
         "## Corpus",
@@ -312,6 +316,8 @@ def render_card(training: dict, evaluation: dict | None) -> str:
         if "quality" in evaluation:
             lines += ["## Quality on the held-out packages, beside the previous model", "",
                       *_quality_rows(evaluation["quality"]), ""]
+            # what the table alone does not say (sampling error, what changed between rows), by whoever ran it
+            lines += [note for text in evaluation.get("quality_notes", []) for note in (text, "")]
         if "shapes" in evaluation:
             lines += ["## Why this shape", "", *_shape_rows(evaluation["shapes"]), ""]
     lines += [
@@ -322,6 +328,8 @@ def render_card(training: dict, evaluation: dict | None) -> str:
         "python -m mtpnb.train.corpus artifacts/corpus        # corpus, tokenizer, token arrays",
         *(f"python -m mtpnb.train --data artifacts/corpus --out {_out(r, runs)} {run['hyperparameters']['command_line']}"
           + (f" --init-from {_out(r - 1, runs)}" if r else "") for r, run in enumerate(runs)),
+        *([f"python -m mtpnb.train.draft_vocab artifacts/corpus {_out(len(runs) - 1, runs)} "
+           f"--size {len(draft_vocab['ids'])}"] if draft_vocab else []),
         f"python -m mtpnb.train.evaluate {_out(len(runs) - 1, runs)} --write",
         "```",
         "",
@@ -336,4 +344,6 @@ def write_card(model_dir: Path) -> None:
     training = json.loads((model_dir / "training.json").read_text())
     evaluation_path = model_dir / "evaluation.json"
     evaluation = json.loads(evaluation_path.read_text()) if evaluation_path.exists() else None
-    (model_dir / "README.md").write_text(render_card(training, evaluation))
+    vocab_path = model_dir / "draft_vocab.json"
+    draft_vocab = json.loads(vocab_path.read_text()) if vocab_path.exists() else None
+    (model_dir / "README.md").write_text(render_card(training, evaluation, draft_vocab))
