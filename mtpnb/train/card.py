@@ -103,13 +103,12 @@ def _shape_rows(shapes: dict) -> list[str]:
     rows = [
         f"Candidate shapes with untrained weights (`python -m mtpnb.train.shapes`; bf16 on disk, float32 MLX on "
         f"this 2-core CPU with OpenBLAS, warm caches at {shapes['context_tokens']} tokens of context; the fastest "
-        f"of {shapes['repeats']} interleaved repeats, since other work shared the machine: 1-minute load average "
-        f"{', '.join(f'{v:.1f}' for v in shapes['load_average_1min'])}). The bound is "
+        f"of {shapes['repeats']} interleaved repeats, the least disturbed; 1-minute load average after each repeat, "
+        f"the measurement's own included: {', '.join(f'{v:.1f}' for v in shapes['load_average_1min'])}). The bound is "
         "E[tokens per verify] / (t_verify(D+1)/t_1 + D t_draft/t_1) at a per-position acceptance of "
         f"{' / '.join(f'{a:.2f}' for a in acceptance['greedy'])} (greedy) and "
-        f"{' / '.join(f'{a:.2f}' for a in acceptance['sampled'])} (T=0.6), {acceptance['source'].split(':')[0]}"
-        f"{' (this model at depth 4, `mtpnb.train.quality`; a candidate trained alike would accept about as often)' if acceptance['source'].startswith('measured') else ''}"
-        f". BLAS: {shapes['blas']['message'].removeprefix('BLAS: ')}.",
+        f"{' / '.join(f'{a:.2f}' for a in acceptance['sampled'])} (T=0.6), {acceptance['source']}. "
+        f"BLAS: {shapes['blas']['message'].removeprefix('BLAS: ')}.",
         "",
         "| shape | parameters | on disk | t_1 | plain decoding | t_verify(M)/t_1, M = 1..5 | draft step / t_1 "
         "| bound greedy, D = 3 / 4 | bound T=0.6, D = 3 / 4 |",

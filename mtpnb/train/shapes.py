@@ -27,8 +27,8 @@ CANDIDATES = {
     "h512-l8": dict(hidden_size=512, num_hidden_layers=8, intermediate_size=1152, num_attention_heads=8),
     "h448-l10": dict(hidden_size=448, num_hidden_layers=10, intermediate_size=1152, num_attention_heads=7,
                      num_key_value_heads=1),
-    "h576-l6": dict(hidden_size=576, num_hidden_layers=6, intermediate_size=1408, num_attention_heads=9, num_key_value_heads=3,
-                    full_attention_interval=3),
+    "h576-l6": dict(hidden_size=576, num_hidden_layers=6, intermediate_size=1408, num_attention_heads=9,
+                    num_key_value_heads=3, full_attention_interval=3),
 }
 SHIPPED = {"h384-l8": "v1", "h512-l8": "v2 and this model"}
 ASSUMED_ACCEPTANCE = {"greedy": [0.8] * 4, "sampled": [0.7] * 4}  # per draft position, before a model is trained
@@ -40,7 +40,8 @@ def measured_acceptance(evaluation: Path) -> dict:
     evaluation's completions, `mtpnb.train.quality`): {"greedy": [a_1..a_4], "sampled": [...], "source"}."""
     quality = json.loads(Path(evaluation).read_text())["quality"][QUALITY_LABEL]
     out = {mode: quality[label]["depths"]["4"]["acceptance_by_position"] for mode, label in QUALITY_SAMPLINGS.items()}
-    return {**out, "source": f"measured: {evaluation}, depth 4 of the quality evaluation"}
+    return {**out, "source": "measured: this model's acceptance per draft position at depth 4 in its quality "
+                             "evaluation (`mtpnb.train.quality`); a candidate trained alike would accept about as often"}
 
 
 def build_candidate(name: str, shape: dict, tokenizer_dir: Path, out_dir: Path) -> dict:
@@ -98,7 +99,7 @@ def main(argv=None) -> None:
     from mtpnb.blas import blas_info
 
     acceptance = (measured_acceptance(args.acceptance_from) if args.acceptance_from
-                  else {**ASSUMED_ACCEPTANCE, "source": "assumed"})
+                  else {**ASSUMED_ACCEPTANCE, "source": "assumed, before a model of this kind was trained"})
     context = (Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py").read_text()[:2400]  # ~600 tokens
     work = Path(tempfile.mkdtemp(prefix="mtpnb-shapes-"))
     names = args.only or list(CANDIDATES)
