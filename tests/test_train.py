@@ -123,7 +123,8 @@ def smoke_model(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("smoke") / "model"
     main(["--smoke", "--out", str(out), "--data", str(out.parent / "corpus"), "--unlikelihood-steps", "2",
-          "--unlikelihood-prefix", "16", "--unlikelihood-continuation", "24", "--unlikelihood-pool", "8"])
+          "--unlikelihood-prefix", "16", "--unlikelihood-continuation", "24", "--unlikelihood-pool", "8",
+          "--head-data", "own"])
     return out
 
 
@@ -150,8 +151,11 @@ def test_smoke_training_writes_a_loadable_folder(smoke_model):
 
     training = json.loads((smoke_model / "training.json").read_text())
     assert [p["name"] for p in training["phases"]] == ["joint", "unlikelihood", "head"]
-    generations = [h["own_continuations"] for h in training["history"] if "own_continuations" in h]
-    assert generations and all(0 <= g["loop_rate"] <= 1 for g in generations)
+    generations = [h for h in training["history"] if "own_continuations" in h]
+    assert generations and all(0 <= g["own_continuations"]["loop_rate"] <= 1 for g in generations)
+    # the head phase (--head-data own) drafts on the model's own text: greedy and sampled pools in turn
+    assert [g["own_continuations"]["sampling"] for g in generations if g["phase"] == "head"][:2] == ["greedy", "T=0.6"]
+    assert {g["own_continuations"]["sampling"] for g in generations if g["phase"] == "unlikelihood"} == {"greedy"}
     assert all(np.isfinite(p["heldout"]["loss_main"]) for p in training["phases"])
     assert "## Evaluation on the held-out text" in (smoke_model / "README.md").read_text()
 

@@ -190,7 +190,11 @@ def _phase_description(phase: dict, hp: dict) -> str:
     return (
         f"**head** (peak lr {hp['head_lr']:g}): trunk, embeddings and lm_head frozen; "
         "`sum_k a_k KL(p_trunk(. | x[..t+k]) || q_k)`, the head fitted to the trunk's own next-token "
-        "distribution, which is what speculative acceptance rewards."
+        "distribution, which is what speculative acceptance rewards"
+        + (f"; on real text and, in equal measure, on the model's own {hp['unlikelihood_continuation']}-token "
+           f"continuations of {hp['unlikelihood_prefix']}-token prefixes (greedy and at T=0.6 in turn, "
+           f"{hp['unlikelihood_pool']} at a time), the text it drafts in use."
+           if hp.get("head_data") == "own" else ".")
     )
 
 

@@ -12,7 +12,8 @@ Two phases, each a plain loop (sample a batch, forward, loss, backward, clip, Ad
    L = L_joint(real text) + beta * mean_t [-log(1 - p(x_t | x_<t))] over continuation tokens x_t that are
    part of a repeated REPEAT_SPAN-token span of that continuation;
 3. head: the trunk (embeddings and lm_head included) frozen, the head fitted by KL to the trunk's own
-   next-token distribution at the position it drafts for.
+   next-token distribution at the position it drafts for; with --head-data own, on real text and on the
+   model's own continuations (greedy and sampled), the text it drafts in use.
 With --time-budget-s the step counts come from the budget: after CALIBRATION_STEPS steps the loop times
 itself and fixes its last step, so the learning-rate schedule stays a function of the step.
 Writes OUT in the Hugging Face layout (export.py), training.json and the model card.
@@ -131,6 +132,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--unlikelihood-continuation", type=int, default=128, help="greedy tokens the model continues with")
     g.add_argument("--unlikelihood-pool", type=int, default=256,
                    help="continuations generated at a time (each step trains on batch-size of them)")
+    g.add_argument("--head-data", choices=("real", "own"), default="real",
+                   help="the head phase's text: real text, or real text and the model's own continuations "
+                        "(the unlikelihood prefix/continuation lengths, greedy and at T=0.6 in turn)")
     g = p.add_argument_group("logging and export")
     g.add_argument("--log-every", type=int, default=25)
     g.add_argument("--eval-every", type=int, default=200, help="held-out evaluation every N steps (0: at phase ends)")
@@ -237,6 +241,14 @@ def head_loss(model: MTPModel, batch: torch.Tensor, seq_len: int, alpha: list[fl
     return sum(a * l for a, l in zip(alpha, loss_mtp)), None, loss_mtp
 
 
+def head_loss_own(model: MTPModel, batch: torch.Tensor, own: OwnContinuations, args, alpha: list[float]):
+    """head_loss on a batch of real text plus head_loss on a batch of the model's own continuations."""
+    loss, _, loss_mtp = head_loss(model, batch, args.seq_len, alpha)
+    ids = own.next(args.batch_size)[0]
+    own_loss, _, own_mtp = head_loss(model, ids, ids.shape[1] - len(alpha) - 1, alpha)
+    return loss + own_loss, None, [(a + b) / 2 for a, b in zip(loss_mtp, own_mtp)]
+
+
 REPEAT_SPAN = LOOP_SPAN  # a loop's unit, as the quality evaluation counts it
 
 
@@ -257,13 +269,19 @@ def repeated_spans(ids: torch.Tensor, start: int, eos: int, span: int = REPEAT_S
     return repeated.to(ids.device), valid.to(ids.device)
 
 
-class OwnContinuations:
-    """The model's own greedy continuations of random real-text prefixes: `pool` generated at a time (one
-    batched generate is latency-bound, so a large pool costs about what a small one does), handed out
-    `batch_size` at a time, regenerated from the current weights when used up."""
+OWN_SAMPLING = {"temperature": 0.6, "top_p": 0.95, "top_k": 20}  # the quality evaluation's sampled setting
 
-    def __init__(self, model: MTPModel, tokens: np.ndarray, args, autocast, seed: int, history: list):
+
+class OwnContinuations:
+    """The model's own continuations of random real-text prefixes: `pool` generated at a time (one batched
+    generate is latency-bound, so a large pool costs about what a small one does), handed out `batch_size`
+    at a time, regenerated from the current weights when used up. Greedy, or with `sampled` greedy and
+    OWN_SAMPLING pools in turn."""
+
+    def __init__(self, model: MTPModel, tokens: np.ndarray, args, autocast, seed: int, history: list,
+                 phase: str = "unlikelihood", sampled: bool = False):
         self.model, self.autocast, self.history = model, autocast, history
+        self.phase, self.sampled = phase, sampled
         self.tokens = torch.from_numpy(tokens.astype(np.int64)).to(args.device)
         self.prefix, self.continuation, self.pool = args.unlikelihood_prefix, args.unlikelihood_continuation, args.unlikelihood_pool
         self.eos = model.config.eos_token_id
@@ -278,22 +296,24 @@ class OwnContinuations:
         prefixes = self.tokens[starts + torch.arange(self.prefix, device=self.tokens.device)]
         was_training = self.model.training
         self.model.eval()
+        sampling = OWN_SAMPLING if self.sampled and self.generations % 2 else {}
         with self.autocast:
             ids = self.model.trunk.generate(
                 input_ids=prefixes, attention_mask=torch.ones_like(prefixes), max_new_tokens=self.continuation,
-                do_sample=False, pad_token_id=self.eos, eos_token_id=self.eos)
+                do_sample=bool(sampling), **sampling, pad_token_id=self.eos, eos_token_id=self.eos)
         self.model.train(was_training)
         ids = torch.nn.functional.pad(ids, (0, self.prefix + self.continuation - ids.shape[1]), value=self.eos)
         self.ids = ids
         self.repeated, self.valid = repeated_spans(ids, self.prefix, self.eos)
         self.used, self.generations = 0, self.generations + 1
         loops = [looping(row) for row in ids[:, self.prefix :].tolist()]
-        record = {"phase": "unlikelihood", "generation": self.generations,
-                  "own_continuations": {"loop_rate": sum(loops) / len(loops),
+        record = {"phase": self.phase, "generation": self.generations,
+                  "own_continuations": {"sampling": "T=0.6" if sampling else "greedy",
+                                        "loop_rate": sum(loops) / len(loops),
                                         "repeated_share": float(self.repeated.sum() / self.valid.sum()),
                                         "mean_length": float(self.valid.sum() / len(loops))}}
         self.history.append(record)
-        print(f"[unlikelihood] own greedy continuations #{self.generations}: {json.dumps(record['own_continuations'])}",
+        print(f"[{self.phase}] own continuations #{self.generations}: {json.dumps(record['own_continuations'])}",
               flush=True)
 
     def next(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -508,9 +528,12 @@ def main(argv: list[str] | None = None) -> None:
 
     budget = args.time_budget_s
     joint_fraction = 1 - args.head_fraction - args.unlikelihood_fraction
-    own = None
+    own = own_for_head = None
     if args.unlikelihood_fraction or args.unlikelihood_steps:
         own = OwnContinuations(model, train_tokens, args, autocast, args.seed + 3, progress.history)
+    if args.head_data == "own":
+        own_for_head = OwnContinuations(model, train_tokens, args, autocast, args.seed + 5, progress.history,
+                                        phase="head", sampled=True)
     phases = [
         Phase(
             name="joint",
@@ -538,7 +561,8 @@ def main(argv: list[str] | None = None) -> None:
             name="head",
             trains="head",
             loss_kind="KL",
-            loss=lambda batch: head_loss(model, batch, args.seq_len, alpha),
+            loss=(lambda batch: head_loss_own(model, batch, own_for_head, args, alpha)) if own_for_head
+            else (lambda batch: head_loss(model, batch, args.seq_len, alpha)),
             params=list(model.mtp.parameters()),
             lr=args.head_lr,
             steps=args.head_steps,
