@@ -29,6 +29,9 @@ CANDIDATES = {
                      num_key_value_heads=1),
     "h576-l6": dict(hidden_size=576, num_hidden_layers=6, intermediate_size=1408, num_attention_heads=9,
                     num_key_value_heads=3, full_attention_interval=3),
+    # this model's shape with half its layers full attention: what the linear/full-attention mix costs
+    "h512-l8-i2": dict(hidden_size=512, num_hidden_layers=8, intermediate_size=1152, num_attention_heads=8,
+                       full_attention_interval=2),
 }
 SHIPPED = {"h384-l8": "v1", "h512-l8": "v2 and this model"}
 ASSUMED_ACCEPTANCE = {"greedy": [0.8] * 4, "sampled": [0.7] * 4}  # per draft position, before a model is trained
