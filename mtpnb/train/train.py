@@ -1,9 +1,9 @@
-"""Train the default model: a Qwen3.5 hybrid trunk and its MTP head, on the stdlib corpus.
+"""Train the default model: a Qwen3.5 hybrid trunk and its MTP head, on the corpus of `mtpnb.train.corpus`.
 
     python -m mtpnb.train --data artifacts/corpus --out OUT [--time-budget-s 420]   # the real run
     python -m mtpnb.train --smoke --out OUT                                         # CI, CPU, < 1 min
 
-Two phases, each a plain loop (sample a batch, forward, loss, backward, clip, AdamW step):
+Up to three phases, each a plain loop (sample a batch, forward, loss, backward, clip, AdamW step):
 1. joint: L = L_main + lambda * sum_k alpha_k * L_k, trunk and head together (cross-entropy on the
    real tokens; head step k is teacher-forced on x[t+k] and predicts x[t+k+1]);
 2. unlikelihood (optional, --unlikelihood-fraction): a small model's greedy decoding falls into loops;
@@ -21,7 +21,7 @@ Writes OUT in the Hugging Face layout (export.py), training.json and the model c
 Resumable (a lent GPU runs commands of a few minutes): with --checkpoint PATH the run starts from PATH
 when it exists (weights, optimizer, step, phase, step counts, history, data-sampler state) and, with
 --run-seconds S, stops after about S seconds, saves PATH and exports what it has to OUT (bf16) so that
-the same command, run again, carries on where it stopped; it prints `finished` once both phases are done.
+the same command, run again, carries on where it stopped; it prints `finished` once all its phases are done.
 
 Gated DeltaNet kernels: without flash-linear-attention, transformers runs its torch reference code
 (training.json's `linear_attention_kernels` says which ran). On an H200 with torch 2.11 / Triton 3.6, fla
@@ -29,7 +29,8 @@ Gated DeltaNet kernels: without flash-linear-attention, transformers runs its to
 flash-linear-attention and fla-core 0.6.0, tilelang 0.1.15, apache-tvm-ffi 0.1.12, torch-c-dlpack-ext 0.1.5,
 z3-solver 4.15.4.0 (`pip install --no-deps`). Seen there on this model's shape, 60 steps of batch 64 x 1024
 from the same seed: the same losses as the reference code (4.382 at step 60), after about 2 minutes of kernel
-compilation; the reference code ran at 158k tok/s, and the fla run was too short to measure its rate.
+compilation; the reference code ran at about 160k tok/s (steps 40-60, from the log's running averages), and
+the fla run was too short to measure its rate.
 """
 
 from __future__ import annotations
@@ -129,7 +130,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--grad-clip", type=float, default=1.0)
     g.add_argument("--steps", type=int, default=1000, help="joint steps (without --time-budget-s)")
     g.add_argument("--head-steps", type=int, default=200, help="head-only steps (without --time-budget-s)")
-    g.add_argument("--time-budget-s", type=float, help="training seconds for both phases; sets the step counts")
+    g.add_argument("--time-budget-s", type=float, help="training seconds for all phases; sets the step counts")
     g.add_argument("--head-fraction", type=float, default=0.2, help="share of the budget for the head phase")
     g.add_argument("--unlikelihood-fraction", type=float, default=0.0,
                    help="share of the budget for the unlikelihood phase (0: none); joint gets what is left (none if 0)")
