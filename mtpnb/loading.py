@@ -28,7 +28,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 from mlx_lm.utils import load_tokenizer, make_shards, quantize_model, save_config
 
-from . import rollback
+from . import cpu_kernels, rollback
 from .blas import warn_once_if_reference_blas
 from .errors import MTPNBError
 from .families import FAMILIES, NOT_YET, family_of, mlx_module
@@ -92,6 +92,7 @@ def load(
         notes.append(f"quantized at load to {quantize}-bit, group {group_size}")
     mx.eval(trunk.parameters(), head.parameters() if head is not None else [])
     rollback.install(trunk)
+    cpu_kernels.install(trunk, head)
     tokenizer = _load_tokenizer(path, config)
     model = Model(trunk=trunk, head=head, tokenizer=tokenizer, config=config, path=path, name=name, notes=notes,
                   draft_vocab=_read_draft_vocab(path, text_config) if head is not None else None)

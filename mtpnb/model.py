@@ -11,6 +11,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
+from . import cpu_kernels
 from .head import HeadCache, MiMoHead, MTPHead, NextNHead
 from .rollback import RollbackArraysCache
 
@@ -75,7 +76,7 @@ class Model:
         """The head's logits over the draft vocabulary (the whole one when none is set) from the
         output g of draft step `step` (with several MTP layers, that step's layer reads it)."""
         g = self.head.pre_logits(g, step)
-        return self.lm_head(g) if self._draft_weight is None else g @ self._draft_weight.T
+        return self.lm_head(g) if self._draft_weight is None else cpu_kernels.linear(g, self._draft_weight)
 
     def forward(self, ids: mx.array, cache=None, *, last_only: bool = False) -> tuple[mx.array, mx.array]:
         """ids [B, L] -> (post-norm hidden [B, L, H], logits [B, L, V]; [B, 1, V] with last_only, as a
@@ -182,6 +183,7 @@ class Model:
             "quantization": f"{quant['bits']}-bit, group {quant['group_size']}" if quant else None,
             "weights_mb": round((nbytes(self.trunk) + (nbytes(self.head) if self.head else 0)) / 2**20, 1),
             "verify_kernels": describe_coverage(_merge(coverage(self.trunk), coverage(self.head) if self.head else None)),
+            "cpu_kernels": cpu_kernels.describe(self.trunk, self.head),
             "device": str(mx.default_device()),
             "notes": list(self.notes),
         }

@@ -9,10 +9,11 @@ a, b. Keeping m of the T verified tokens then means
     ssm_state  = the gated-delta update over the first m steps, from the state before the call
 
 which is the state a fresh prefill of the committed tokens would have built. Nothing is replayed
-when every token is kept (the common case at high acceptance). Where the recurrence runs as MLX ops
-(CPU, CUDA: mlx-lm's `gated_delta_ops`, one step at a time) a verify-sized call keeps the state after
-every step instead, with the same ops, so a rollback replays nothing at all; Metal runs mlx-lm's
-fused kernel and replays.
+when every token is kept (the common case at high acceptance). Where the recurrence keeps every
+step's state for free a verify-sized call keeps them instead, so a rollback replays nothing at all:
+on the CPU, mtpnb's kernel (mtpnb.cpu_kernels; plain decoding and prefill run it too, so that all
+paths compute each step alike); on CUDA, mlx-lm's `gated_delta_ops`, one step at a time, with the
+same ops as its gated_delta_update. Metal runs mlx-lm's fused kernel and replays.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from mlx_lm.models.cache import ArraysCache
 from mlx_lm.models.gated_delta import _gated_delta_step_ops, compute_g, gated_delta_update, normalize_qk
 from mlx_lm.models.qwen3_5 import GatedDeltaNet
 from mlx_lm.models.qwen3_next import Qwen3NextGatedDeltaNet
+
+from . import cpu_kernels
 
 
 STEPWISE_MAX_TOKENS = 16  # calls up to this long (verifies) keep every step's state where it is free
@@ -54,10 +57,8 @@ class RollbackArraysCache(ArraysCache):
         elif states is not None:
             self[1] = states[keep - 1]
         else:
-            self[1] = gated_delta_update(
-                q[:, :keep], k[:, :keep], v[:, :keep], a[:, :keep], b[:, :keep],
-                layer.A_log, layer.dt_bias, state0, use_kernel=not layer.training,
-            )[1]
+            self[1] = _recurrence(layer, q[:, :keep], k[:, :keep], v[:, :keep], a[:, :keep], b[:, :keep],
+                                  state0, keep_states=False)[1]
 
 
 class _Recording:
@@ -67,7 +68,11 @@ class _Recording:
     subclasses differ only in how the input projections are laid out (`_projections`)."""
 
     def __call__(self, inputs: mx.array, mask=None, cache=None) -> mx.array:
-        if not isinstance(cache, RollbackArraysCache):
+        recording = isinstance(cache, RollbackArraysCache)
+        # Plain decoding and prefill take this path too where the CPU kernel runs the recurrence, so
+        # that they and a verify compute every step alike (mtpnb.cpu_kernels).
+        if not recording and not (cache is not None and mask is None and getattr(cache, "lengths", None) is None
+                                  and _cpu_recurrence(inputs)):
             return super().__call__(inputs, mask, cache)
         B, S, _ = inputs.shape
         qkv, z, b, a = self._projections(inputs)
@@ -90,15 +95,12 @@ class _Recording:
         state0 = cache[1]
         if state0 is None:
             state0 = mx.zeros((B, self.num_v_heads, self.head_v_dim, self.head_k_dim), dtype=mx.float32)
-        states = None
-        if S <= STEPWISE_MAX_TOKENS and _stepwise():
-            out, states = _gated_delta_states(q, k, v, a, b, self.A_log, self.dt_bias, state0)
-            cache[1] = states[-1]
+        keep_states = recording and S <= STEPWISE_MAX_TOKENS and _stepwise()
+        out, cache[1], states = _recurrence(self, q, k, v, a, b, state0, keep_states)
+        if recording:
+            cache.tape = (self, conv_input, q, k, v, a, b, state0, states)
         else:
-            out, cache[1] = gated_delta_update(
-                q, k, v, a, b, self.A_log, self.dt_bias, state0, use_kernel=not self.training
-            )
-        cache.tape = (self, conv_input, q, k, v, a, b, state0, states)
+            cache.advance(S)
         out = self.norm(out, z)
         return self.out_proj(out.reshape(B, S, -1))
 
@@ -121,19 +123,32 @@ class RecordingQwen3NextGatedDeltaNet(_Recording, Qwen3NextGatedDeltaNet):
         return mx.concatenate([q.reshape(B, S, -1), k.reshape(B, S, -1), v.reshape(B, S, -1)], axis=-1), z, b, a
 
 
-def _gated_delta_states(q, k, v, a, b, A_log, dt_bias, state):
-    """mlx-lm's gated_delta_update on its ops path (the same ops in the same order, so the same
-    numbers), keeping the state after every step: -> (y [B, T, Hv, Dv], [state after step t])."""
+def _cpu_recurrence(inputs: mx.array) -> bool:
+    return inputs.dtype == mx.float32 and inputs.shape[0] == 1 and cpu_kernels.usable()
+
+
+def _recurrence(layer, q, k, v, a, b, state0, keep_states: bool):
+    """The layer's gated delta rule over T steps from state0: -> (y [B, T, Hv, Dv], last state, the
+    state after every step if keep_states, else None). On the CPU, float32: mtpnb's kernel. Else
+    mlx-lm's gated_delta_update; its ops path (CPU, CUDA) step by step when keep_states, with the same
+    ops in the same order, so the same numbers (callers keep states only where that is free: not
+    where Metal's fused kernel runs, which returns the last state only, so a rollback replays)."""
     beta = mx.sigmoid(b)
-    g = compute_g(A_log, a, dt_bias)
+    g = compute_g(layer.A_log, a, layer.dt_bias)
+    rq, rk = q, k
     if (repeat := v.shape[-2] // q.shape[-2]) > 1:
-        q, k = mx.repeat(q, repeat, -2), mx.repeat(k, repeat, -2)
-    ys, states = [], []
-    for t in range(q.shape[1]):
-        y, state = _gated_delta_step_ops(q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], state)
-        ys.append(y)
-        states.append(state)
-    return mx.stack(ys, axis=1), states
+        rq, rk = mx.repeat(q, repeat, -2), mx.repeat(k, repeat, -2)
+    if cpu_kernels.gated_delta_applies(rq, v, g, state0):
+        return cpu_kernels.gated_delta(rq, rk, v, g, beta, state0, keep_states)
+    if keep_states:
+        ys, states, state = [], [], state0
+        for t in range(q.shape[1]):
+            y, state = _gated_delta_step_ops(rq[:, t], rk[:, t], v[:, t], g[:, t], beta[:, t], state)
+            ys.append(y)
+            states.append(state)
+        return mx.stack(ys, axis=1), state, states
+    y, state = gated_delta_update(q, k, v, a, b, layer.A_log, layer.dt_bias, state0, use_kernel=not layer.training)
+    return y, state, None
 
 
 RECORDING = {GatedDeltaNet: RecordingGatedDeltaNet, Qwen3NextGatedDeltaNet: RecordingQwen3NextGatedDeltaNet}

@@ -89,6 +89,8 @@ def describe_model(info: dict) -> str:
     ]
     if info.get("verify_kernels"):
         rows.append(("kernels", f"verify kernels {info['verify_kernels']}"))
+    if info.get("cpu_kernels"):
+        rows.append(("kernels", f"CPU kernels {info['cpu_kernels']}"))
     where = info.get("url") or info.get("path")
     lines = [f"{info.get('name', '?')}" + (f"  ({where})" if where else "")]
     lines += [f"  {key:<11}{value}" for key, value in rows]

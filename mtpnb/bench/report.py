@@ -52,6 +52,7 @@ class BenchReport:
             f"{d['model'].get('dtype')}) on {d['platform']['machine']}, {d['platform']['cpu_count']} cores",
             d["platform"]["blas"]["message"],
             *([f"verify kernels {d['model']['verify_kernels']}"] if d["model"].get("verify_kernels") else []),
+            *([f"CPU kernels {d['model']['cpu_kernels']}"] if d["model"].get("cpu_kernels") else []),
             f"{len(d['settings']['prompts'])} code prompts x {d['settings']['repeats']} repeats, "
             f"max_tokens {d['settings']['max_tokens']}, context for the cost model {d['cost_model']['context_tokens']} tokens",
             "verify cost t(M)/t(1), M=1..: " + " ".join(f"{r:.2f}" for r in d["cost_model"]["verify_ratio"])

@@ -284,7 +284,8 @@ def model_info(model) -> dict:
         info = {"name": getattr(model, "name", "?")}
     return {k: info.get(k) for k in ("name", "path", "family", "parameters", "head_parameters", "layers",
                                      "linear_attention_layers", "hidden_size", "vocab_size", "has_mtp", "dtype",
-                                     "quantization", "weights_mb", "device", "mtp_layers", "verify_kernels")}
+                                     "quantization", "weights_mb", "device", "mtp_layers", "verify_kernels",
+                                     "cpu_kernels")}
 
 
 def platform_info(blas: dict) -> dict:

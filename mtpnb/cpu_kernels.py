@@ -1,0 +1,320 @@
+"""The CPU's verify kernels: float32 matmuls of 1..8 rows that read each weight once, and the Gated
+DeltaNet recurrence in one call.
+
+On the CPU, MLX sends every float32 matmul to BLAS's gemm, which packs the weights into panels
+sized for large batches. A verify of M tokens then pays almost M times for what is a
+bandwidth-bound job, and one token (OpenBLAS 0.3.21 runs M = 1 through gemm too) streams the
+weights at a fraction of the memory bandwidth. ``kernel_sources/verify_cpu.c`` reads every
+weight row once for all rows of x; its sums are in an order that depends on K only, so a verify
+scores each token bitwise as plain decoding does.
+
+mlx-lm runs the Gated DeltaNet recurrence on the CPU as about ten MLX ops per token and layer (its
+fused kernel is Metal's), so each verified token adds their dispatch. ``gated_delta`` runs T steps in
+one C call, with the same arithmetic per step whatever T is (a verify, a prefill and plain decoding
+agree bitwise), and returns every step's state for a rollback when asked.
+
+MLX has no custom CPU kernels from Python, so the C file is compiled with the system's C compiler
+(``$CC``, else ``cc``; ``-O3 -march=native -fopenmp``) the first time it is needed, cached under
+``$MTPNB_CACHE_DIR`` (default ``~/.cache/mtpnb``) per source, compiler and CPU, and called through
+ctypes on the arrays' memory. The call evaluates its input first: the kernel needs the numbers.
+Before first use the library is checked against MLX's matmul and mlx-lm's recurrence on random data;
+with no compiler, a failed build or a failed check, a warning says so once and MLX's ops run.
+
+``install(module)`` swaps float32 ``nn.Linear`` layers and a tied ``nn.Embedding``'s
+``as_linear`` to the kernel-aware subclasses below (a class change on the existing objects; no
+weights are copied), which take the kernel for inputs of at most 8 rows on the CPU device and are
+exactly MLX's layers otherwise. ``linear(x, w)`` is the one function they all call.
+MTPNB_NO_CPU_KERNEL=1 turns it off; MTPNB_CPU_THREADS sets its threads (default: the CPUs this
+process may use, at most 4).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+OPT_OUT_ENV = "MTPNB_NO_CPU_KERNEL"
+THREADS_ENV = "MTPNB_CPU_THREADS"
+SOURCE = Path(__file__).resolve().parent / "kernel_sources" / "verify_cpu.c"
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+MAX_ROWS = 8
+
+_lock = threading.Lock()
+_state: dict = {}  # "library": the loaded CDLL or None; "reason": why not; "path": the .so
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MTPNB_CACHE_DIR") or Path.home() / ".cache" / "mtpnb")
+
+
+def _cpu_identity() -> str:
+    """What -march=native compiles for: a library built on one CPU may not run on another."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [line for line in f if line.startswith(("model name", "flags", "Features", "CPU part"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _compiler_version(cc: str) -> str:
+    return subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30, check=True).stdout
+
+
+def _build() -> Path:
+    """Compile the kernel (or find it in the cache): the library's path. Raises with the reason."""
+    cc = os.environ.get("CC", "cc")
+    try:
+        version = _compiler_version(cc)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise RuntimeError(f"no C compiler ({cc}: {e.__class__.__name__}); install gcc or set CC") from None
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), version.encode(),
+                                     _cpu_identity().encode(), platform.machine().encode()])).hexdigest()[:16]
+    target = cache_dir() / f"verify_cpu-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
+        if done.returncode:
+            raise RuntimeError(f"{cc} failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
+        os.replace(tmp, target)  # atomic: another process compiling at once finds a whole file
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    lib.mtpnb_small_matmul.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 4
+    lib.mtpnb_small_matmul.restype = ctypes.c_int
+    lib.mtpnb_gated_delta.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_int] * 5
+    lib.mtpnb_gated_delta.restype = ctypes.c_int
+    if lib.mtpnb_max_rows() != MAX_ROWS:
+        raise RuntimeError(f"the library takes {lib.mtpnb_max_rows()} rows, this module {MAX_ROWS}")
+    return lib
+
+
+@functools.lru_cache(maxsize=None)
+def threads() -> int:
+    env = os.environ.get(THREADS_ENV)
+    if env:
+        return max(1, int(env))
+    try:
+        available = len(os.sched_getaffinity(0))
+    except AttributeError:
+        available = os.cpu_count() or 1
+    return max(1, min(available, 4))
+
+
+def _call(lib, x: np.ndarray, w: np.ndarray, w_address: int | None = None) -> np.ndarray:
+    m, k = x.shape
+    y = np.empty((m, w.shape[0]), dtype=np.float32)
+    if lib.mtpnb_small_matmul(x.ctypes.data, w_address or w.ctypes.data, y.ctypes.data, m, w.shape[0], k,
+                              threads()):
+        raise ValueError(f"small_matmul: {m} rows x {k} by {w.shape}")
+    return y
+
+
+def _gated_delta_call(lib, q, k, v, g, beta, state0, keep_states: bool):
+    """numpy in (B = 1, q/k heads repeated to v's), numpy out: y [1, T, H, Dv], the last state
+    [1, H, Dv, Dk] and, with keep_states, every step's [T, 1, H, Dv, Dk]."""
+    _, T, H, Dk = q.shape
+    Dv = v.shape[-1]
+    q, k, v, g, beta, state0 = (np.ascontiguousarray(a, dtype=np.float32) for a in (q, k, v, g, beta, state0))
+    y = np.empty((1, T, H, Dv), dtype=np.float32)
+    state = np.empty((1, H, Dv, Dk), dtype=np.float32)
+    states = np.empty((T, 1, H, Dv, Dk), dtype=np.float32) if keep_states else None
+    if lib.mtpnb_gated_delta(q.ctypes.data, k.ctypes.data, v.ctypes.data, g.ctypes.data, beta.ctypes.data,
+                             state0.ctypes.data, y.ctypes.data, state.ctypes.data,
+                             states.ctypes.data if keep_states else None, T, H, Dk, Dv, threads()):
+        raise ValueError(f"gated_delta: sizes T={T} H={H} Dk={Dk} Dv={Dv}")
+    return y, state, states
+
+
+def _self_check(lib) -> str | None:
+    """None if the library matches MLX's float32 matmul on random data, else what is wrong."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((301, 173), dtype=np.float32)  # odd N, K not a multiple of any vector width
+    x = rng.standard_normal((MAX_ROWS, 173), dtype=np.float32)
+    want = np.asarray(mx.array(x) @ mx.array(w).T)
+    for m in range(1, MAX_ROWS + 1):
+        got = _call(lib, x[:m], w)
+        if not np.allclose(got, want[:m], rtol=1e-4, atol=1e-4):
+            return f"off MLX's matmul by {np.abs(got - want[:m]).max():.3g} at {m} rows"
+        if not np.array_equal(got[-1:], _call(lib, x[m - 1 : m], w)):
+            return f"a row's result depends on the batch ({m} rows)"
+    from mlx_lm.models.gated_delta import gated_delta_ops
+
+    T, H, Dk, Dv = 5, 3, 37, 21
+    q, k = (rng.standard_normal((1, T, H, Dk), dtype=np.float32) * 0.3 for _ in range(2))
+    v = rng.standard_normal((1, T, H, Dv), dtype=np.float32)
+    g, beta = (rng.uniform(0.2, 1.0, (1, T, H)).astype(np.float32) for _ in range(2))
+    state0 = rng.standard_normal((1, H, Dv, Dk), dtype=np.float32)
+    y_want, s_want = (np.asarray(a) for a in gated_delta_ops(*map(mx.array, (q, k, v, g, beta, state0))))
+    y, state, states = _gated_delta_call(lib, q, k, v, g, beta, state0, True)
+    if not (np.allclose(y, y_want, rtol=1e-4, atol=1e-4) and np.allclose(state, s_want, rtol=1e-4, atol=1e-4)):
+        return f"the Gated DeltaNet recurrence is off mlx-lm's by {np.abs(y - y_want).max():.3g}"
+    y1, s1, _ = _gated_delta_call(lib, q[:, :1], k[:, :1], v[:, :1], g[:, :1], beta[:, :1], state0, False)
+    if not (np.array_equal(y1, y[:, :1]) and np.array_equal(s1, states[0])):
+        return "the Gated DeltaNet recurrence's first step depends on the number of steps"
+    return None
+
+
+def library():
+    """The checked kernel library, or None (and the reason in status()) where it cannot be used."""
+    with _lock:
+        if "library" not in _state:
+            lib, reason, path = None, None, None
+            if os.environ.get(OPT_OUT_ENV):  # asked for: no warning
+                reason = f"turned off ({OPT_OUT_ENV} is set)"
+            else:
+                try:
+                    path = _build()
+                    lib = _load(path)
+                    reason = _self_check(lib)
+                except Exception as e:  # no compiler, a failed build, a library that will not load
+                    reason = str(e) or e.__class__.__name__
+                if reason:
+                    lib = None
+                    warnings.warn(f"mtpnb: the CPU verify kernel is not used ({reason}); MLX's matmul runs "
+                                  f"instead, and MTP gains less on this CPU", RuntimeWarning, stacklevel=3)
+            _state.update(library=lib, reason=reason, path=str(path) if path else None)
+        return _state["library"]
+
+
+def status() -> dict:
+    """Whether the kernel is in use, and if not why; where the library is; its threads."""
+    lib = library()
+    return {"enabled": lib is not None, "reason": _state["reason"], "path": _state["path"],
+            "threads": threads() if lib is not None else None}
+
+
+def _applies(x: mx.array, w: mx.array) -> bool:
+    return (x.dtype == mx.float32 and w.dtype == mx.float32 and w.ndim == 2 and x.ndim >= 1
+            and 0 < x.size // max(x.shape[-1], 1) <= MAX_ROWS and x.shape[-1] == w.shape[1]
+            and mx.default_device().type == mx.cpu)
+
+
+def linear(x: mx.array, w: mx.array, w_host: tuple | None = None) -> mx.array:
+    """x @ w.T: with the kernel where it applies (float32, at most 8 rows, the CPU device), else MLX's
+    matmul. `w_host`: (w's memory as numpy, its address), when the caller keeps them."""
+    if not _applies(x, w) or (lib := library()) is None:
+        return x @ w.T
+    try:
+        mx.eval(x)
+    except ValueError:  # inside mx.compile or another transformation: no numbers to hand over
+        return x @ w.T
+    rows = np.ascontiguousarray(np.asarray(x).reshape(-1, x.shape[-1]))
+    w_np, w_address = (np.asarray(w), None) if w_host is None else w_host
+    return mx.array(_call(lib, rows, w_np, w_address)).reshape(*x.shape[:-1], w.shape[0])
+
+
+def usable() -> bool:
+    """Whether the kernels run here: the CPU device, and a checked library."""
+    return mx.default_device().type == mx.cpu and library() is not None
+
+
+def gated_delta_applies(q: mx.array, v: mx.array, g: mx.array, state: mx.array) -> bool:
+    """Whether gated_delta takes these: one sequence, float32, a scalar gate per head, the CPU."""
+    return (q.shape[0] == 1 and g.ndim == 3 and all(a.dtype == mx.float32 for a in (q, v, g, state))
+            and usable())
+
+
+def gated_delta(q, k, v, g, beta, state, keep_states: bool = False):
+    """mlx-lm's gated_delta_ops (q, k [1, T, H, Dk] with H the value heads, v [1, T, H, Dv], g and beta
+    [1, T, H], state [1, H, Dv, Dk]) in one C call: -> (y, last state, [state after each step] or
+    None). Check gated_delta_applies first."""
+    mx.eval(q, k, v, g, beta, state)
+    y, last, states = _gated_delta_call(library(), *(np.asarray(a) for a in (q, k, v, g, beta, state)), keep_states)
+    return mx.array(y), mx.array(last), (list(mx.array(states)) if keep_states else None)
+
+
+def _host_weight(module) -> tuple:
+    """The layer's weight as a numpy view of the same memory and its address, kept until the weight
+    is replaced."""
+    kept = getattr(module, "_host_weight_of", None)
+    if kept is None or kept[0] is not module.weight:
+        view = np.asarray(module.weight)
+        kept = (module.weight, (view, view.ctypes.data))
+        object.__setattr__(module, "_host_weight_of", kept)
+    return kept[1]
+
+
+class SmallBatchLinear(nn.Linear):
+    """nn.Linear whose matmul takes the CPU kernel for inputs of at most 8 rows."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if not _applies(x, self.weight):
+            return super().__call__(x)
+        y = linear(x, self.weight, _host_weight(self))
+        return y + self["bias"] if "bias" in self else y
+
+
+class SmallBatchEmbedding(nn.Embedding):
+    """nn.Embedding whose as_linear (a tied output layer) takes the CPU kernel for at most 8 rows."""
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        if not _applies(x, self.weight):
+            return super().as_linear(x)
+        return linear(x, self.weight, _host_weight(self))
+
+
+_SWAPS = {nn.Linear: SmallBatchLinear, nn.Embedding: SmallBatchEmbedding}
+
+
+def install(*modules) -> int:
+    """Swap the float32 linear (and embedding) layers of `modules` to the kernel-aware classes, if the
+    kernel can be used here: how many layers were swapped (0 where it cannot; status() says why)."""
+    if not usable():
+        return 0
+    swapped = 0
+    for module in modules:
+        if module is None:
+            continue
+        for _, layer in module.named_modules():
+            new = _SWAPS.get(type(layer))
+            if new is not None and layer.weight.dtype == mx.float32:
+                layer.__class__ = new
+                swapped += 1
+    return swapped
+
+
+def uninstall(*modules) -> int:
+    """Back to MLX's own layers: how many were swapped back."""
+    back = {new: old for old, new in _SWAPS.items()}
+    swapped = 0
+    for module in modules:
+        if module is None:
+            continue
+        for _, layer in module.named_modules():
+            if type(layer) in back:
+                layer.__class__ = back[type(layer)]
+                swapped += 1
+    return swapped
+
+
+def describe(*modules) -> str | None:
+    """One line on the CPU kernels for a model (None off the CPU device)."""
+    if mx.default_device().type != mx.cpu:
+        return None
+    if not usable():
+        return f"off ({_state['reason']})"
+    layers = sum(type(m) in _SWAPS.values() for module in modules if module is not None for m in module.modules())
+    return f"on: {layers} float32 layers of at most {MAX_ROWS} rows and the Gated DeltaNet recurrence, {threads()} threads"
