@@ -98,6 +98,12 @@ def _corpus_lines(corpus: dict) -> list[str]:
     ]
 
 
+def _cpu_kernels_line(status: dict) -> str:
+    if status["enabled"]:
+        return f" mtpnb's CPU verify kernels (mtpnb.cpu_kernels) on, {status['threads']} threads."
+    return f" mtpnb's CPU verify kernels off: {status['reason']}."
+
+
 def _shape_rows(shapes: dict) -> list[str]:
     acceptance = shapes["acceptance"]
     rows = [
@@ -108,7 +114,8 @@ def _shape_rows(shapes: dict) -> list[str]:
         "E[tokens per verify] / (t_verify(D+1)/t_1 + D t_draft/t_1) at a per-position acceptance of "
         f"{' / '.join(f'{a:.2f}' for a in acceptance['greedy'])} (greedy) and "
         f"{' / '.join(f'{a:.2f}' for a in acceptance['sampled'])} (T=0.6), {acceptance['source']}. "
-        f"BLAS: {shapes['blas']['message'].removeprefix('BLAS: ')}.",
+        f"BLAS: {shapes['blas']['message'].removeprefix('BLAS: ')}."
+        + (_cpu_kernels_line(shapes["cpu_kernels"]) if "cpu_kernels" in shapes else ""),
         "",
         "| shape | parameters | on disk | t_1 | plain decoding | t_verify(M)/t_1, M = 1..5 | draft step / t_1 "
         "| bound greedy, D = 3 / 4 | bound T=0.6, D = 3 / 4 |",

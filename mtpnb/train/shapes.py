@@ -98,6 +98,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     import sysconfig
 
+    from mtpnb import cpu_kernels
     from mtpnb.bench import expected_tokens_per_verify
     from mtpnb.blas import blas_info
 
@@ -132,6 +133,7 @@ def main(argv=None) -> None:
         }
     table = {"repeats": args.repeats, "context_tokens": runs[names[0]][0]["costs"]["context_tokens"],
              "load_average_1min": loads, "acceptance": acceptance, "blas": blas_info(),
+             "cpu_kernels": {k: v for k, v in cpu_kernels.status().items() if k != "path"},
              "candidates": list(rows.values())}
     args.out.write_text(json.dumps(table, indent=1) + "\n")
     for row in rows.values():
