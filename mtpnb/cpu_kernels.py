@@ -222,8 +222,13 @@ def linear(x: mx.array, w: mx.array, w_host: tuple | None = None) -> mx.array:
     except ValueError:  # inside mx.compile or another transformation: no numbers to hand over
         return x @ w.T
     rows = np.ascontiguousarray(np.asarray(x).reshape(-1, x.shape[-1]))
-    w_np, w_address = (np.asarray(w), None) if w_host is None else w_host
+    w_np, w_address = (_row_major(w), None) if w_host is None else w_host
     return mx.array(_call(lib, rows, w_np, w_address)).reshape(*x.shape[:-1], w.shape[0])
+
+
+def _row_major(w: mx.array) -> np.ndarray:
+    """w's memory as numpy rows, as the kernel reads it (a transposed or sliced w is copied)."""
+    return np.ascontiguousarray(np.asarray(w))
 
 
 def usable() -> bool:
@@ -247,11 +252,11 @@ def gated_delta(q, k, v, g, beta, state, keep_states: bool = False):
 
 
 def _host_weight(module) -> tuple:
-    """The layer's weight as a numpy view of the same memory and its address, kept until the weight
-    is replaced."""
+    """The layer's weight as numpy rows (a view of the same memory unless it is strided) and their
+    address, kept until the weight is replaced."""
     kept = getattr(module, "_host_weight_of", None)
     if kept is None or kept[0] is not module.weight:
-        view = np.asarray(module.weight)
+        view = _row_major(module.weight)
         kept = (module.weight, (view, view.ctypes.data))
         object.__setattr__(module, "_host_weight_of", kept)
     return kept[1]

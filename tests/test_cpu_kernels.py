@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx_lm.models.gated_delta import gated_delta_ops
@@ -31,6 +32,17 @@ def test_small_matmul_is_mlx_matmul_and_each_row_is_that_of_a_call_alone(n, k):
         np.testing.assert_allclose(np.asarray(got), np.asarray(x @ w.T), rtol=1e-4, atol=1e-5)
         alone = [np.asarray(cpu_kernels.linear(x[:, i : i + 1], w)) for i in range(m)]
         assert np.array_equal(np.asarray(got), np.concatenate(alone, axis=1))  # bitwise
+
+
+def test_a_strided_weight_is_read_as_its_values_not_its_memory():
+    w = mx.random.normal((64, 96), key=mx.random.key(5)).T  # a transposed view: [96, 64], column-major
+    x = mx.random.normal((3, 64), key=mx.random.key(6))
+    np.testing.assert_allclose(np.asarray(cpu_kernels.linear(x, w)), np.asarray(x @ w.T), rtol=1e-4, atol=1e-5)
+    layer = nn.Linear(64, 96, bias=False)
+    layer.weight = w
+    cpu_kernels.install(layer)
+    assert type(layer) is cpu_kernels.SmallBatchLinear
+    np.testing.assert_allclose(np.asarray(layer(x)), np.asarray(x @ w.T), rtol=1e-4, atol=1e-5)
 
 
 def test_what_the_kernel_does_not_take_is_mlx_matmul_exactly():
