@@ -29,8 +29,9 @@ Gated DeltaNet kernels: without flash-linear-attention, transformers runs its to
 flash-linear-attention and fla-core 0.6.0, tilelang 0.1.15, apache-tvm-ffi 0.1.12, torch-c-dlpack-ext 0.1.5,
 z3-solver 4.15.4.0 (`pip install --no-deps`). Seen there on this model's shape, 60 steps of batch 64 x 1024
 from the same seed: the same losses as the reference code (4.382 at step 60), after about 2 minutes of kernel
-compilation; the reference code ran at about 160k tok/s (steps 40-60, from the log's running averages), and
-the fla run was too short to measure its rate.
+compilation. Rate, joint loss of this shape at batch 64 x 1024 with fused AdamW (median step of the second
+half of 300 steps, 2026-12-02): 281k tok/s with fla against 158k with the reference code, and the first fla
+step takes about 125 s (compilation, once per held machine).
 """
 
 from __future__ import annotations
