@@ -70,9 +70,11 @@ class _Recording:
     def __call__(self, inputs: mx.array, mask=None, cache=None) -> mx.array:
         recording = isinstance(cache, RollbackArraysCache)
         # Plain decoding and prefill take this path too where the CPU kernel runs the recurrence, so
-        # that they and a verify compute every step alike (mtpnb.cpu_kernels).
-        if not recording and not (cache is not None and mask is None and getattr(cache, "lengths", None) is None
-                                  and _cpu_recurrence(inputs)):
+        # that they and a verify compute every step alike (mtpnb.cpu_kernels); batched (masked) and
+        # tensor-parallel (sharded) calls stay mlx-lm's.
+        plain_here = (cache is not None and mask is None and getattr(cache, "lengths", None) is None
+                      and getattr(self, "sharding_group", None) is None and _cpu_recurrence(inputs))
+        if not recording and not plain_here:
             return super().__call__(inputs, mask, cache)
         B, S, _ = inputs.shape
         qkv, z, b, a = self._projections(inputs)
