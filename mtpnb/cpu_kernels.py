@@ -14,7 +14,8 @@ one C call, with the same arithmetic per step whatever T is (a verify, a prefill
 agree bitwise), and returns every step's state for a rollback when asked.
 
 MLX has no custom CPU kernels from Python, so the C file is compiled with the system's C compiler
-(``$CC``, else ``cc``; ``-O3 -march=native -fopenmp``) the first time it is needed, cached under
+(``$CC``, else ``cc``; ``-O3 -march=native -fopenmp``, or fewer flags where the compiler refuses them) the
+first time it is needed, cached under
 ``$MTPNB_CACHE_DIR`` (default ``~/.cache/mtpnb``) per source, compiler and CPU, and called through
 ctypes on the arrays' memory. The call evaluates its input first: the kernel needs the numbers.
 Before first use the library is checked against MLX's matmul and mlx-lm's recurrence on random data;
@@ -48,7 +49,10 @@ import numpy as np
 OPT_OUT_ENV = "MTPNB_NO_CPU_KERNEL"
 THREADS_ENV = "MTPNB_CPU_THREADS"
 SOURCE = Path(__file__).resolve().parent / "kernel_sources" / "verify_cpu.c"
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+# Tried in order: a compiler without -march=native (older GCC on some ARM) or without OpenMP (clang without
+# libomp) still gets a working library, with narrower vectors or one thread.
+FLAG_SETS = (("-O3", "-march=native", "-fopenmp"), ("-O3", "-fopenmp"), ("-O3",))
+LINK_FLAGS = ("-shared", "-fPIC")
 MAX_ROWS = 8
 
 _lock = threading.Lock()
@@ -81,7 +85,7 @@ def _build() -> Path:
     except (OSError, subprocess.SubprocessError) as e:
         raise RuntimeError(f"no C compiler ({cc}: {e.__class__.__name__}); install gcc or set CC") from None
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), version.encode(),
+    key = hashlib.sha256(b"\0".join([source, repr(FLAG_SETS).encode(), version.encode(),
                                      _cpu_identity().encode(), platform.machine().encode()])).hexdigest()[:16]
     target = cache_dir() / f"verify_cpu-{key}.so"
     if target.exists():
@@ -90,9 +94,14 @@ def _build() -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
-        if done.returncode:
-            raise RuntimeError(f"{cc} failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
+        for flags in FLAG_SETS:
+            done = subprocess.run([cc, *flags, *LINK_FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True,
+                                  timeout=120)
+            if not done.returncode:
+                break
+        else:
+            last = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit status {done.returncode}"
+            raise RuntimeError(f"{cc} could not compile {SOURCE.name}: {last}")
         os.replace(tmp, target)  # atomic: another process compiling at once finds a whole file
     finally:
         if os.path.exists(tmp):

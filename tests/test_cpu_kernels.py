@@ -118,3 +118,13 @@ def test_without_a_compiler_mlx_runs_after_one_line_saying_why(checkpoints, tmp_
     assert tokens == "8" and described.startswith("off (") and why in described
     if "CC" in env:
         assert why in warned and "MLX's matmul runs instead" in warned and "\\n" not in warned
+
+
+def test_a_compiler_that_refuses_march_native_still_builds_them(tmp_path):
+    fussy = tmp_path / "fussy-cc"
+    fussy.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = -march=native ] && exit 1; done\nexec cc "$@"\n')
+    fussy.chmod(0o755)
+    code = "from mtpnb import cpu_kernels; s = cpu_kernels.status(); print(s['enabled'], s['reason'])"
+    env = {**os.environ, "MTPNB_CACHE_DIR": str(tmp_path / "cache"), "CC": str(fussy)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0 and done.stdout.split() == ["True", "None"], done.stdout + done.stderr
