@@ -192,7 +192,7 @@ def library():
         if "library" not in _state:
             lib, reason, path = None, None, None
             if os.environ.get(OPT_OUT_ENV):  # asked for: no warning
-                reason = f"turned off ({OPT_OUT_ENV} is set)"
+                reason = f"{OPT_OUT_ENV} is set"
             else:
                 try:
                     path = _build()
@@ -202,7 +202,7 @@ def library():
                     reason = str(e) or e.__class__.__name__
                 if reason:
                     lib = None
-                    warnings.warn(f"mtpnb: the CPU verify kernel is not used ({reason}); MLX's matmul runs "
+                    warnings.warn(f"mtpnb: the CPU verify kernels are not used ({reason}); MLX's ops run "
                                   f"instead, and MTP gains less on this CPU", RuntimeWarning, stacklevel=3)
             _state.update(library=lib, reason=reason, path=str(path) if path else None)
         return _state["library"]
