@@ -24,7 +24,8 @@ with no compiler, a failed build or a failed check, a warning says so once and M
 ``install(module)`` swaps float32 ``nn.Linear`` layers and a tied ``nn.Embedding``'s
 ``as_linear`` to the kernel-aware subclasses below (a class change on the existing objects; no
 weights are copied), which take the kernel for inputs of at most 8 rows on the CPU device and are
-exactly MLX's layers otherwise. ``linear(x, w)`` is the one function they all call.
+exactly MLX's layers otherwise; ``linear(x, w)`` is the same choice for a bare weight (the head's
+draft vocabulary).
 MTPNB_NO_CPU_KERNEL=1 turns it off; MTPNB_CPU_THREADS sets its threads (default: the CPUs this
 process may use, at most 4).
 """
@@ -188,6 +189,8 @@ def _self_check(lib) -> str | None:
 
 def library():
     """The checked kernel library, or None (and the reason in status()) where it cannot be used."""
+    if "library" in _state:  # every matmul asks: no lock once it is settled
+        return _state["library"]
     with _lock:
         if "library" not in _state:
             lib, reason, path = None, None, None
@@ -204,7 +207,8 @@ def library():
                     lib = None
                     warnings.warn(f"mtpnb: the CPU verify kernels are not used ({reason}); MLX's ops run "
                                   f"instead, and MTP gains less on this CPU", RuntimeWarning, stacklevel=3)
-            _state.update(library=lib, reason=reason, path=str(path) if path else None)
+            _state.update(reason=reason, path=str(path) if path else None)
+            _state["library"] = lib  # last: the lock-free read above sees a settled state
         return _state["library"]
 
 
@@ -221,10 +225,16 @@ def _applies(x: mx.array, w: mx.array) -> bool:
             and mx.default_device().type == mx.cpu)
 
 
-def linear(x: mx.array, w: mx.array, w_host: tuple | None = None) -> mx.array:
+def linear(x: mx.array, w: mx.array) -> mx.array:
     """x @ w.T: with the kernel where it applies (float32, at most 8 rows, the CPU device), else MLX's
-    matmul. `w_host`: (w's memory as numpy, its address), when the caller keeps them."""
-    if not _applies(x, w) or (lib := library()) is None:
+    matmul."""
+    return _kernel_matmul(x, w) if _applies(x, w) else x @ w.T
+
+
+def _kernel_matmul(x: mx.array, w: mx.array, w_host: tuple | None = None) -> mx.array:
+    """x @ w.T through the kernel, for an (x, w) that _applies to; MLX's matmul where the library is
+    missing or x has no numbers yet. `w_host`: (w's rows as numpy, their address), kept by the caller."""
+    if (lib := library()) is None:
         return x @ w.T
     try:
         mx.eval(x)
@@ -277,7 +287,7 @@ class SmallBatchLinear(nn.Linear):
     def __call__(self, x: mx.array) -> mx.array:
         if not _applies(x, self.weight):
             return super().__call__(x)
-        y = linear(x, self.weight, _host_weight(self))
+        y = _kernel_matmul(x, self.weight, _host_weight(self))
         return y + self["bias"] if "bias" in self else y
 
 
@@ -287,7 +297,7 @@ class SmallBatchEmbedding(nn.Embedding):
     def as_linear(self, x: mx.array) -> mx.array:
         if not _applies(x, self.weight):
             return super().as_linear(x)
-        return linear(x, self.weight, _host_weight(self))
+        return _kernel_matmul(x, self.weight, _host_weight(self))
 
 
 _SWAPS = {nn.Linear: SmallBatchLinear, nn.Embedding: SmallBatchEmbedding}

@@ -27,7 +27,8 @@ Gated DeltaNet kernels: without flash-linear-attention, transformers runs its to
 (training.json's `linear_attention_kernels` says which ran). On an H200 with torch 2.11 / Triton 3.6, fla
 0.6.0 refuses Triton's backward on Hopper (wrong results below Triton 3.7.1) but runs with tilelang: wheels
 flash-linear-attention and fla-core 0.6.0, tilelang 0.1.15, apache-tvm-ffi 0.1.12, torch-c-dlpack-ext 0.1.5,
-z3-solver 4.15.4.0 (`pip install --no-deps`). Seen there on this model's shape, 60 steps of batch 64 x 1024
+z3-solver 4.15.4.0 (`python3 -m pip install --no-deps`: there, a bare `pip` installs for another
+interpreter). Seen there on this model's shape, 60 steps of batch 64 x 1024
 from the same seed: the same losses as the reference code (4.382 at step 60), after about 2 minutes of kernel
 compilation. Rate, joint loss of this shape at batch 64 x 1024 with fused AdamW (median step of the second
 half of 300 steps, 2026-12-02): 281k tok/s with fla against 158k with the reference code, and the first fla
