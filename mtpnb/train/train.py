@@ -22,6 +22,9 @@ Resumable (a lent GPU runs commands of a few minutes): with --checkpoint PATH th
 when it exists (weights, optimizer, step, phase, step counts, history, data-sampler state) and, with
 --run-seconds S, stops after about S seconds, saves PATH and exports what it has to OUT (bf16) so that
 the same command, run again, carries on where it stopped; it prints `finished` once all its phases are done.
+The lent GPU hands back at most 8 files of < 16 MiB a run: with --max-shard-mib 15, copy out the shards,
+model.safetensors.index.json, config.json and training.json; here, put the corpus's tokenizer and manifest
+files beside them and join the shards with `python -m mtpnb.train.export`.
 
 Gated DeltaNet kernels: without flash-linear-attention, transformers runs its torch reference code
 (training.json's `linear_attention_kernels` says which ran). On an H200 with torch 2.11 / Triton 3.6, fla
