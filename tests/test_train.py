@@ -123,8 +123,8 @@ def smoke_model(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("smoke") / "model"
     main(["--smoke", "--out", str(out), "--data", str(out.parent / "corpus"), "--unlikelihood-steps", "2",
-          "--unlikelihood-prefix", "16", "--unlikelihood-continuation", "24", "--unlikelihood-pool", "8",
-          "--head-data", "own"])
+          "--unlikelihood-prefix", "16", "--unlikelihood-continuation", "24", "--unlikelihood-pool", "4",
+          "--unlikelihood-sampled", "--own-prefixes", "function-body", "--head-data", "own"])
     return out
 
 
@@ -155,7 +155,9 @@ def test_smoke_training_writes_a_loadable_folder(smoke_model):
     assert generations and all(0 <= g["own_continuations"]["loop_rate"] <= 1 for g in generations)
     # the head phase (--head-data own) drafts on the model's own text: greedy and sampled pools in turn
     assert [g["own_continuations"]["sampling"] for g in generations if g["phase"] == "head"][:2] == ["greedy", "T=0.6"]
-    assert {g["own_continuations"]["sampling"] for g in generations if g["phase"] == "unlikelihood"} == {"greedy"}
+    # --unlikelihood-sampled: the unlikelihood phase's too (both loop rates)
+    assert [g["own_continuations"]["sampling"] for g in generations if g["phase"] == "unlikelihood"] == ["greedy", "T=0.6"]
+    assert training["hyperparameters"]["own_prefixes"] == "function-body"
     assert all(np.isfinite(p["heldout"]["loss_main"]) for p in training["phases"])
     assert "## Evaluation on the held-out text" in (smoke_model / "README.md").read_text()
 
@@ -178,6 +180,39 @@ def test_unlikelihood_marks_the_repeats_of_a_continuation_up_to_its_end():
     repeated, valid = repeated_spans(torch.tensor([prefix + continuation]), len(prefix), eos=0, span=3)
     assert valid[0].tolist() == [False] * 6 + [True] * 10 + [False] * 4
     assert [i - 6 for i in torch.nonzero(repeated[0]).flatten().tolist()] == [5, 6, 7]
+
+
+@pytest.mark.torch
+def test_a_continuation_that_ends_early_is_no_loop():
+    torch = pytest.importorskip("torch", reason="needs the train extra (torch + transformers)")
+    from mtpnb.train.train import loop_rate, repeated_spans
+
+    prefix = [3] * 4
+    ended = [5, 6, 7, 0] + [0] * 28  # the end of text (0), then generate's padding with it
+    looping = ([8, 9, 10, 11] * 8)[:32]  # an 8-token span 3 times and more
+    ids = torch.tensor([prefix + ended, prefix + looping])
+    _, valid = repeated_spans(ids, len(prefix), eos=0)
+    assert loop_rate(ids, valid, len(prefix)) == 0.5
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("vocab_size", [300, 2000])  # a small vocabulary keeps `"""` and the line end apart
+def test_own_continuations_can_start_where_a_function_body_does(vocab_size):
+    pytest.importorskip("torch", reason="needs the train extra (torch + transformers)")
+    from mtpnb.train.train import function_body_starts
+
+    source = (
+        '"""A module docstring."""\n'
+        'TEMPLATE = """not a function"""\n\n\n'
+        'def area(r):\n    """The area of a circle of radius r."""\n    return 3.14159 * r * r\n\n\n'
+        'class Shape:\n    def scaled(self, k):\n        """\n        A copy, k times larger.\n        """\n'
+        '        return Shape(self.size * k)\n\n    def name(self):\n        return "shape"\n'
+    )
+    tokenizer = train_tokenizer([source] * 20 + [(STDLIB / "textwrap.py").read_text()], vocab_size=vocab_size)
+    ids = tokenizer.encode(source).ids
+    starts = function_body_starts(np.array(ids + [0] + ids[:12]), tokenizer)  # a file ending mid-signature
+    bodies = [tokenizer.decode(ids[s:]).splitlines()[0] for s in starts]
+    assert bodies == ["    return 3.14159 * r * r", "        return Shape(self.size * k)"]
 
 
 @pytest.mark.torch

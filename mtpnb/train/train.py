@@ -10,7 +10,9 @@ Up to three phases, each a plain loop (sample a batch, forward, loss, backward, 
    sequence-level unlikelihood training (Welleck et al. 2019, "Neural text generation with unlikelihood
    training") lowers the probability of what the model repeats in its *own* greedy continuations:
    L = L_joint(real text) + beta * mean_t [-log(1 - p(x_t | x_<t))] over continuation tokens x_t that are
-   part of a repeated REPEAT_SPAN-token span of that continuation;
+   part of a repeated REPEAT_SPAN-token span of that continuation (greedy ones, or greedy and T=0.6 ones in
+   turn with --unlikelihood-sampled; their prefixes end anywhere in the training text, or with
+   --own-prefixes function-body where a function's body starts, as the quality evaluation's prompts do);
 3. head: the trunk (embeddings and lm_head included) frozen, the head fitted by KL to the trunk's own
    next-token distribution at the position it drafts for; with --head-data own, on real text and on the
    model's own continuations (greedy and sampled), the text it drafts in use.
@@ -58,12 +60,13 @@ import torch.nn.functional as F
 import transformers
 
 from .card import write_card
-from .corpus import prepare
+from .corpus import EOS_TOKEN, prepare
 from .evaluate import heldout_metrics, windows
 from .export import export, read_weights
 from .model import MTPModel, build_config, count_parameters
 from .quality import LOOP_SPAN
 from .quality import loops as looping
+from .tokenizer import load_tokenizer
 
 CARD_CONFIG_KEYS = (
     "vocab_size",
@@ -146,6 +149,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--unlikelihood-continuation", type=int, default=128, help="greedy tokens the model continues with")
     g.add_argument("--unlikelihood-pool", type=int, default=256,
                    help="continuations generated at a time (each step trains on batch-size of them)")
+    g.add_argument("--unlikelihood-sampled", action="store_true",
+                   help="continuations greedy and at T=0.6 in turn (both loop rates), not greedy only")
+    g.add_argument("--own-prefixes", choices=("anywhere", "function-body"), default="anywhere",
+                   help="where the model's own continuations start (unlikelihood, --head-data own): anywhere in "
+                        "the training text, or where a function's body starts (after its docstring, as the "
+                        "quality evaluation's prompts end)")
     g.add_argument("--head-data", choices=("real", "own"), default="real",
                    help="the head phase's text: real text, or real text and the model's own continuations "
                         "(the unlikelihood prefix/continuation lengths, greedy and at T=0.6 in turn)")
@@ -283,21 +292,54 @@ def repeated_spans(ids: torch.Tensor, start: int, eos: int, span: int = REPEAT_S
     return repeated.to(ids.device), valid.to(ids.device)
 
 
+def loop_rate(ids: torch.Tensor, valid: torch.Tensor, start: int) -> float:
+    """The quality evaluation's loop rate of the continuations ids[:, start:], each up to its end (`valid`,
+    as repeated_spans marks it): the end-of-text padding after a continuation that ended early is no loop."""
+    lengths = valid[:, start:].sum(dim=1).tolist()
+    return sum(looping(row[:n]) for row, n in zip(ids[:, start:].tolist(), lengths)) / len(lengths)
+
+
 OWN_SAMPLING = {"temperature": 0.6, "top_p": 0.95, "top_k": 20}  # the quality evaluation's sampled setting
 
 
+def function_body_starts(tokens: np.ndarray, tokenizer) -> np.ndarray:
+    """Positions in `tokens` where a function's body starts: right after the line that closes its
+    docstring, where the quality evaluation's prompts end. Found on the tokens themselves: the second
+    `\"\"\"` since the last `def` token (no end of file between) ends a token whose line ends there, in that
+    token or in the next one (a bare line end; small vocabularies keep it apart). A bare string later in a
+    body passes too; that is rare, and still a place where a body goes on."""
+    pieces = [tokenizer.decode([i]) for i in range(tokenizer.get_vocab_size())]
+    is_def = np.array([p.strip() == "def" for p in pieces])
+    quotes = np.array([p.count('"""') for p in pieces])
+    ends_quote = np.array([p.rstrip("\r\n").endswith('"""') for p in pieces])
+    ends_line = np.array([p.endswith(("\n", "\r")) for p in pieces])
+    bare_line_end = np.array([bool(p) and not p.strip("\r\n") for p in pieces])
+    position = np.arange(len(tokens))
+    last_def = np.maximum.accumulate(np.where(is_def[tokens], position, -1))
+    last_eos = np.maximum.accumulate(np.where(tokens == tokenizer.token_to_id(EOS_TOKEN), position, -1))
+    quotes_so_far = np.cumsum(quotes[tokens])
+    line_end_next = np.append(bare_line_end[tokens[1:]], False)
+    closing = np.flatnonzero(ends_quote[tokens] & (ends_line[tokens] | line_end_next) & (last_def > last_eos))
+    closing = closing[quotes_so_far[closing] - quotes_so_far[last_def[closing]] == 2]
+    return closing + np.where(ends_line[tokens[closing]], 1, 2)
+
+
 class OwnContinuations:
-    """The model's own continuations of random real-text prefixes: `pool` generated at a time (one batched
+    """The model's own continuations of real-text prefixes: `pool` generated at a time (one batched
     generate is latency-bound, so a large pool costs about what a small one does), handed out `batch_size`
     at a time, regenerated from the current weights when used up. Greedy, or with `sampled` greedy and
-    OWN_SAMPLING pools in turn."""
+    OWN_SAMPLING pools in turn. A prefix ends anywhere in the text, or with `prefix_ends` at one of
+    those positions (function_body_starts: where the quality evaluation asks for a body)."""
 
     def __init__(self, model: MTPModel, tokens: np.ndarray, args, autocast, seed: int, history: list,
-                 phase: str = "unlikelihood", sampled: bool = False):
+                 phase: str = "unlikelihood", sampled: bool = False, prefix_ends: np.ndarray | None = None):
         self.model, self.autocast, self.history = model, autocast, history
         self.phase, self.sampled = phase, sampled
         self.tokens = torch.from_numpy(tokens.astype(np.int64)).to(args.device)
         self.prefix, self.continuation, self.pool = args.unlikelihood_prefix, args.unlikelihood_continuation, args.unlikelihood_pool
+        self.prefix_ends = None
+        if prefix_ends is not None:
+            self.prefix_ends = torch.from_numpy(prefix_ends[prefix_ends >= self.prefix].astype(np.int64)).to(args.device)
         self.eos = model.config.eos_token_id
         self.generator = torch.Generator(device=self.tokens.device).manual_seed(seed)
         self.ids = self.repeated = self.valid = None
@@ -305,8 +347,13 @@ class OwnContinuations:
 
     @torch.no_grad()
     def _generate(self) -> None:
-        starts = torch.randint(0, len(self.tokens) - self.prefix, (self.pool, 1), generator=self.generator,
-                               device=self.tokens.device)
+        if self.prefix_ends is None:
+            starts = torch.randint(0, len(self.tokens) - self.prefix, (self.pool, 1), generator=self.generator,
+                                   device=self.tokens.device)
+        else:
+            pick = torch.randint(0, len(self.prefix_ends), (self.pool, 1), generator=self.generator,
+                                 device=self.tokens.device)
+            starts = self.prefix_ends[pick] - self.prefix
         prefixes = self.tokens[starts + torch.arange(self.prefix, device=self.tokens.device)]
         was_training = self.model.training
         self.model.eval()
@@ -320,12 +367,11 @@ class OwnContinuations:
         self.ids = ids
         self.repeated, self.valid = repeated_spans(ids, self.prefix, self.eos)
         self.used, self.generations = 0, self.generations + 1
-        loops = [looping(row) for row in ids[:, self.prefix :].tolist()]
         record = {"phase": self.phase, "generation": self.generations,
                   "own_continuations": {"sampling": "T=0.6" if sampling else "greedy",
-                                        "loop_rate": sum(loops) / len(loops),
+                                        "loop_rate": loop_rate(ids, self.valid, self.prefix),
                                         "repeated_share": float(self.repeated.sum() / self.valid.sum()),
-                                        "mean_length": float(self.valid.sum() / len(loops))}}
+                                        "mean_length": float(self.valid.sum() / len(ids))}}
         self.history.append(record)
         print(f"[{self.phase}] own continuations #{self.generations}: {json.dumps(record['own_continuations'])}",
               flush=True)
@@ -543,11 +589,20 @@ def main(argv: list[str] | None = None) -> None:
     budget = args.time_budget_s
     joint_fraction = 1 - args.head_fraction - args.unlikelihood_fraction
     own = own_for_head = None
-    if args.unlikelihood_fraction or args.unlikelihood_steps:
-        own = OwnContinuations(model, train_tokens, args, autocast, args.seed + 3, progress.history)
+    unlikelihood = bool(args.unlikelihood_fraction or args.unlikelihood_steps)
+    prefix_ends = None
+    if args.own_prefixes == "function-body" and (unlikelihood or args.head_data == "own"):
+        prefix_ends = function_body_starts(train_tokens, load_tokenizer(args.data))
+        if not (prefix_ends >= args.unlikelihood_prefix).any():
+            raise SystemExit(f"--own-prefixes function-body: no function body starts after "
+                             f"{args.unlikelihood_prefix} tokens of {args.data}'s training text")
+        print(f"own continuations start at {len(prefix_ends)} function bodies", flush=True)
+    if unlikelihood:
+        own = OwnContinuations(model, train_tokens, args, autocast, args.seed + 3, progress.history,
+                               sampled=args.unlikelihood_sampled, prefix_ends=prefix_ends)
     if args.head_data == "own":
         own_for_head = OwnContinuations(model, train_tokens, args, autocast, args.seed + 5, progress.history,
-                                        phase="head", sampled=True)
+                                        phase="head", sampled=True, prefix_ends=prefix_ends)
     phases = [
         Phase(
             name="joint",
