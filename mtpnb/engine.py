@@ -195,7 +195,6 @@ class DecodeLoop:
         self.depth = depth
         self.profile = profile
         self.cancelled = cancelled or threading.Event()
-        self.vocab_size = model.text_config["vocab_size"]
         self.prompt_cache = prompt_cache
         self.reuse = None  # the prompt cache's part in this generation (mtpnb.prompt_cache.Reuse)
         self.reused = 0  # prompt tokens whose state came from the prompt cache
@@ -310,9 +309,9 @@ class DecodeLoop:
         while True:
             step += 1
             t0 = time.perf_counter()
-            drafts, draft_dists = self._draft(pending_hidden, pending_tokens, head_cache)
+            drafts, draft_dists, draft_columns = self._draft(pending_hidden, pending_tokens, head_cache)
             if self.profile:  # a barrier only the timing needs: otherwise the verify's sync computes them
-                mx.eval(drafts, draft_dists)
+                mx.eval(drafts, draft_dists, draft_columns)
             t1 = time.perf_counter()
             verify_in = mx.concatenate([mx.array([token], dtype=mx.int32), drafts.astype(mx.int32)])[None]
             hidden, logits = model.forward(verify_in, cache=cache)
@@ -320,7 +319,8 @@ class DecodeLoop:
                 mx.eval(hidden, logits)
             t_forward = time.perf_counter()
             fed = token
-            n_accepted, token, p_drafts, q_drafts, p_token = to_host(self._accept(logits[0], draft_dists, drafts))
+            n_accepted, token, p_drafts, q_drafts, p_token = to_host(
+                self._accept(logits[0], draft_dists, drafts, draft_columns))
             draft_ids = drafts.tolist()
             t2 = time.perf_counter()
             K = len(draft_ids)
@@ -383,29 +383,30 @@ class DecodeLoop:
             decision, step = queued, step + 1
 
     def _draft(self, pending_hidden, pending_tokens, head_cache):
-        """Run the head depth times; return drafts [K] and what they were drawn from [K, V]
-        (log-probs when sampling, raw logits at greedy; -inf outside a draft vocabulary)."""
+        """Run the head depth times; return drafts [K], what they were drawn from [K, Vq] (log-probs
+        when sampling, raw logits at greedy; over the draft vocabulary when the model has one, else the
+        whole vocabulary) and each draft's column in it [K]."""
         sampling, model = self.sampling, self.model
         # The first step runs over every pending position (they enter the head's cache); only the
         # last one drafts, so only its logits are computed.
         g = model.head(pending_hidden, model.embed(mx.array(pending_tokens)[None]), cache=head_cache)[:, -1:]
-        drafts, dists = [], []
+        drafts, dists, columns = [], [], []
         for j in range(self.depth):
-            draft, dist = draft_token(model, sampling, g, self._draw_key(), step=j)
+            draft, dist, column = draft_token(model, sampling, g, self._draw_key(), step=j)
             drafts.append(draft)
             dists.append(dist)
+            columns.append(column)
             if j + 1 < self.depth:
                 g = model.head(g, model.embed(draft.reshape(1, 1)), cache=head_cache, step=j + 1)
-        dists = mx.stack(dists)
-        if model.draft_vocab is not None:  # back to the whole vocabulary, zero probability elsewhere
-            full = mx.full((self.depth, self.vocab_size), -mx.inf, dtype=dists.dtype)
-            dists = mx.put_along_axis(full, mx.broadcast_to(model.draft_vocab, dists.shape), dists, axis=-1)
-        return mx.stack(drafts), dists
+        return mx.stack(drafts), mx.stack(dists), mx.stack(columns)
 
-    def _accept(self, logits, draft_dists, drafts):
+    def _accept(self, logits, draft_dists, drafts, draft_columns):
+        """The verdict on the drafts; q stays on the draft vocabulary (the acceptance reads it at the
+        drafts' columns, and brings only the row it samples from to the whole vocabulary)."""
         if self.sampling.greedy:
-            return accept_greedy(logits, draft_dists, drafts)
-        return accept_sampled(self.sampling.logprobs(logits), draft_dists, drafts, self._draw_key())
+            return accept_greedy(logits, draft_dists, drafts, draft_columns)
+        return accept_sampled(self.sampling.logprobs(logits), draft_dists, drafts, self._draw_key(), draft_columns,
+                              self.model.draft_vocab)
 
 
 def release_memory() -> None:
@@ -440,14 +441,14 @@ def next_token(sampling: Sampling, logits: mx.array, key: mx.array | None) -> tu
 
 
 def draft_token(model, sampling: Sampling, g: mx.array, key: mx.array | None,
-                step: int = 0) -> tuple[mx.array, mx.array]:
+                step: int = 0) -> tuple[mx.array, mx.array, mx.array]:
     """One draft from the head's last output g [1, T, H] at draft step `step`, with a random key when
     sampling: (token id, the distribution it was drawn from over the draft vocabulary: log-probs when
-    sampling, raw logits at greedy)."""
+    sampling, raw logits at greedy, and the token's column in it)."""
     logits = model.draft_logits(g, step)[0, -1]
     dist = logits if sampling.greedy else sampling.logprobs(logits)
-    index = mx.argmax(dist, axis=-1) if sampling.greedy else sample(dist, key)[0]
-    return (index if model.draft_vocab is None else model.draft_vocab[index]), dist
+    column = mx.argmax(dist, axis=-1) if sampling.greedy else sample(dist, key)[0]
+    return (column if model.draft_vocab is None else model.draft_vocab[column]), dist, column
 
 
 def token_to_host(decision):

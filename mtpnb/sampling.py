@@ -90,14 +90,17 @@ class Sampling:
 
 
 @mx.compile
-def accept_sampled(p_logprobs: mx.array, q_logprobs: mx.array, drafts: mx.array, key: mx.array):
-    """p_logprobs [..., K+1, V], q_logprobs [..., K, V], drafts [..., K] (int), a random key -> lazy
+def accept_sampled(p_logprobs: mx.array, q_logprobs: mx.array, drafts: mx.array, key: mx.array,
+                   draft_columns: mx.array | None = None, draft_vocab: mx.array | None = None):
+    """p_logprobs [..., K+1, V], q_logprobs [..., K, Vq], drafts [..., K] (int), a random key -> lazy
     arrays (n_accepted [...], next_token [...], p_drafts [..., K], q_drafts [..., K], p_next [...]).
+    q may cover a draft vocabulary only (q = 0 elsewhere): `draft_vocab` [Vq] are its columns' token
+    ids and `draft_columns` [..., K] the drafts' columns; both None when q covers the whole vocabulary.
     Leading batch dimensions are independent trials (the tests run 1e5 of them at once)."""
     K = drafts.shape[-1]
     accept_key, token_key = mx.random.split(key)
     p_drafts = mx.exp(_at(p_logprobs[..., :K, :], drafts))
-    q_drafts = mx.exp(_at(q_logprobs, drafts))
+    q_drafts = mx.exp(_at(q_logprobs, drafts if draft_columns is None else draft_columns))
     accepted = mx.random.uniform(shape=drafts.shape, key=accept_key) * q_drafts < p_drafts
     n_accepted = _leading_true(accepted)
     # Only the row where acceptance stopped is sampled from: the residual max(0, p - q) of the first
@@ -106,6 +109,9 @@ def accept_sampled(p_logprobs: mx.array, q_logprobs: mx.array, drafts: mx.array,
     weights = p_row
     if K:
         q_row = mx.exp(_at_row(q_logprobs, mx.minimum(n_accepted, K - 1)))
+        if draft_vocab is not None:  # the one row brought to the whole vocabulary, zero elsewhere
+            q_row = mx.put_along_axis(mx.zeros_like(p_row), mx.broadcast_to(draft_vocab, q_row.shape), q_row,
+                                      axis=-1)
         residual = mx.where((n_accepted < K)[..., None], mx.maximum(p_row - q_row, 0), p_row)
         weights = mx.where(residual.sum(axis=-1, keepdims=True) > RESIDUAL_EPS, residual, p_row)
     next_token = _sample_weights(weights, token_key)
@@ -134,10 +140,12 @@ def _sample_weights(weights: mx.array, key: mx.array) -> mx.array:
 
 
 @mx.compile
-def accept_greedy(logits: mx.array, draft_logits: mx.array, drafts: mx.array):
-    """logits [..., K+1, V] of the verify, draft_logits [..., K, V], drafts [..., K] -> lazy arrays
+def accept_greedy(logits: mx.array, draft_logits: mx.array, drafts: mx.array, draft_columns: mx.array | None = None):
+    """logits [..., K+1, V] of the verify, draft_logits [..., K, Vq], drafts [..., K] -> lazy arrays
     shaped like accept_sampled's. p and q are the plain softmax probabilities, shown to the user
-    (each from its logit and the row's logsumexp: no softmax over the whole vocabulary)."""
+    (each from its logit and the row's logsumexp: no softmax over the whole vocabulary). The draft
+    logits may cover a draft vocabulary only: `draft_columns` [..., K] are then the drafts' columns
+    (None: the drafts themselves)."""
     K = drafts.shape[-1]
     logits = logits.astype(mx.float32)
     targets = mx.argmax(logits, axis=-1)
@@ -148,7 +156,8 @@ def accept_greedy(logits: mx.array, draft_logits: mx.array, drafts: mx.array):
     q_drafts = p_drafts  # no drafts: an empty array (logsumexp refuses empty input)
     if K:
         draft_logits = draft_logits.astype(mx.float32)
-        q_drafts = mx.exp(_at(draft_logits, drafts) - mx.logsumexp(draft_logits, axis=-1))
+        columns = drafts if draft_columns is None else draft_columns
+        q_drafts = mx.exp(_at(draft_logits, columns) - mx.logsumexp(draft_logits, axis=-1))
     p_next = mx.exp(_at(_at_row(logits, n_accepted), next_token) - _at(log_z, n_accepted))
     return n_accepted, next_token, p_drafts, q_drafts, p_next
 

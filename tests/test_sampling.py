@@ -157,3 +157,30 @@ def test_top_k_first_filtering_equals_mlx_lm_chain(settings):
 def test_bad_sampling_parameters_are_refused(bad):
     with pytest.raises(MTPNBError):
         Sampling(**bad)
+
+
+def test_q_on_a_draft_vocabulary_decides_as_q_on_the_whole_vocabulary():
+    """The engine keeps q on the draft vocabulary (its columns' token ids, q = 0 elsewhere): the same
+    decision, token and probabilities as q brought to the whole vocabulary first, batch by batch."""
+    p, _ = CASES["random p and q"]
+    vocab = np.array([1, 2, 4, 6], dtype=np.int32)
+    q_draft = np.stack([_dist(*rng.random(len(vocab))) for _ in range(K)])
+    q_whole = np.zeros((K, V))
+    q_whole[:, vocab] = q_draft
+    draft_key, key = mx.random.split(mx.random.key(5))
+    columns = mx.random.categorical(mx.broadcast_to(_log(q_draft), (1000, K, len(vocab))), key=draft_key)
+    drafts = mx.array(vocab)[columns]
+    p_lp = mx.broadcast_to(_log(p), (1000, K + 1, V))
+    on_draft = accept_sampled(p_lp, mx.broadcast_to(_log(q_draft), (1000, K, len(vocab))), drafts, key, columns,
+                              mx.array(vocab))
+    on_whole = accept_sampled(p_lp, mx.broadcast_to(_log(q_whole), (1000, K, V)), drafts, key)
+    for a, b in zip(on_draft, on_whole):
+        np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-6)
+    logits = mx.array(rng.standard_normal((K + 1, V)).astype(np.float32))
+    draft_logits = mx.array(rng.standard_normal((K, len(vocab))).astype(np.float32))
+    whole_logits = mx.put_along_axis(mx.full((K, V), -mx.inf), mx.broadcast_to(mx.array(vocab), (K, len(vocab))),
+                                     draft_logits, axis=-1)
+    columns = mx.argmax(draft_logits, axis=-1)
+    drafts = mx.array(vocab)[columns]
+    for a, b in zip(accept_greedy(logits, draft_logits, drafts, columns), accept_greedy(logits, whole_logits, drafts)):
+        np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-6)

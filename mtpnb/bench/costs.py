@@ -99,7 +99,7 @@ def measure_costs(model, context_ids: Sequence[int], max_depth: int, samplings: 
     for mode, sampling in samplings.items():
         def draft_step():  # the engine's own: head layer, draft-vocabulary logits, the draw
             g2 = model.head(g, model.embed(token), cache=head_cache, step=1)
-            d, dist = draft_token(model, sampling, g2, key, step=1)
+            d, dist, _ = draft_token(model, sampling, g2, key, step=1)
             mx.eval(g2, d, dist)
             head_cache.trim(1)
 
