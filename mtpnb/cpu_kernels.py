@@ -1,5 +1,5 @@
-"""The CPU's verify kernels: float32 matmuls of 1..8 rows that read each weight once, and the Gated
-DeltaNet recurrence in one call.
+"""The CPU's verify kernels: float32 matmuls of 1..8 rows that read each weight once, the Gated
+DeltaNet recurrence in one call, and a Qwen3.5 MTP head's draft steps.
 
 On the CPU, MLX sends every float32 matmul to BLAS's gemm, which packs the weights into panels
 sized for large batches. A verify of M tokens then pays almost M times for what is a
@@ -21,6 +21,10 @@ ctypes on the arrays' memory. The call evaluates its input first: the kernel nee
 Before first use the library is checked against MLX's matmul and mlx-lm's recurrence on random data;
 with no compiler, a failed build or a failed check, a warning says so once and MLX's ops run.
 
+``HeadDraftSteps`` runs a one-layer Qwen3.5 MTP head's draft steps after the first in C, all of a
+round's in one call at greedy (through MLX each step is about nine kernel calls, each waiting for the
+MLX ops before it); ``mtpnb.head.MTPHead.draft_steps_kernel`` builds it where it applies.
+
 ``install(module)`` swaps float32 ``nn.Linear`` layers and a tied ``nn.Embedding``'s
 ``as_linear`` to the kernel-aware subclasses below (a class change on the existing objects; no
 weights are copied), which take the kernel for inputs of at most 8 rows on the CPU device and are
@@ -35,6 +39,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import math
 import os
 import platform
 import subprocess
@@ -96,8 +101,8 @@ def _build() -> Path:
     os.close(fd)
     try:
         for flags in FLAG_SETS:
-            done = subprocess.run([cc, *flags, *LINK_FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True,
-                                  timeout=120)
+            done = subprocess.run([cc, *flags, *LINK_FLAGS, str(SOURCE), "-lm", "-o", tmp], capture_output=True,
+                                  text=True, timeout=120)
             if not done.returncode:
                 break
         else:
@@ -116,6 +121,11 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.mtpnb_small_matmul.restype = ctypes.c_int
     lib.mtpnb_gated_delta.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_int] * 5
     lib.mtpnb_gated_delta.restype = ctypes.c_int
+    lib.mtpnb_qwen_head_steps.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_float] * 2 + [ctypes.c_void_p] * 2
+                                          + [ctypes.c_int] * 2 + [ctypes.c_void_p] * 2 + [ctypes.c_int]
+                                          + [ctypes.c_void_p] + [ctypes.c_int] * 2 + [ctypes.c_void_p] * 2
+                                          + [ctypes.c_int])
+    lib.mtpnb_qwen_head_steps.restype = ctypes.c_int
     if lib.mtpnb_max_rows() != MAX_ROWS:
         raise RuntimeError(f"the library takes {lib.mtpnb_max_rows()} rows, this module {MAX_ROWS}")
     return lib
@@ -268,6 +278,67 @@ def gated_delta(q, k, v, g, beta, state, keep_states: bool = False):
     mx.eval(q, k, v, g, beta, state)
     y, last, states = _gated_delta_call(library(), *(np.asarray(a) for a in (q, k, v, g, beta, state)), keep_states)
     return mx.array(y), mx.array(last), (list(mx.array(states)) if keep_states else None)
+
+
+class HeadDraftSteps:
+    """A one-layer Qwen3.5 MTP head's draft steps after the first, in C (verify_cpu.c's
+    mtpnb_qwen_head_steps): through MLX each step waits on about nine kernel calls. `weights` in the C
+    function's order, as MLX arrays (kept: the calls read their memory); `vocab`: the token ids of the
+    draft rows (None: row i is token i); `dims`: H, heads, KV heads, head dim, RoPE's rotated dims, MLP
+    width, draft rows."""
+
+    def __init__(self, weights: list, vocab: mx.array | None, dims: tuple, eps: float, rope_base: float):
+        self._weights = weights
+        self._host = [_row_major(w) for w in weights]
+        self._pointers = (ctypes.c_void_p * len(self._host))(*[h.ctypes.data for h in self._host])
+        self._vocab = None if vocab is None else np.ascontiguousarray(np.asarray(vocab), dtype=np.int32)
+        self._dims = (ctypes.c_int * len(dims))(*dims)
+        self._eps, self._log_base = eps, math.log(rope_base)
+        self._hidden, self._kv_width, self._rows = dims[0], dims[2] * dims[3], dims[-1]
+
+    def round(self, keys: mx.array, values: mx.array, offset: int, g: mx.array, steps: int) -> "DraftRound":
+        """The steps after draft step 0 of one round: keys, values the head's KV cache [1, KV heads,
+        capacity, head dim] with `offset` committed rows (nothing enters it), g [.., H] step 0's output."""
+        mx.eval(keys, values, g)
+        return DraftRound(self, *(np.ascontiguousarray(np.asarray(a)[0]) for a in (keys, values)), offset,
+                          np.array(np.asarray(g, dtype=np.float32).reshape(-1)), steps)
+
+
+class DraftRound:
+    """One round's draft steps after the first (HeadDraftSteps.round): all at once at greedy, or one at
+    a time with the caller drawing each draft."""
+
+    def __init__(self, kernel: HeadDraftSteps, keys: np.ndarray, values: np.ndarray, offset: int, g: np.ndarray,
+                 steps: int):
+        self._kernel, self._keys, self._values, self._offset, self._g = kernel, keys, values, offset, g
+        self._drafted = np.empty((2, steps, kernel._kv_width), dtype=np.float32)  # the round's own K, V rows
+        self._done, self._steps = 0, steps
+
+    def _run(self, token: mx.array, steps: int, columns: np.ndarray | None) -> np.ndarray:
+        k = self._kernel
+        if self._done + steps > self._steps:
+            raise ValueError(f"a round of {self._steps} draft steps has {self._steps - self._done} left")
+        logits = np.empty((steps, k._rows), dtype=np.float32)
+        if library().mtpnb_qwen_head_steps(
+                k._pointers, None if k._vocab is None else k._vocab.ctypes.data, k._dims, k._eps, k._log_base,
+                self._keys.ctypes.data, self._values.ctypes.data, self._keys.shape[1], self._offset,
+                self._drafted[0].ctypes.data, self._drafted[1].ctypes.data, self._done, self._g.ctypes.data,
+                int(token.item()), steps, None if columns is None else columns.ctypes.data, logits.ctypes.data,
+                threads()):
+            raise ValueError(f"qwen_head_steps: sizes {list(k._dims)}, cache {self._keys.shape}, offset {self._offset}")
+        self._done += steps
+        return logits
+
+    def greedy(self, token: mx.array) -> tuple[mx.array, mx.array]:
+        """Every step left at greedy, from the previous step's draft `token`: (each draft's row among the
+        draft rows [n], their logits [n, draft rows])."""
+        columns = np.empty(self._steps - self._done, dtype=np.int32)
+        logits = self._run(token, len(columns), columns)
+        return mx.array(columns), mx.array(logits)
+
+    def step(self, token: mx.array) -> mx.array:
+        """The next step from the previous step's draft `token`: its logits over the draft rows."""
+        return mx.array(self._run(token, 1, None)[0])
 
 
 def _host_weight(module) -> tuple:

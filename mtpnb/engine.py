@@ -309,7 +309,7 @@ class DecodeLoop:
         while True:
             step += 1
             t0 = time.perf_counter()
-            drafts, draft_dists, draft_columns = self._draft(pending_hidden, pending_tokens, head_cache)
+            drafts, draft_dists, draft_columns, cached_drafts = self._draft(pending_hidden, pending_tokens, head_cache)
             if self.profile:  # a barrier only the timing needs: otherwise the verify's sync computes them
                 mx.eval(drafts, draft_dists, draft_columns)
             t1 = time.perf_counter()
@@ -325,7 +325,7 @@ class DecodeLoop:
             t2 = time.perf_counter()
             K = len(draft_ids)
             rollback_cache(cache, keep=n_accepted + 1, discard=K - n_accepted)
-            head_cache.trim(K - 1)
+            head_cache.trim(cached_drafts)
             phases = None
             if self.profile:
                 phases = {"verify_forward_s": t_forward - t1, "accept_sync_s": t2 - t_forward,
@@ -385,20 +385,31 @@ class DecodeLoop:
     def _draft(self, pending_hidden, pending_tokens, head_cache):
         """Run the head depth times; return drafts [K], what they were drawn from [K, Vq] (log-probs
         when sampling, raw logits at greedy; over the draft vocabulary when the model has one, else the
-        whole vocabulary) and each draft's column in it [K]."""
+        whole vocabulary), each draft's column in it [K], and how many draft rows entered the head's
+        cache (the verify's rollback takes them back)."""
         sampling, model = self.sampling, self.model
         # The first step runs over every pending position (they enter the head's cache); only the
         # last one drafts, so only its logits are computed.
         g = model.head(pending_hidden, model.embed(mx.array(pending_tokens)[None]), cache=head_cache)[:, -1:]
-        drafts, dists, columns = [], [], []
-        for j in range(self.depth):
-            draft, dist, column = draft_token(model, sampling, g, self._draw_key(), step=j)
+        draft, dist, column = draft_token(model, sampling, g, self._draw_key(), step=0)
+        drafts, dists, columns = [draft], [dist], [column]
+        later = model.draft_round(g, head_cache, self.depth - 1) if self.depth > 1 else None  # the steps in C
+        if later is not None and sampling.greedy:  # all of them in one call
+            more_columns, more_logits = later.greedy(draft)
+            more = more_columns if model.draft_vocab is None else model.draft_vocab[more_columns]
+            return (mx.concatenate([mx.stack(drafts), more.astype(draft.dtype)]),
+                    mx.concatenate([mx.stack(dists), more_logits]),
+                    mx.concatenate([mx.stack(columns), more_columns.astype(column.dtype)]), 0)
+        for j in range(1, self.depth):
+            if later is not None:
+                draft, dist, column = draw_draft(model, sampling, later.step(draft), self._draw_key())
+            else:
+                g = model.head(g, model.embed(draft.reshape(1, 1)), cache=head_cache, step=j)
+                draft, dist, column = draft_token(model, sampling, g, self._draw_key(), step=j)
             drafts.append(draft)
             dists.append(dist)
             columns.append(column)
-            if j + 1 < self.depth:
-                g = model.head(g, model.embed(draft.reshape(1, 1)), cache=head_cache, step=j + 1)
-        return mx.stack(drafts), mx.stack(dists), mx.stack(columns)
+        return mx.stack(drafts), mx.stack(dists), mx.stack(columns), 0 if later is not None else self.depth - 1
 
     def _accept(self, logits, draft_dists, drafts, draft_columns):
         """The verdict on the drafts; q stays on the draft vocabulary (the acceptance reads it at the
@@ -443,9 +454,14 @@ def next_token(sampling: Sampling, logits: mx.array, key: mx.array | None) -> tu
 def draft_token(model, sampling: Sampling, g: mx.array, key: mx.array | None,
                 step: int = 0) -> tuple[mx.array, mx.array, mx.array]:
     """One draft from the head's last output g [1, T, H] at draft step `step`, with a random key when
-    sampling: (token id, the distribution it was drawn from over the draft vocabulary: log-probs when
-    sampling, raw logits at greedy, and the token's column in it)."""
-    logits = model.draft_logits(g, step)[0, -1]
+    sampling: draw_draft on the head's logits there."""
+    return draw_draft(model, sampling, model.draft_logits(g, step)[0, -1], key)
+
+
+def draw_draft(model, sampling: Sampling, logits: mx.array, key: mx.array | None) -> tuple[mx.array, mx.array, mx.array]:
+    """One draft from the head's logits [Vq] over the draft vocabulary (the whole one without): (token id,
+    the distribution it was drawn from: log-probs when sampling, raw logits at greedy, and the token's
+    column in it)."""
     dist = logits if sampling.greedy else sampling.logprobs(logits)
     column = mx.argmax(dist, axis=-1) if sampling.greedy else sample(dist, key)[0]
     return (column if model.draft_vocab is None else model.draft_vocab[column]), dist, column

@@ -30,6 +30,8 @@ from mlx_lm.models import qwen3_5
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache
 
+from . import cpu_kernels
+
 # The seven RMSNorms of a dense head. Hugging Face checkpoints store them as w, applied as
 # x_hat * (1 + w); MLX's RMSNorm applies x_hat * w, so these get +1 when loaded from that layout.
 MTP_NORM_SUFFIXES = (
@@ -127,6 +129,35 @@ class MTPHead(nn.Module):
     def pre_logits(self, g: mx.array, step: int = 0) -> mx.array:
         """What lm_head reads: g itself (already normed)."""
         return g
+
+    def draft_steps_kernel(self, embed: mx.array, draft_rows: mx.array,
+                           draft_vocab: mx.array | None) -> cpu_kernels.HeadDraftSteps | None:
+        """The C kernel for this head's draft steps after the first, given the embedding matrix
+        and the output rows it drafts from (their token ids `draft_vocab`, None: all); None where it does
+        not apply: not one dense layer, the CPU kernels not installed on it (quantized, another device,
+        turned off), or a RoPE other than the plain one."""
+        if len(self.layers) != 1:
+            return None
+        layer = self.layers[0]
+        attention, mlp = layer.self_attn, layer.mlp
+        linears = [self.fc, attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj,
+                   *(getattr(mlp, name, None) for name in ("gate_proj", "up_proj", "down_proj"))]
+        norms = [self.pre_fc_norm_embedding, self.pre_fc_norm_hidden, layer.input_layernorm, attention.q_norm,
+                 attention.k_norm, layer.post_attention_layernorm, self.norm]
+        rope = attention.rope
+        if (not all(type(m) is cpu_kernels.SmallBatchLinear and "bias" not in m for m in linears)
+                or not all(type(n) is nn.RMSNorm for n in norms) or type(rope) is not nn.RoPE
+                or rope.traditional or rope.scale != 1.0
+                or any(a.dtype != mx.float32 for a in (embed, draft_rows))):
+            return None
+        weights = [embed, self.pre_fc_norm_embedding.weight, self.pre_fc_norm_hidden.weight, self.fc.weight,
+                   layer.input_layernorm.weight, attention.q_proj.weight, attention.k_proj.weight,
+                   attention.v_proj.weight, attention.q_norm.weight, attention.k_norm.weight,
+                   attention.o_proj.weight, layer.post_attention_layernorm.weight, mlp.gate_proj.weight,
+                   mlp.up_proj.weight, mlp.down_proj.weight, self.norm.weight, draft_rows]
+        dims = (self.fc.weight.shape[0], attention.num_attention_heads, attention.num_key_value_heads,
+                attention.head_dim, rope.dims, mlp.gate_proj.weight.shape[0], draft_rows.shape[0])
+        return cpu_kernels.HeadDraftSteps(weights, draft_vocab, dims, self.norm.eps, rope.base)
 
 
 class NextNLayer(nn.Module):

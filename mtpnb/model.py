@@ -41,6 +41,7 @@ class Model:
         self._language_model = language_model
         self._engine = None
         self._draft_weight = None
+        self._draft_steps = None  # the head's draft-steps kernel once built (False: it does not apply)
         self.set_draft_vocab(self.draft_vocab)
 
     # -- the forwards -------------------------------------------------------------------------
@@ -66,17 +67,34 @@ class Model:
         a correction or bonus token. Quantized output layers keep the full vocabulary."""
         head_weight = self._inner.embed_tokens if self._tied else self._language_model.lm_head
         if ids is None or not isinstance(head_weight.weight, mx.array) or hasattr(head_weight, "scales"):
-            self.draft_vocab, self._draft_weight = None, None
+            self.draft_vocab, self._draft_weight, self._draft_steps = None, None, None
             return
         self.draft_vocab = mx.array(ids, dtype=mx.int32)
         self._draft_weight = mx.contiguous(head_weight.weight[self.draft_vocab])
         mx.eval(self._draft_weight)
+        self._draft_steps = None
 
     def draft_logits(self, g: mx.array, step: int = 0) -> mx.array:
         """The head's logits over the draft vocabulary (the whole one when none is set) from the
         output g of draft step `step` (with several MTP layers, that step's layer reads it)."""
         g = self.head.pre_logits(g, step)
         return self.lm_head(g) if self._draft_weight is None else cpu_kernels.linear(g, self._draft_weight)
+
+    def draft_round(self, g: mx.array, head_cache: HeadCache, steps: int) -> cpu_kernels.DraftRound | None:
+        """The draft steps after the first of one round in C (mtpnb.cpu_kernels.HeadDraftSteps), from
+        draft step 0's output g: their rows never enter head_cache. None where the kernel does not apply
+        (then the head runs step by step through MLX)."""
+        if not isinstance(self.head, MTPHead) or type(self.head.fc) is not cpu_kernels.SmallBatchLinear:
+            return None  # not a Qwen head, or the CPU kernels are not installed on it (any more)
+        if self._draft_steps is None:
+            head_weight = self._inner.embed_tokens if self._tied else self._language_model.lm_head
+            rows = head_weight.weight if self._draft_weight is None else self._draft_weight
+            self._draft_steps = self.head.draft_steps_kernel(self._inner.embed_tokens.weight, rows,
+                                                             self.draft_vocab) or False
+        cache = head_cache.caches[0]
+        if not self._draft_steps or cache.keys is None or cache.keys.dtype != mx.float32:
+            return None
+        return self._draft_steps.round(cache.keys, cache.values, cache.offset, g, steps)
 
     def forward(self, ids: mx.array, cache=None, *, last_only: bool = False) -> tuple[mx.array, mx.array]:
         """ids [B, L] -> (post-norm hidden [B, L, H], logits [B, L, V]; [B, 1, V] with last_only, as a

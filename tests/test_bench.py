@@ -138,6 +138,8 @@ def test_speedup_bound_arithmetic():
     # linear verify cost (reference BLAS): even perfect acceptance gains nothing
     assert bench.speedup_bound(4.0, 4.0, 0.1, 3) < 1.0
     assert math.isnan(bench.speedup_bound(1.0, 0.0, 0.0, 0))
+    # the first draft step at 0.2 t_1, the two after it (one C call at greedy) at 0.05 t_1 each
+    assert bench.speedup_bound(2.5, 1.75, 0.2, 3, 0.05) == pytest.approx(2.5 / (1.75 + 0.2 + 0.1))
 
 
 def test_tokens_per_verify_and_acceptance_counts():

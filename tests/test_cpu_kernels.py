@@ -88,6 +88,39 @@ def test_a_loaded_model_uses_them_and_says_so(hybrid_model):
     assert "SmallBatchLinear" in kinds and "Linear" not in kinds
 
 
+@pytest.mark.parametrize("which", ["default model (draft vocabulary)", "random qwen3_5 checkpoint"])
+def test_the_head_kernel_drafts_what_the_head_drafts_step_by_step(checkpoints, which):
+    from mtpnb.engine import draft_token
+    from mtpnb.sampling import Sampling
+
+    model = mtpnb.load() if which.startswith("default") else mtpnb.load(checkpoints(family="qwen3_5"))
+    ids = [5, 7, 9, 11, 13, 17, 19, 23] * 3
+    hidden, _ = model.forward(mx.array(ids)[None], cache=model.make_cache())
+    head_cache = model.make_head_cache()
+    g = model.head(hidden, model.embed(mx.array(ids[1:] + [29])[None]), cache=head_cache)[:, -1:]
+    greedy = Sampling(temperature=0.0)
+    first, _, _ = draft_token(model, greedy, g, None, step=0)
+    step_by_step, h, draft = [], g, first
+    for j in range(1, 4):
+        h = model.head(h, model.embed(draft.reshape(1, 1)), cache=head_cache, step=j)
+        draft, logits, column = draft_token(model, greedy, h, None, step=j)
+        step_by_step.append((draft, logits, column.item()))
+    head_cache.trim(3)
+    committed = head_cache.offset
+    want = np.stack([np.asarray(lg) for _, lg, _ in step_by_step])
+
+    columns, logits = model.draft_round(g, head_cache, 3).greedy(first)  # greedy: the three in one call
+    assert columns.tolist() == [c for _, _, c in step_by_step]
+    np.testing.assert_allclose(np.asarray(logits), want, rtol=1e-4, atol=1e-4)
+    one_by_one = model.draft_round(g, head_cache, 3)  # sampling: one call a step, the caller drawing
+    previous = [first] + [d for d, _, _ in step_by_step[:-1]]
+    got = np.stack([np.asarray(one_by_one.step(token)) for token in previous])
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="has 0 left"):
+        one_by_one.step(first)
+    assert head_cache.offset == committed  # their rows never enter the cache
+
+
 def test_turning_them_off_keeps_the_greedy_text(checkpoints):
     """Kernel and MLX differ only in rounding: on a random model the greedy tokens agree."""
     model = mtpnb.load(checkpoints(family="qwen3_5"))

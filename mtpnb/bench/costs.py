@@ -13,15 +13,18 @@ from collections.abc import Sequence
 
 import mlx.core as mx
 
-from ..engine import draft_token, next_token, to_host, token_to_host
+from ..engine import draft_token, draw_draft, next_token, to_host, token_to_host
 from ..rollback import rollback_cache
 from ..sampling import Sampling, accept_greedy, accept_sampled
 
 
-def speedup_bound(tokens_per_verify: float, verify_ratio: float, draft_ratio: float, depth: int) -> float:
+def speedup_bound(tokens_per_verify: float, verify_ratio: float, draft_ratio: float, depth: int,
+                  later_draft_ratio: float | None = None) -> float:
     """E[tokens per verify] / (t_verify(D+1)/t_1 + D * t_draft/t_1): the speedup over plain decoding if
-    nothing but the trunk forwards and the head's steps cost time."""
-    cost = verify_ratio + depth * draft_ratio
+    nothing but the trunk forwards and the head's steps cost time. `later_draft_ratio`: what each step
+    after the first costs when it differs (steps in C, mtpnb.cpu_kernels.HeadDraftSteps)."""
+    later = draft_ratio if later_draft_ratio is None else later_draft_ratio
+    cost = verify_ratio + (draft_ratio + (depth - 1) * later if depth else 0.0)
     return tokens_per_verify / cost if cost > 0 else float("nan")
 
 
@@ -84,6 +87,8 @@ def measure_costs(model, context_ids: Sequence[int], max_depth: int, samplings: 
         "verify_ratio": [verify_s[m] / t1 for m in range(1, max_m + 1)],
         "draft_step_ms": {},
         "draft_ratio": {},
+        "later_draft_step_ms": {},  # the steps after the first, where the engine runs them otherwise
+        "later_draft_ratio": {},
         "accept_ms": {},
     }
     if not model.has_mtp:
@@ -107,21 +112,31 @@ def measure_costs(model, context_ids: Sequence[int], max_depth: int, samplings: 
         t_draft = median_time(draft_step, repeats)
         out["draft_step_ms"][mode] = t_draft * 1e3
         out["draft_ratio"][mode] = t_draft / t1
+        if model.draft_round(g, head_cache, 1) is not None:
+            def later_step():  # the engine's steps after the first: in C (draws in MLX when sampling)
+                later = model.draft_round(g, head_cache, 1)
+                mx.eval(later.greedy(token) if sampling.greedy else draw_draft(model, sampling, later.step(token), key))
+
+            t_later = median_time(later_step, repeats)
+            out["later_draft_step_ms"][mode] = t_later * 1e3
+            out["later_draft_ratio"][mode] = t_later / t1
         accept_ms = []
         for k in range(max_depth + 1):
             lg = verify_logits[0, : k + 1]
             if k:  # (no empty arrays: MLX's CUDA backend faults on some zero-size kernels)
-                q = draft_logits[:k] if sampling.greedy else sampling.logprobs(draft_logits[:k])
-                drafts = mx.argmax(q, axis=-1).astype(mx.int32)
-                mx.eval(q, drafts)
+                rows = draft_logits[:k] if model.draft_vocab is None else draft_logits[:k, model.draft_vocab]
+                q = rows if sampling.greedy else sampling.logprobs(rows)  # as the engine's, on the draft vocabulary
+                columns = mx.argmax(q, axis=-1).astype(mx.int32)
+                drafts = columns if model.draft_vocab is None else model.draft_vocab[columns]
+                mx.eval(q, columns, drafts)
 
             def accept():
                 if not k:  # no drafts: plain decoding's choice
                     token_to_host(next_token(sampling, lg[0], key))
                 elif sampling.greedy:
-                    to_host(accept_greedy(lg, q, drafts))
+                    to_host(accept_greedy(lg, q, drafts, columns))
                 else:
-                    to_host(accept_sampled(sampling.logprobs(lg), q, drafts, key))
+                    to_host(accept_sampled(sampling.logprobs(lg), q, drafts, key, columns, model.draft_vocab))
 
             accept()
             accept_ms.append(median_time(accept, repeats) * 1e3)

@@ -57,7 +57,7 @@ class BenchReport:
             f"max_tokens {d['settings']['max_tokens']}, context for the cost model {d['cost_model']['context_tokens']} tokens",
             "verify cost t(M)/t(1), M=1..: " + " ".join(f"{r:.2f}" for r in d["cost_model"]["verify_ratio"])
             + f"  (t1 {d['cost_model']['t1_ms']:.1f} ms)"
-            + "".join(f" | draft step/t1 {m} {r:.2f}" for m, r in d["cost_model"]["draft_ratio"].items()),
+            + _draft_costs(d["cost_model"]),
             "",
             f"{'temp':>5} {'engine':>7} {'depth':>5} {'decode tok/s':>12} {'e2e tok/s':>9} {'TTFT ms':>7} "
             f"{'speedup':>7} {'bound':>6} {'of bound':>8} {'tok/verify':>10}  acceptance by position",
@@ -287,3 +287,10 @@ def _blas_table(comp: dict) -> str:
                    f"<td>{_fmt(r['decode_tok_s'], '', 1)}</td><td>{_fmt(r['t1_ms'], '', 1)}</td>"
                    f"<td class='l'>{' '.join(f'{x:.2f}' for x in r['verify_ratio'])}</td></tr>")
     return "".join(out) + "</table>"
+
+
+def _draft_costs(cost_model: dict) -> str:
+    """The cost model's draft step per sampling mode, in t_1, and the later steps' where they differ."""
+    later = cost_model.get("later_draft_ratio", {})
+    return "".join(f" | draft step/t1 {mode} {r:.2f}" + (f" (the later ones {later[mode]:.2f})" if mode in later else "")
+                   for mode, r in cost_model["draft_ratio"].items())

@@ -237,9 +237,11 @@ def _row(config: Config, sampler: Sampler, records: dict, cost: dict, profile: d
     row["acceptance_rate"] = sum(s.accepted for s in verify) / drafted if depth and verify else None
     row["speedup_repeats"] = [a / b if a and b else None for a, b in zip(rates, base_rates)]
     verify_ratio = cost["verify_ratio"][depth] if depth < len(cost["verify_ratio"]) else None
-    draft_ratio = cost["draft_ratio"].get(sampling_mode(sampler.temperature), 0.0) if depth else 0.0
+    mode = sampling_mode(sampler.temperature)
+    draft_ratio = cost["draft_ratio"].get(mode, 0.0) if depth else 0.0
     if verify_ratio is not None and row["tokens_per_verify"]:
-        row["bound"] = speedup_bound(row["tokens_per_verify"], verify_ratio, draft_ratio, depth)
+        row["bound"] = speedup_bound(row["tokens_per_verify"], verify_ratio, draft_ratio, depth,
+                                     cost.get("later_draft_ratio", {}).get(mode))
         row["fraction_of_bound"] = row["speedup"] / row["bound"] if row.get("speedup") and row["bound"] else None
     row["phases"] = profile or None
     return row
@@ -267,11 +269,13 @@ def _notes(results: list[dict], cost: dict, blas: dict, quick: bool) -> list[str
     if bounds:
         top = max(bounds, key=lambda r: r["bound"])
         if top["bound"] < 1.5:
+            mode = sampling_mode(top["temperature"])
+            later = cost.get("later_draft_ratio", {}).get(mode)
             notes.append(
                 f"The cost curve caps MTP here: the best bound is {top['bound']:.2f}x (depth {top['depth']}, "
                 f"T={top['temperature']}, {top['tokens_per_verify']:.2f} tokens per verify against a verify of "
                 f"{cost['verify_ratio'][top['depth']]:.2f} t_1 plus {top['depth']} draft steps of "
-                f"{cost['draft_ratio'].get(sampling_mode(top['temperature']), 0):.2f} t_1).")
+                f"{cost['draft_ratio'].get(mode, 0):.2f} t_1{f', the ones after the first {later:.2f}' if later else ''}).")
     if quick:
         notes.append("quick mode: few prompts and tokens, one repeat: the figures are indicative only.")
     return notes

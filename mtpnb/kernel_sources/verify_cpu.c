@@ -1,6 +1,7 @@
 // mtpnb's CPU verify kernels (mtpnb/cpu_kernels.py compiles and calls them), float32:
 //   mtpnb_small_matmul  y[M, N] = x[M, K] . W[N, K]^T for 1 <= M <= 8 rows;
-//   mtpnb_gated_delta   the Gated DeltaNet recurrence over T steps (below).
+//   mtpnb_gated_delta   the Gated DeltaNet recurrence over T steps (below);
+//   mtpnb_qwen_head_steps  a Qwen3.5 MTP head's draft steps after the first (at the end).
 //
 // A verify of M tokens multiplies M rows by every weight matrix of the model. BLAS's gemm packs the
 // weights into panels sized for large M, so each extra row costs almost as much as the first (and
@@ -14,7 +15,9 @@
 //
 // Portable C with GCC/Clang vector extensions: compiled with -march=native it uses AVX-512, AVX2
 // or NEON registers of whatever width the machine has.
+#include <math.h>
 #include <stddef.h>
+#include <stdlib.h>
 #include <string.h>
 
 #if defined(__AVX512F__)
@@ -157,5 +160,124 @@ int mtpnb_gated_delta(const float* q, const float* k, const float* v, const floa
     if (threads < 1 || T < 16) threads = 1;  // a verify's few steps cost less than waking a thread
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int h = 0; h < H; h++) delta_head(q, k, v, g, beta, state0, y, state, states, T, H, Dk, Dv, h);
+    return 0;
+}
+
+// ---- Draft steps of a Qwen3.5 MTP head --------------------------------------------------------------
+// Draft steps after the first of a one-layer Qwen3.5 / Qwen3-Next MTP head (mtpnb/head.py's MTPHead:
+// pre-fc norms, fc, one gated full-attention decoder layer with a dense MLP, the final norm) and their
+// draft logits. Through MLX each step is about nine kernel calls, each waiting for the small MLX ops
+// before it (norms, RoPE, attention): on a CPU that waiting, not the arithmetic, was most of a draft
+// step. The rows of these steps never enter the head's KV cache (the engine would trim them after the
+// verify): each step attends over the cache's `offset` committed rows and the round's earlier draft
+// rows, which the caller keeps in drafted_keys / drafted_values [steps of the round, nkv * hd] between
+// calls. The drafts only propose: their numbers need not match MLX's bitwise (the verify decides).
+//
+// w: embed [V, H], pre_fc_norm_embedding [H], pre_fc_norm_hidden [H], fc [H, 2H], input_layernorm [H],
+// q_proj [nh * 2 * hd, H] (per head: query, then gate), k_proj, v_proj [nkv * hd, H], q_norm, k_norm
+// [hd], o_proj [H, nh * hd], post_attention_layernorm [H], gate_proj, up_proj [I, H], down_proj [H, I],
+// norm [H], draft [Vq, H] (the output rows the head drafts from). vocab [Vq]: their token ids (NULL:
+// row i is token i). dims: H, nh, nkv, hd, rot (RoPE's rotated dims, non-traditional), I, Vq.
+// keys, values: the cache [nkv, cap, hd]. g [H]: the previous step's output, overwritten with this
+// call's last; token: the previous step's draft. Runs `steps` steps from the round's step `first`
+// (0: the first after the head's step over the committed rows); logits [steps, Vq]. With `columns`,
+// greedy: each step's argmax row goes there and its token feeds the next step; without, one step (the
+// caller draws from its logits).
+enum { W_EMBED, W_NORM_E, W_NORM_H, W_FC, W_NORM_IN, W_Q, W_K, W_V, W_QNORM, W_KNORM, W_O, W_NORM_POST,
+       W_GATE, W_UP, W_DOWN, W_NORM, W_DRAFT, W_COUNT };
+
+static void rms_norm(const float* x, const float* w, float* y, int n, float eps) {
+    float ss = 0.0f;
+    for (int i = 0; i < n; i++) ss += x[i] * x[i];
+    const float r = 1.0f / sqrtf(ss / (float)n + eps);
+    for (int i = 0; i < n; i++) y[i] = x[i] * r * w[i];
+}
+
+static void rope(float* x, int rot, int position, float log_base) {
+    const int half = rot / 2;
+    for (int i = 0; i < half; i++) {
+        const float angle = (float)position * expf(-(float)i * log_base / (float)half);
+        const float c = cosf(angle), s = sinf(angle), x1 = x[i], x2 = x[i + half];
+        x[i] = x1 * c - x2 * s;
+        x[i + half] = x1 * s + x2 * c;
+    }
+}
+
+int mtpnb_qwen_head_steps(const float* const* w, const int* vocab, const int* dims, float eps, float log_base,
+                          const float* keys, const float* values, int cap, int offset, float* drafted_keys,
+                          float* drafted_values, int first, float* g, int token, int steps, int* columns,
+                          float* logits, int threads) {
+    const int H = dims[0], nh = dims[1], nkv = dims[2], hd = dims[3], rot = dims[4], I = dims[5], Vq = dims[6];
+    if (H < 1 || nh < 1 || nkv < 1 || nh % nkv || hd < 1 || rot > hd || rot % 2 || I < 1 || Vq < 1 || steps < 1
+        || offset < 0 || offset > cap || first < 0 || (!columns && steps != 1))
+        return -1;
+    const int qg = nh * 2 * hd, kvd = nkv * hd, group = nh / nkv;
+    const float scale = 1.0f / sqrtf((float)hd);
+    const size_t need = (size_t)2 * H + H + H + qg + 2 * kvd + nh * hd + 4 * H + 2 * I + offset + first + steps;
+    float* buf = malloc(sizeof(float) * need);
+    if (!buf) return -2;
+    float *x2 = buf, *z = x2 + 2 * H, *r = z + H, *q = r + H, *k = q + qg, *v = k + kvd, *att = v + kvd;
+    float *o = att + nh * hd, *h = o + H, *r2 = h + H, *mlp = r2 + H, *up = mlp + H, *gt = up + I;
+    float *score = gt + I, *kd = drafted_keys, *vd = drafted_values;
+    for (int s = first; s < first + steps; s++) {
+        const int position = offset + s;
+        rms_norm(w[W_EMBED] + (size_t)token * H, w[W_NORM_E], x2, H, eps);
+        rms_norm(g, w[W_NORM_H], x2 + H, H, eps);
+        mtpnb_small_matmul(x2, w[W_FC], z, 1, H, 2 * H, threads);
+        rms_norm(z, w[W_NORM_IN], r, H, eps);
+        mtpnb_small_matmul(r, w[W_Q], q, 1, qg, H, threads);
+        mtpnb_small_matmul(r, w[W_K], k, 1, kvd, H, threads);
+        mtpnb_small_matmul(r, w[W_V], v, 1, kvd, H, threads);
+        for (int j = 0; j < nkv; j++) {
+            float* kj = kd + (size_t)s * kvd + (size_t)j * hd;
+            rms_norm(k + (size_t)j * hd, w[W_KNORM], kj, hd, eps);
+            rope(kj, rot, position, log_base);
+        }
+        memcpy(vd + (size_t)s * kvd, v, sizeof(float) * kvd);
+        for (int i = 0; i < nh; i++) {
+            float qi[hd];
+            rms_norm(q + (size_t)i * 2 * hd, w[W_QNORM], qi, hd, eps);
+            rope(qi, rot, position, log_base);
+            const int j = i / group;
+            const float* Kj = keys + (size_t)j * cap * hd;
+            const float* Vj = values + (size_t)j * cap * hd;
+            float top = -INFINITY;
+            for (int t = 0; t < offset + s + 1; t++) {
+                const float* kt = t < offset ? Kj + (size_t)t * hd : kd + (size_t)(t - offset) * kvd + (size_t)j * hd;
+                score[t] = dot(qi, kt, hd) * scale;
+                if (score[t] > top) top = score[t];
+            }
+            float total = 0.0f;
+            for (int t = 0; t < offset + s + 1; t++) total += (score[t] = expf(score[t] - top));
+            float* out = att + (size_t)i * hd;
+            for (int d = 0; d < hd; d++) out[d] = 0.0f;
+            for (int t = 0; t < offset + s + 1; t++) {
+                const float* vt = t < offset ? Vj + (size_t)t * hd : vd + (size_t)(t - offset) * kvd + (size_t)j * hd;
+                const float p = score[t] / total;
+                for (int d = 0; d < hd; d++) out[d] += p * vt[d];
+            }
+            const float* gate = q + (size_t)i * 2 * hd + hd;
+            for (int d = 0; d < hd; d++) out[d] *= 1.0f / (1.0f + expf(-gate[d]));
+        }
+        mtpnb_small_matmul(att, w[W_O], o, 1, H, nh * hd, threads);
+        for (int i = 0; i < H; i++) h[i] = z[i] + o[i];
+        rms_norm(h, w[W_NORM_POST], r2, H, eps);
+        mtpnb_small_matmul(r2, w[W_GATE], gt, 1, I, H, threads);
+        mtpnb_small_matmul(r2, w[W_UP], up, 1, I, H, threads);
+        for (int i = 0; i < I; i++) gt[i] = gt[i] / (1.0f + expf(-gt[i])) * up[i];
+        mtpnb_small_matmul(gt, w[W_DOWN], mlp, 1, H, I, threads);
+        for (int i = 0; i < H; i++) h[i] += mlp[i];
+        rms_norm(h, w[W_NORM], g, H, eps);
+        float* row = logits + (size_t)(s - first) * Vq;
+        mtpnb_small_matmul(g, w[W_DRAFT], row, 1, Vq, H, threads);
+        if (columns) {
+            int best = 0;
+            for (int i = 1; i < Vq; i++)
+                if (row[i] > row[best]) best = i;
+            columns[s - first] = best;
+            token = vocab ? vocab[best] : best;
+        }
+    }
+    free(buf);
     return 0;
 }
