@@ -20,9 +20,10 @@ from ..sampling import Sampling, accept_greedy, accept_sampled
 
 def speedup_bound(tokens_per_verify: float, verify_ratio: float, draft_ratio: float, depth: int,
                   later_draft_ratio: float | None = None) -> float:
-    """E[tokens per verify] / (t_verify(D+1)/t_1 + D * t_draft/t_1): the speedup over plain decoding if
-    nothing but the trunk forwards and the head's steps cost time. `later_draft_ratio`: what each step
-    after the first costs when it differs (steps in C, mtpnb.cpu_kernels.HeadDraftSteps)."""
+    """E[tokens per verify] / ((t_verify(D+1) + t_draft + (D-1) t_later) / t_1): the speedup over plain
+    decoding if nothing but the trunk forwards and the head's steps cost time. `later_draft_ratio`: what
+    each step after the first costs when it differs (steps in C, mtpnb.cpu_kernels.HeadDraftSteps);
+    without it every step costs t_draft."""
     later = draft_ratio if later_draft_ratio is None else later_draft_ratio
     cost = verify_ratio + (draft_ratio + (depth - 1) * later if depth else 0.0)
     return tokens_per_verify / cost if cost > 0 else float("nan")
