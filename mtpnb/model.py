@@ -84,6 +84,13 @@ class Model:
         """The draft steps after the first of one round in C (mtpnb.cpu_kernels.HeadDraftSteps), from
         draft step 0's output g: their rows never enter head_cache. None where the kernel does not apply
         (then the head runs step by step through MLX)."""
+        kernel, cache = self._head_draft_steps(), head_cache.caches[0]
+        if kernel is None or cache.keys is None or cache.keys.dtype != mx.float32:
+            return None
+        return kernel.round(cache.keys, cache.values, cache.offset, g, steps)
+
+    def _head_draft_steps(self) -> cpu_kernels.HeadDraftSteps | None:
+        """The head's draft-steps kernel, built once; None where it does not apply."""
         if not isinstance(self.head, MTPHead) or type(self.head.fc) is not cpu_kernels.SmallBatchLinear:
             return None  # not a Qwen head, or the CPU kernels are not installed on it (any more)
         if self._draft_steps is None:
@@ -91,10 +98,7 @@ class Model:
             rows = head_weight.weight if self._draft_weight is None else self._draft_weight
             self._draft_steps = self.head.draft_steps_kernel(self._inner.embed_tokens.weight, rows,
                                                              self.draft_vocab) or False
-        cache = head_cache.caches[0]
-        if not self._draft_steps or cache.keys is None or cache.keys.dtype != mx.float32:
-            return None
-        return self._draft_steps.round(cache.keys, cache.values, cache.offset, g, steps)
+        return self._draft_steps or None
 
     def forward(self, ids: mx.array, cache=None, *, last_only: bool = False) -> tuple[mx.array, mx.array]:
         """ids [B, L] -> (post-norm hidden [B, L, H], logits [B, L, V]; [B, 1, V] with last_only, as a
@@ -201,7 +205,7 @@ class Model:
             "quantization": f"{quant['bits']}-bit, group {quant['group_size']}" if quant else None,
             "weights_mb": round((nbytes(self.trunk) + (nbytes(self.head) if self.head else 0)) / 2**20, 1),
             "verify_kernels": describe_coverage(_merge(coverage(self.trunk), coverage(self.head) if self.head else None)),
-            "cpu_kernels": cpu_kernels.describe(self.trunk, self.head),
+            "cpu_kernels": _with_head_steps(cpu_kernels.describe(self.trunk, self.head), self._head_draft_steps()),
             "device": str(mx.default_device()),
             "notes": list(self.notes),
         }
@@ -215,6 +219,10 @@ class Model:
             f"{i['layers']} layers ({i['linear_attention_layers']} linear-attention), {mtp}, "
             f"{i['dtype']}{q}, {i['weights_mb']} MB>"
         )
+
+
+def _with_head_steps(described: str | None, head_steps) -> str | None:
+    return f"{described}; the head's draft steps after the first in C" if described and head_steps else described
 
 
 def _merge(a: dict, b: dict | None) -> dict:

@@ -94,6 +94,7 @@ def test_the_head_kernel_drafts_what_the_head_drafts_step_by_step(checkpoints, w
     from mtpnb.sampling import Sampling
 
     model = mtpnb.load() if which.startswith("default") else mtpnb.load(checkpoints(family="qwen3_5"))
+    assert model.info()["cpu_kernels"].endswith("; the head's draft steps after the first in C")
     ids = [5, 7, 9, 11, 13, 17, 19, 23] * 3
     hidden, _ = model.forward(mx.array(ids)[None], cache=model.make_cache())
     head_cache = model.make_head_cache()
