@@ -294,7 +294,7 @@ class HeadDraftSteps:
         self._vocab = None if vocab is None else np.ascontiguousarray(np.asarray(vocab), dtype=np.int32)
         self._dims = (ctypes.c_int * len(dims))(*dims)
         self._eps, self._log_base = eps, math.log(rope_base)
-        self._hidden, self._kv_width, self._rows = dims[0], dims[2] * dims[3], dims[-1]
+        self._kv_width, self._rows = dims[2] * dims[3], dims[-1]
 
     def round(self, keys: mx.array, values: mx.array, offset: int, g: mx.array, steps: int) -> "DraftRound":
         """The steps after draft step 0 of one round: keys, values the head's KV cache [1, KV heads,

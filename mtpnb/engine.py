@@ -397,9 +397,8 @@ class DecodeLoop:
         if later is not None and sampling.greedy:  # all of them in one call
             more_columns, more_logits = later.greedy(draft)
             more = more_columns if model.draft_vocab is None else model.draft_vocab[more_columns]
-            return (mx.concatenate([mx.stack(drafts), more.astype(draft.dtype)]),
-                    mx.concatenate([mx.stack(dists), more_logits]),
-                    mx.concatenate([mx.stack(columns), more_columns.astype(column.dtype)]), 0)
+            return (mx.concatenate([draft[None], more.astype(draft.dtype)]), mx.concatenate([dist[None], more_logits]),
+                    mx.concatenate([column[None], more_columns.astype(column.dtype)]), 0)
         for j in range(1, self.depth):
             if later is not None:
                 draft, dist, column = draw_draft(model, sampling, later.step(draft), self._draw_key())

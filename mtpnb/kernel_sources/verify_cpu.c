@@ -184,7 +184,7 @@ int mtpnb_gated_delta(const float* q, const float* k, const float* v, const floa
 // greedy: each step's argmax row goes there and its token feeds the next step; without, one step (the
 // caller draws from its logits).
 enum { W_EMBED, W_NORM_E, W_NORM_H, W_FC, W_NORM_IN, W_Q, W_K, W_V, W_QNORM, W_KNORM, W_O, W_NORM_POST,
-       W_GATE, W_UP, W_DOWN, W_NORM, W_DRAFT, W_COUNT };
+       W_GATE, W_UP, W_DOWN, W_NORM, W_DRAFT };
 
 static void rms_norm(const float* x, const float* w, float* y, int n, float eps) {
     float ss = 0.0f;
