@@ -183,6 +183,20 @@ def test_unlikelihood_marks_the_repeats_of_a_continuation_up_to_its_end():
 
 
 @pytest.mark.torch
+def test_unlikelihood_can_leave_a_span_written_twice_alone():
+    torch = pytest.importorskip("torch", reason="needs the train extra (torch + transformers)")
+    from mtpnb.train.train import repeated_spans
+
+    twice, thrice = [11, 12, 13], [21, 22, 23]
+    continuation = twice + [5] + twice + [6] + thrice + [7] + thrice + [8] + thrice
+    ids = torch.tensor([continuation])
+    every, _ = repeated_spans(ids, 0, eos=0, span=3)
+    from_third, _ = repeated_spans(ids, 0, eos=0, span=3, occurrence=3)
+    assert torch.nonzero(every[0]).flatten().tolist() == [4, 5, 6, 12, 13, 14, 16, 17, 18]
+    assert torch.nonzero(from_third[0]).flatten().tolist() == [16, 17, 18]
+
+
+@pytest.mark.torch
 def test_a_continuation_that_ends_early_is_no_loop():
     torch = pytest.importorskip("torch", reason="needs the train extra (torch + transformers)")
     from mtpnb.train.train import loop_rate, repeated_spans

@@ -185,14 +185,21 @@ def _phase_description(phase: dict, hp: dict) -> str:
             "head step k against the real token, teacher-forced on the real tokens."
         )
     if phase["name"] == "unlikelihood":
+        where = (" that end where a function's body starts (after its docstring)"
+                 if hp.get("own_prefixes") == "function-body" else "")
+        how = "greedily and at T=0.6 in turn" if hp.get("unlikelihood_sampled") else "greedily"
+        repeats = ("in the third or a later occurrence of an 8-token span within that continuation (code writes "
+                   "many spans twice; the quality evaluation counts a loop from the third)"
+                   if hp.get("unlikelihood_occurrence", 2) == 3
+                   else "in an 8-token span repeated within that continuation")
         return (
             f"**unlikelihood** (peak lr {hp['unlikelihood_lr']:g}): a small model's greedy decoding falls into "
             "loops, so, as in sequence-level unlikelihood training (Welleck et al. 2019), the model continues "
-            f"{hp['unlikelihood_pool']} random {hp['unlikelihood_prefix']}-token prefixes of the training text "
-            f"greedily for {hp['unlikelihood_continuation']} tokens at a time, from its current weights, and "
+            f"{hp['unlikelihood_pool']} random {hp['unlikelihood_prefix']}-token prefixes of the training text"
+            f"{where} {how} for {hp['unlikelihood_continuation']} tokens at a time, from its current weights, and "
             f"`L = L_joint + {hp['unlikelihood_beta']:g} * mean_t -log(1 - p(x_t | x_<t))` over the "
-            "continuation tokens x_t that lie in an 8-token span repeated within that continuation (the joint "
-            "loss on real text keeps the rest of the distribution in place)."
+            f"continuation tokens x_t that lie {repeats}. The joint loss on real text keeps the rest of the "
+            "distribution in place."
         )
     return (
         f"**head** (peak lr {hp['head_lr']:g}): trunk, embeddings and lm_head frozen; "

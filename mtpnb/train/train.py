@@ -149,6 +149,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--unlikelihood-continuation", type=int, default=128, help="greedy tokens the model continues with")
     g.add_argument("--unlikelihood-pool", type=int, default=256,
                    help="continuations generated at a time (each step trains on batch-size of them)")
+    g.add_argument("--unlikelihood-occurrence", type=int, choices=(2, 3), default=2,
+                   help="penalize a repeated span from its 2nd occurrence on, or from its 3rd (where the "
+                        "quality evaluation counts a loop; code writes many spans twice)")
     g.add_argument("--unlikelihood-sampled", action="store_true",
                    help="continuations greedy and at T=0.6 in turn (both loop rates), not greedy only")
     g.add_argument("--own-prefixes", choices=("anywhere", "function-body"), default="anywhere",
@@ -275,20 +278,23 @@ def head_loss_own(model: MTPModel, batch: torch.Tensor, own: OwnContinuations, a
 REPEAT_SPAN = LOOP_SPAN  # a loop's unit, as the quality evaluation counts it
 
 
-def repeated_spans(ids: torch.Tensor, start: int, eos: int, span: int = REPEAT_SPAN) -> tuple[torch.Tensor, torch.Tensor]:
+def repeated_spans(ids: torch.Tensor, start: int, eos: int, span: int = REPEAT_SPAN,
+                   occurrence: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     """(repeated, valid), bool [B, L]: `valid` marks the continuation ids[:, start:] up to and with its first
-    `eos`; `repeated` the valid tokens inside a `span`-token window that already occurred earlier in it."""
+    `eos`; `repeated` the valid tokens inside a `span`-token window at its `occurrence`-th occurrence in it
+    or later (2: every repeat; 3: from where the quality evaluation calls it a loop, so that a span that
+    real code writes twice is not penalized)."""
     repeated = torch.zeros(ids.shape, dtype=torch.bool)
     valid = torch.zeros(ids.shape, dtype=torch.bool)
     for b, row in enumerate(ids[:, start:].tolist()):
         end = row.index(eos) + 1 if eos in row else len(row)
         valid[b, start : start + end] = True
-        seen = set()
+        seen = {}
         for i in range(end - span + 1):
             window = tuple(row[i : i + span])
-            if window in seen:
+            seen[window] = seen.get(window, 0) + 1
+            if seen[window] >= occurrence:
                 repeated[b, start + i : start + i + span] = True
-            seen.add(window)
     return repeated.to(ids.device), valid.to(ids.device)
 
 
@@ -337,6 +343,7 @@ class OwnContinuations:
         self.phase, self.sampled = phase, sampled
         self.tokens = torch.from_numpy(tokens.astype(np.int64)).to(args.device)
         self.prefix, self.continuation, self.pool = args.unlikelihood_prefix, args.unlikelihood_continuation, args.unlikelihood_pool
+        self.occurrence = args.unlikelihood_occurrence
         self.prefix_ends = None
         if prefix_ends is not None:
             self.prefix_ends = torch.from_numpy(prefix_ends[prefix_ends >= self.prefix].astype(np.int64)).to(args.device)
@@ -365,7 +372,7 @@ class OwnContinuations:
         self.model.train(was_training)
         ids = torch.nn.functional.pad(ids, (0, self.prefix + self.continuation - ids.shape[1]), value=self.eos)
         self.ids = ids
-        self.repeated, self.valid = repeated_spans(ids, self.prefix, self.eos)
+        self.repeated, self.valid = repeated_spans(ids, self.prefix, self.eos, occurrence=self.occurrence)
         self.used, self.generations = 0, self.generations + 1
         record = {"phase": self.phase, "generation": self.generations,
                   "own_continuations": {"sampling": "T=0.6" if sampling else "greedy",
