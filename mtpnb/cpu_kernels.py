@@ -21,9 +21,9 @@ ctypes on the arrays' memory. The call evaluates its input first: the kernel nee
 Before first use the library is checked against MLX's matmul and mlx-lm's recurrence on random data;
 with no compiler, a failed build or a failed check, a warning says so once and MLX's ops run.
 
-``HeadDraftSteps`` runs a one-layer Qwen3.5 MTP head's draft steps after the first in C, all of a
-round's in one call at greedy (through MLX each step is about nine kernel calls, each waiting for the
-MLX ops before it); ``mtpnb.head.MTPHead.draft_steps_kernel`` builds it where it applies.
+``HeadDraftSteps`` runs a one-layer Qwen3.5 MTP head's draft steps in C, all of a round's in one call
+at greedy (through MLX each step is about nine kernel calls, each waiting for the MLX ops before it);
+``mtpnb.head.MTPHead.draft_steps_kernel`` builds it where it applies.
 
 ``install(module)`` swaps float32 ``nn.Linear`` layers and a tied ``nn.Embedding``'s
 ``as_linear`` to the kernel-aware subclasses below (a class change on the existing objects; no
@@ -51,6 +51,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx_lm.models.cache import KVCache
 
 OPT_OUT_ENV = "MTPNB_NO_CPU_KERNEL"
 THREADS_ENV = "MTPNB_CPU_THREADS"
@@ -123,8 +124,8 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.mtpnb_gated_delta.restype = ctypes.c_int
     lib.mtpnb_qwen_head_steps.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_float] * 2 + [ctypes.c_void_p] * 2
                                           + [ctypes.c_int] * 2 + [ctypes.c_void_p] * 2 + [ctypes.c_int]
-                                          + [ctypes.c_void_p] + [ctypes.c_int] * 2 + [ctypes.c_void_p] * 2
-                                          + [ctypes.c_int])
+                                          + [ctypes.c_void_p] * 2 + [ctypes.c_int] + [ctypes.c_void_p]
+                                          + [ctypes.c_int] + [ctypes.c_void_p] * 2 + [ctypes.c_int])
     lib.mtpnb_qwen_head_steps.restype = ctypes.c_int
     if lib.mtpnb_max_rows() != MAX_ROWS:
         raise RuntimeError(f"the library takes {lib.mtpnb_max_rows()} rows, this module {MAX_ROWS}")
@@ -281,11 +282,10 @@ def gated_delta(q, k, v, g, beta, state, keep_states: bool = False):
 
 
 class HeadDraftSteps:
-    """A one-layer Qwen3.5 MTP head's draft steps after the first, in C (verify_cpu.c's
-    mtpnb_qwen_head_steps): through MLX each step waits on about nine kernel calls. `weights` in the C
-    function's order, as MLX arrays (kept: the calls read their memory); `vocab`: the token ids of the
-    draft rows (None: row i is token i); `dims`: H, heads, KV heads, head dim, RoPE's rotated dims, MLP
-    width, draft rows."""
+    """A one-layer Qwen3.5 MTP head's draft steps in C (verify_cpu.c's mtpnb_qwen_head_steps): through
+    MLX each step waits on about nine kernel calls. `weights` in the C function's order, as MLX arrays
+    (kept: the calls read their memory); `vocab`: the token ids of the draft rows (None: row i is token
+    i); `dims`: H, heads, KV heads, head dim, RoPE's rotated dims, MLP width, draft rows."""
 
     def __init__(self, weights: list, vocab: mx.array | None, dims: tuple, eps: float, rope_base: float):
         self._weights = weights
@@ -294,50 +294,67 @@ class HeadDraftSteps:
         self._vocab = None if vocab is None else np.ascontiguousarray(np.asarray(vocab), dtype=np.int32)
         self._dims = (ctypes.c_int * len(dims))(*dims)
         self._eps, self._log_base = eps, math.log(rope_base)
-        self._kv_width, self._rows = dims[2] * dims[3], dims[-1]
+        self._hidden_size, self._kv_heads, self._head_dim, self._rows = dims[0], dims[2], dims[3], dims[-1]
 
-    def round(self, keys: mx.array, values: mx.array, offset: int, g: mx.array, steps: int) -> "DraftRound":
-        """The steps after draft step 0 of one round: keys, values the head's KV cache [1, KV heads,
-        capacity, head dim] with `offset` committed rows (nothing enters it), g [.., H] step 0's output."""
-        mx.eval(keys, values, g)
-        return DraftRound(self, *(np.ascontiguousarray(np.asarray(a)[0]) for a in (keys, values)), offset,
-                          np.array(np.asarray(g, dtype=np.float32).reshape(-1)), steps)
+    def round(self, cache: KVCache, hidden: mx.array, tokens: list[int], steps: int) -> "DraftRound":
+        """One round of `steps` draft steps: step 0 over the positions the head has not read yet (hidden
+        [1, n, H], the token after each), whose K and V rows enter `cache` (the head's) as the MLX head's
+        would; the later steps' rows never do (the verify would trim them)."""
+        mx.eval(hidden)
+        rows = np.array(np.asarray(hidden.astype(mx.float32)).reshape(-1, self._hidden_size))
+        return DraftRound(self, cache, rows, np.array(tokens, dtype=np.int32), steps)
 
 
 class DraftRound:
-    """One round's draft steps after the first (HeadDraftSteps.round): all at once at greedy, or one at
-    a time with the caller drawing each draft."""
+    """One round's draft steps (HeadDraftSteps.round): all at once at greedy, or one at a time with the
+    caller drawing each draft."""
 
-    def __init__(self, kernel: HeadDraftSteps, keys: np.ndarray, values: np.ndarray, offset: int, g: np.ndarray,
-                 steps: int):
-        self._kernel, self._keys, self._values, self._offset, self._g = kernel, keys, values, offset, g
-        self._drafted = np.empty((2, steps, kernel._kv_width), dtype=np.float32)  # the round's own K, V rows
+    def __init__(self, kernel: HeadDraftSteps, cache: KVCache, hidden: np.ndarray, tokens: np.ndarray, steps: int):
+        self._kernel, self._cache, self._hidden, self._tokens = kernel, cache, hidden, tokens
+        # The round's K, V rows: step 0's (copied into the cache after its call), then one per later step.
+        self._rows = np.empty((2, len(tokens) + steps - 1, kernel._kv_heads * kernel._head_dim), dtype=np.float32)
+        self._g = np.empty(kernel._hidden_size, dtype=np.float32)  # the last step's output: the next one's input
         self._done, self._steps = 0, steps
 
-    def _run(self, token: mx.array, steps: int, columns: np.ndarray | None) -> np.ndarray:
-        k = self._kernel
+    def _run(self, token: mx.array | None, steps: int, columns: np.ndarray | None) -> np.ndarray:
+        k, cache, n = self._kernel, self._cache, len(self._tokens)
         if self._done + steps > self._steps:
             raise ValueError(f"a round of {self._steps} draft steps has {self._steps - self._done} left")
+        if (token is None) != (self._done == 0):
+            raise ValueError("step 0 takes no draft, a later step the previous step's")
+        if self._done:  # step 0's rows are the cache's now: the later steps' rows follow them
+            hidden, tokens, first, rows = self._g, np.array([token.item()], np.int32), self._done - 1, self._rows[:, n:]
+        else:
+            hidden, tokens, first, rows = self._hidden, self._tokens, 0, self._rows
+        keys = values = None
+        if cache.keys is not None:
+            mx.eval(cache.keys, cache.values)
+            keys, values = (np.ascontiguousarray(np.asarray(a)[0]) for a in (cache.keys, cache.values))
         logits = np.empty((steps, k._rows), dtype=np.float32)
         if library().mtpnb_qwen_head_steps(
                 k._pointers, None if k._vocab is None else k._vocab.ctypes.data, k._dims, k._eps, k._log_base,
-                self._keys.ctypes.data, self._values.ctypes.data, self._keys.shape[1], self._offset,
-                self._drafted[0].ctypes.data, self._drafted[1].ctypes.data, self._done, self._g.ctypes.data,
-                int(token.item()), steps, None if columns is None else columns.ctypes.data, logits.ctypes.data,
-                threads()):
-            raise ValueError(f"qwen_head_steps: sizes {list(k._dims)}, cache {self._keys.shape}, offset {self._offset}")
+                None if keys is None else keys.ctypes.data, None if values is None else values.ctypes.data,
+                0 if keys is None else keys.shape[1], cache.offset, rows[0].ctypes.data, rows[1].ctypes.data, first,
+                hidden.ctypes.data, tokens.ctypes.data, len(tokens), self._g.ctypes.data, steps,
+                None if columns is None else columns.ctypes.data, logits.ctypes.data, threads()):
+            raise ValueError(f"qwen_head_steps: sizes {list(k._dims)}, cache {None if keys is None else keys.shape}, "
+                             f"offset {cache.offset}")
+        if not self._done:  # [1, KV heads, n, head dim], as the MLX head's attention adds them
+            cache.update_and_fetch(*(mx.array(r[:n].reshape(n, k._kv_heads, k._head_dim).transpose(1, 0, 2))[None]
+                                     for r in self._rows))
         self._done += steps
         return logits
 
-    def greedy(self, token: mx.array) -> tuple[mx.array, mx.array]:
-        """Every step left at greedy, from the previous step's draft `token`: (each draft's row among the
-        draft rows [n], their logits [n, draft rows])."""
-        columns = np.empty(self._steps - self._done, dtype=np.int32)
-        logits = self._run(token, len(columns), columns)
+    def greedy(self) -> tuple[mx.array, mx.array]:
+        """The whole round at greedy, in one call: (each draft's row among the draft rows [steps], their
+        logits [steps, draft rows])."""
+        columns = np.empty(self._steps, dtype=np.int32)
+        logits = self._run(None, self._steps, columns)
         return mx.array(columns), mx.array(logits)
 
-    def step(self, token: mx.array) -> mx.array:
-        """The next step from the previous step's draft `token`: its logits over the draft rows."""
+    def step(self, token: mx.array | None = None) -> mx.array:
+        """The next step: step 0, then each later one from the previous step's draft `token`: its logits
+        over the draft rows."""
         return mx.array(self._run(token, 1, None)[0])
 
 

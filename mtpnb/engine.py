@@ -383,32 +383,7 @@ class DecodeLoop:
             decision, step = queued, step + 1
 
     def _draft(self, pending_hidden, pending_tokens, head_cache):
-        """Run the head depth times; return drafts [K], what they were drawn from [K, Vq] (log-probs
-        when sampling, raw logits at greedy; over the draft vocabulary when the model has one, else the
-        whole vocabulary), each draft's column in it [K], and how many draft rows entered the head's
-        cache (the verify's rollback takes them back)."""
-        sampling, model = self.sampling, self.model
-        # The first step runs over every pending position (they enter the head's cache); only the
-        # last one drafts, so only its logits are computed.
-        g = model.head(pending_hidden, model.embed(mx.array(pending_tokens)[None]), cache=head_cache)[:, -1:]
-        draft, dist, column = draft_token(model, sampling, g, self._draw_key(), step=0)
-        drafts, dists, columns = [draft], [dist], [column]
-        later = model.draft_round(g, head_cache, self.depth - 1) if self.depth > 1 else None  # the steps in C
-        if later is not None and sampling.greedy:  # all of them in one call
-            more_columns, more_logits = later.greedy(draft)
-            more = more_columns if model.draft_vocab is None else model.draft_vocab[more_columns]
-            return (mx.concatenate([draft[None], more.astype(draft.dtype)]), mx.concatenate([dist[None], more_logits]),
-                    mx.concatenate([column[None], more_columns.astype(column.dtype)]), 0)
-        for j in range(1, self.depth):
-            if later is not None:
-                draft, dist, column = draw_draft(model, sampling, later.step(draft), self._draw_key())
-            else:
-                g = model.head(g, model.embed(draft.reshape(1, 1)), cache=head_cache, step=j)
-                draft, dist, column = draft_token(model, sampling, g, self._draw_key(), step=j)
-            drafts.append(draft)
-            dists.append(dist)
-            columns.append(column)
-        return mx.stack(drafts), mx.stack(dists), mx.stack(columns), 0 if later is not None else self.depth - 1
+        return draft(self.model, self.sampling, self.depth, pending_hidden, pending_tokens, head_cache, self._draw_key)
 
     def _accept(self, logits, draft_dists, drafts, draft_columns):
         """The verdict on the drafts; q stays on the draft vocabulary (the acceptance reads it at the
@@ -448,6 +423,33 @@ def next_token(sampling: Sampling, logits: mx.array, key: mx.array | None) -> tu
     if sampling.greedy:
         return next_greedy(logits)
     return sample(sampling.logprobs(logits), key)
+
+
+def draft(model, sampling: Sampling, depth: int, pending_hidden: mx.array, pending_tokens: list[int], head_cache,
+          draw_key) -> tuple[mx.array, mx.array, mx.array, int]:
+    """One round of `depth` drafts from the positions the head has not read yet (pending_hidden [1, n, H],
+    pending_tokens the token after each; `draw_key()` gives each draw's key): drafts [K], what they were
+    drawn from [K, Vq] (log-probs when sampling, raw logits at greedy; over the draft vocabulary when the
+    model has one, else the whole vocabulary), each draft's column in it [K], and how many draft rows
+    entered the head's cache (the verify's rollback takes them back). Step 0 runs over every pending
+    position (they enter the head's cache) and only its last row drafts; in C where the kernel applies
+    (Model.draft_round), the whole round in one call at greedy."""
+    in_c = model.draft_round(pending_hidden, pending_tokens, head_cache, depth)
+    if in_c is not None and sampling.greedy:
+        columns, logits = in_c.greedy()
+        return (columns if model.draft_vocab is None else model.draft_vocab[columns]), logits, columns, 0
+    if in_c is not None:  # one call a step, MLX drawing each draft with the sampler
+        draws = [draw_draft(model, sampling, in_c.step(), draw_key())]
+        for _ in range(1, depth):
+            draws.append(draw_draft(model, sampling, in_c.step(draws[-1][0]), draw_key()))
+    else:
+        g = model.head(pending_hidden, model.embed(mx.array(pending_tokens)[None]), cache=head_cache)[:, -1:]
+        draws = [draft_token(model, sampling, g, draw_key(), step=0)]
+        for j in range(1, depth):
+            g = model.head(g, model.embed(draws[-1][0].reshape(1, 1)), cache=head_cache, step=j)
+            draws.append(draft_token(model, sampling, g, draw_key(), step=j))
+    drafts, dists, columns = (mx.stack(a) for a in zip(*draws))
+    return drafts, dists, columns, 0 if in_c is not None else depth - 1
 
 
 def draft_token(model, sampling: Sampling, g: mx.array, key: mx.array | None,

@@ -132,8 +132,8 @@ class MTPHead(nn.Module):
 
     def draft_steps_kernel(self, embed: mx.array, draft_rows: mx.array,
                            draft_vocab: mx.array | None) -> cpu_kernels.HeadDraftSteps | None:
-        """The C kernel for this head's draft steps after the first, given the embedding matrix
-        and the output rows it drafts from (their token ids `draft_vocab`, None: all); None where it does
+        """The C kernel for this head's draft steps, given the embedding matrix and the output rows
+        it drafts from (their token ids `draft_vocab`, None: all); None where it does
         not apply: not one dense layer, the CPU kernels not installed on it (quantized, another device,
         turned off), or a RoPE other than the plain one."""
         if len(self.layers) != 1:

@@ -80,14 +80,16 @@ class Model:
         g = self.head.pre_logits(g, step)
         return self.lm_head(g) if self._draft_weight is None else cpu_kernels.linear(g, self._draft_weight)
 
-    def draft_round(self, g: mx.array, head_cache: HeadCache, steps: int) -> cpu_kernels.DraftRound | None:
-        """The draft steps after the first of one round in C (mtpnb.cpu_kernels.HeadDraftSteps), from
-        draft step 0's output g: their rows never enter head_cache. None where the kernel does not apply
-        (then the head runs step by step through MLX)."""
+    def draft_round(self, hidden: mx.array, tokens: list[int], head_cache: HeadCache,
+                    steps: int) -> cpu_kernels.DraftRound | None:
+        """One round of `steps` draft steps in C (mtpnb.cpu_kernels.HeadDraftSteps) from the positions the
+        head has not read yet (hidden [1, n, H], the token after each): step 0's rows enter head_cache as
+        the MLX head's would, the later steps' never do. None where the kernel does not apply (then the
+        head runs step by step through MLX)."""
         kernel, cache = self._head_draft_steps(), head_cache.caches[0]
-        if kernel is None or cache.keys is None or cache.keys.dtype != mx.float32:
+        if kernel is None or (cache.keys is not None and cache.keys.dtype != mx.float32):
             return None
-        return kernel.round(cache.keys, cache.values, cache.offset, g, steps)
+        return kernel.round(cache, hidden, tokens, steps)
 
     def _head_draft_steps(self) -> cpu_kernels.HeadDraftSteps | None:
         """The head's draft-steps kernel, built once; None where it does not apply."""
@@ -222,7 +224,7 @@ class Model:
 
 
 def _with_head_steps(described: str | None, head_steps) -> str | None:
-    return f"{described}; the head's draft steps after the first in C" if described and head_steps else described
+    return f"{described}; the head's draft steps in C" if described and head_steps else described
 
 
 def _merge(a: dict, b: dict | None) -> dict:

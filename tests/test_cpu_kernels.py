@@ -88,38 +88,65 @@ def test_a_loaded_model_uses_them_and_says_so(hybrid_model):
     assert "SmallBatchLinear" in kinds and "Linear" not in kinds
 
 
+def _head_cache_rows(head_cache) -> list[np.ndarray]:
+    cache = head_cache.caches[0]
+    return [np.asarray(a[..., : cache.offset, :]) for a in (cache.keys, cache.values)]
+
+
+@pytest.mark.parametrize("pending, committed", [(1, 20), (4, 20), (3, 0)])
 @pytest.mark.parametrize("which", ["default model (draft vocabulary)", "random qwen3_5 checkpoint"])
-def test_the_head_kernel_drafts_what_the_head_drafts_step_by_step(checkpoints, which):
+def test_the_head_kernel_drafts_what_the_head_drafts_step_by_step(checkpoints, which, pending, committed):
+    """A round in C (step 0 over the pending rows, then three later steps) against the MLX head step by
+    step: the same greedy drafts, logits within 1e-4, and step 0's rows in the head's cache as MLX leaves
+    them (`committed` rows there before; none: a prompt of one token)."""
     from mtpnb.engine import draft_token
     from mtpnb.sampling import Sampling
 
     model = mtpnb.load() if which.startswith("default") else mtpnb.load(checkpoints(family="qwen3_5"))
-    assert model.info()["cpu_kernels"].endswith("; the head's draft steps after the first in C")
+    assert model.info()["cpu_kernels"].endswith("; the head's draft steps in C")
     ids = [5, 7, 9, 11, 13, 17, 19, 23] * 3
-    hidden, _ = model.forward(mx.array(ids)[None], cache=model.make_cache())
-    head_cache = model.make_head_cache()
-    g = model.head(hidden, model.embed(mx.array(ids[1:] + [29])[None]), cache=head_cache)[:, -1:]
-    greedy = Sampling(temperature=0.0)
-    first, _, _ = draft_token(model, greedy, g, None, step=0)
-    step_by_step, h, draft = [], g, first
-    for j in range(1, 4):
-        h = model.head(h, model.embed(draft.reshape(1, 1)), cache=head_cache, step=j)
-        draft, logits, column = draft_token(model, greedy, h, None, step=j)
-        step_by_step.append((draft, logits, column.item()))
-    head_cache.trim(3)
-    committed = head_cache.offset
-    want = np.stack([np.asarray(lg) for _, lg, _ in step_by_step])
+    hidden, _ = model.forward(mx.array(ids[: committed + pending])[None], cache=model.make_cache())
+    pending_hidden, pending_tokens = hidden[:, committed:], ids[committed + 1 : committed + pending] + [29]
 
-    columns, logits = model.draft_round(g, head_cache, 3).greedy(first)  # greedy: the three in one call
-    assert columns.tolist() == [c for _, _, c in step_by_step]
-    np.testing.assert_allclose(np.asarray(logits), want, rtol=1e-4, atol=1e-4)
-    one_by_one = model.draft_round(g, head_cache, 3)  # sampling: one call a step, the caller drawing
-    previous = [first] + [d for d, _, _ in step_by_step[:-1]]
-    got = np.stack([np.asarray(one_by_one.step(token)) for token in previous])
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    def head_cache_after_the_prefill():
+        head_cache = model.make_head_cache()
+        if committed:
+            model.head(hidden[:, :committed], model.embed(mx.array(ids[1 : committed + 1])[None]), cache=head_cache)
+            mx.eval(head_cache.state)
+        return head_cache
+
+    mlx_cache, greedy = head_cache_after_the_prefill(), Sampling(temperature=0.0)
+    g = model.head(pending_hidden, model.embed(mx.array(pending_tokens)[None]), cache=mlx_cache)[:, -1:]
+    step_by_step = [draft_token(model, greedy, g, None, step=0)]
+    for j in range(1, 4):
+        g = model.head(g, model.embed(step_by_step[-1][0].reshape(1, 1)), cache=mlx_cache, step=j)
+        step_by_step.append(draft_token(model, greedy, g, None, step=j))
+    mlx_cache.trim(3)  # the later steps' rows, as the engine's rollback takes them back
+    want_columns = [column.item() for _, _, column in step_by_step]
+    want_logits = np.stack([np.asarray(logits) for _, logits, _ in step_by_step])
+    want_cache = _head_cache_rows(mlx_cache)
+    assert mlx_cache.offset == committed + pending
+
+    def assert_the_cache_is_mlxs(head_cache):
+        assert head_cache.offset == mlx_cache.offset
+        for got, want in zip(_head_cache_rows(head_cache), want_cache):
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+    in_c = head_cache_after_the_prefill()
+    columns, logits = model.draft_round(pending_hidden, pending_tokens, in_c, 4).greedy()  # greedy: one call
+    assert columns.tolist() == want_columns
+    np.testing.assert_allclose(np.asarray(logits), want_logits, rtol=1e-4, atol=1e-4)
+    assert_the_cache_is_mlxs(in_c)
+
+    in_c = head_cache_after_the_prefill()
+    one_by_one = model.draft_round(pending_hidden, pending_tokens, in_c, 4)  # sampling: a call a step
+    got = [np.asarray(one_by_one.step())]
+    assert_the_cache_is_mlxs(in_c)  # step 0's rows are there before the later steps run
+    got += [np.asarray(one_by_one.step(draft)) for draft, _, _ in step_by_step[:-1]]
+    np.testing.assert_allclose(np.stack(got), want_logits, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="has 0 left"):
-        one_by_one.step(first)
-    assert head_cache.offset == committed  # their rows never enter the cache
+        one_by_one.step(step_by_step[-1][0])
+    assert_the_cache_is_mlxs(in_c)  # the later steps' rows never enter it
 
 
 def test_turning_them_off_keeps_the_greedy_text(checkpoints):

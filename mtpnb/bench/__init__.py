@@ -7,11 +7,12 @@ What one run does, in one process on one loaded model:
 
 1. Cost model. With the trunk's caches warm at a realistic context length (a code prompt plus half the
    generation), it times a trunk forward of M tokens, t_verify(M), for M = 1..D+1 (t_1 = t_verify(1) is
-   one plain decode step's forward), one draft step as the engine takes it (the head's layer, its logits
-   over the draft vocabulary, then argmax at greedy or the processed log-probabilities and a draw when
-   sampling: `engine.draft_token`), t_draft, and the acceptance of K drafts with
-   its host sync, t_accept(K). Every time is wall time around an `mx.eval` barrier, median of repeats.
-   The speedup bound of depth D is  E[tokens per verify] / (t_verify(D+1)/t_1 + D * t_draft/t_1)
+   one plain decode step's forward), the draft steps as the engine takes them (`engine.draft`: the head's
+   layer, its logits over the draft vocabulary, then argmax at greedy or the processed log-probabilities
+   and a draw when sampling; in C where the head kernel applies): a round's first step over one pending
+   position, t_draft, and each later step, t_later; and the acceptance of K drafts with its host sync,
+   t_accept(K). Every time is wall time around an `mx.eval` barrier, median of repeats.
+   The speedup bound of depth D is  E[tokens per verify] / ((t_verify(D+1) + t_draft + (D-1) t_later) / t_1)
    with E[tokens per verify] = 1 + mean accepted drafts per verify, measured in the runs.
 2. Runs. For every repeat, prompt and temperature: mlx-lm's `stream_generate` (plain decoding of the same
    trunk, same sampler settings), then mtpnb at depth 0, 1, ..., D, one after another (the order turns
@@ -38,7 +39,7 @@ code prompts stands in where the standard library's source is missing.
 The package's rooms: prompts (the code prompts), costs (the cost model), runs (one timed generation,
 the phase profile, the alternated schedule), stats (medians, rates, the parity test), suite
 (`run_bench`: all of it into a BenchReport), report (table, figures, JSON, HTML), cli (the options).
-It uses the engine's public surface only: Engine, draft_token, next_token, to_host, token_to_host and
+It uses the engine's public surface only: Engine, draft, next_token, to_host, token_to_host and
 mtpnb.rollback.rollback_cache.
 """
 

@@ -1,9 +1,10 @@
 """The cost model: what one verify, one draft step and one acceptance cost with warm caches, and the
 speedup bound they allow.
 
-The speedup bound of depth D is  E[tokens per verify] / (t_verify(D+1)/t_1 + D * t_draft/t_1)
-with E[tokens per verify] = 1 + mean accepted drafts per verify, measured in the runs. Every time is
-wall time around an `mx.eval` barrier, median of repeats."""
+The speedup bound of depth D is  E[tokens per verify] / ((t_verify(D+1) + t_draft + (D-1) t_later) / t_1)
+with E[tokens per verify] = 1 + mean accepted drafts per verify, measured in the runs, t_draft the first
+draft step of a round and t_later each later one. Every time is wall time around an `mx.eval` barrier,
+median of repeats."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from collections.abc import Sequence
 
 import mlx.core as mx
 
-from ..engine import draft_token, draw_draft, next_token, to_host, token_to_host
+from ..engine import draft, next_token, to_host, token_to_host
 from ..rollback import rollback_cache
 from ..sampling import Sampling, accept_greedy, accept_sampled
 
@@ -22,8 +23,7 @@ def speedup_bound(tokens_per_verify: float, verify_ratio: float, draft_ratio: fl
                   later_draft_ratio: float | None = None) -> float:
     """E[tokens per verify] / ((t_verify(D+1) + t_draft + (D-1) t_later) / t_1): the speedup over plain
     decoding if nothing but the trunk forwards and the head's steps cost time. `later_draft_ratio`: what
-    each step after the first costs when it differs (steps in C, mtpnb.cpu_kernels.HeadDraftSteps);
-    without it every step costs t_draft."""
+    each step after the first costs (draft_step_times); without it every step costs t_draft."""
     later = draft_ratio if later_draft_ratio is None else later_draft_ratio
     cost = verify_ratio + (draft_ratio + (depth - 1) * later if depth else 0.0)
     return tokens_per_verify / cost if cost > 0 else float("nan")
@@ -46,6 +46,33 @@ def median_time(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+def draft_step_times(model, sampling: Sampling, hidden: mx.array, token: int, head_cache, later_steps: int,
+                     repeats: int, key: mx.array | None = None) -> tuple[float, float]:
+    """(the first draft step, each later one) in seconds, as the engine drafts (mtpnb.engine.draft, to an
+    eval barrier): a round of one draft from one pending position (hidden [1, 1, H], `token` after it;
+    head_cache warm with the positions before), and what a round of 1 + later_steps drafts takes on top
+    of it, per step (median of paired differences: slow drifts of a shared machine cancel). The cache is
+    put back after every round."""
+
+    def round_time(depth):
+        t = time.perf_counter()
+        drafts, dists, columns, cached = draft(model, sampling, depth, hidden, [token], head_cache, lambda: key)
+        mx.eval(drafts, dists, columns, head_cache.state)  # step 0's rows in the cache: its work too
+        elapsed = time.perf_counter() - t
+        head_cache.trim(cached)  # the later steps' rows, as the verify's rollback takes them back
+        for layer_cache in head_cache.caches:  # and step 0's, which entered every layer's cache
+            layer_cache.trim(1)
+        return elapsed
+
+    for depth in (1, 1 + later_steps):  # warm-up of both shapes
+        round_time(depth)
+    firsts, extras = [], []
+    for _ in range(repeats):
+        firsts.append(round_time(1))
+        extras.append((round_time(1 + later_steps) - firsts[-1]) / later_steps)
+    return statistics.median(firsts), statistics.median(extras)
 
 
 def measure_costs(model, context_ids: Sequence[int], max_depth: int, samplings: dict[str, Sampling],
@@ -86,41 +113,29 @@ def measure_costs(model, context_ids: Sequence[int], max_depth: int, samplings: 
         "t1_ms": t1 * 1e3,
         "verify_ms": [verify_s[m] * 1e3 for m in range(1, max_m + 1)],
         "verify_ratio": [verify_s[m] / t1 for m in range(1, max_m + 1)],
-        "draft_step_ms": {},
+        "draft_step_ms": {},  # the first of a round, over one pending position
         "draft_ratio": {},
-        "later_draft_step_ms": {},  # the steps after the first, where the engine runs them otherwise
+        "later_draft_step_ms": {},  # each later one
         "later_draft_ratio": {},
         "accept_ms": {},
     }
     if not model.has_mtp:
         return out
+    # The head's cache warm with every position but the last two: a round reads the one before last (the
+    # context's last token after it; the last position has none).
     head_cache = model.make_head_cache()
-    g, _ = model.mtp_forward(hidden[:, :-1], ids[:, 1:], cache=head_cache)
-    mx.eval(g, head_cache.state)
-    g = g[:, -1:]
-    token = ids[:, -1:]
+    model.head(hidden[:, :-2], model.embed(ids[:, 1:-1]), cache=head_cache)
+    mx.eval(head_cache.state)
     _, verify_logits = verify(max_m)
     rollback_cache(cache, keep=0, discard=max_m)
     draft_logits = mx.stack([verify_logits[0, -1]] * max(max_depth, 1))
     for mode, sampling in samplings.items():
-        def draft_step():  # the engine's own: head layer, draft-vocabulary logits, the draw
-            g2 = model.head(g, model.embed(token), cache=head_cache, step=1)
-            d, dist, _ = draft_token(model, sampling, g2, key, step=1)
-            mx.eval(g2, d, dist)
-            head_cache.trim(1)
-
-        draft_step()
-        t_draft = median_time(draft_step, repeats)
+        t_draft, t_later = draft_step_times(model, sampling, hidden[:, -2:-1], context_ids[-1], head_cache,
+                                            max(max_depth - 1, 1), repeats, key)
         out["draft_step_ms"][mode] = t_draft * 1e3
         out["draft_ratio"][mode] = t_draft / t1
-        if model.draft_round(g, head_cache, 1) is not None:
-            def later_step():  # the engine's steps after the first: in C (draws in MLX when sampling)
-                later = model.draft_round(g, head_cache, 1)
-                mx.eval(later.greedy(token) if sampling.greedy else draw_draft(model, sampling, later.step(token), key))
-
-            t_later = median_time(later_step, repeats)
-            out["later_draft_step_ms"][mode] = t_later * 1e3
-            out["later_draft_ratio"][mode] = t_later / t1
+        out["later_draft_step_ms"][mode] = t_later * 1e3
+        out["later_draft_ratio"][mode] = t_later / t1
         accept_ms = []
         for k in range(max_depth + 1):
             lg = verify_logits[0, : k + 1]

@@ -1,7 +1,7 @@
 // mtpnb's CPU verify kernels (mtpnb/cpu_kernels.py compiles and calls them), float32:
 //   mtpnb_small_matmul  y[M, N] = x[M, K] . W[N, K]^T for 1 <= M <= 8 rows;
 //   mtpnb_gated_delta   the Gated DeltaNet recurrence over T steps (below);
-//   mtpnb_qwen_head_steps  a Qwen3.5 MTP head's draft steps after the first (at the end).
+//   mtpnb_qwen_head_steps  a Qwen3.5 MTP head's draft steps (at the end).
 //
 // A verify of M tokens multiplies M rows by every weight matrix of the model. BLAS's gemm packs the
 // weights into panels sized for large M, so each extra row costs almost as much as the first (and
@@ -164,25 +164,30 @@ int mtpnb_gated_delta(const float* q, const float* k, const float* v, const floa
 }
 
 // ---- Draft steps of a Qwen3.5 MTP head --------------------------------------------------------------
-// Draft steps after the first of a one-layer Qwen3.5 / Qwen3-Next MTP head (mtpnb/head.py's MTPHead:
-// pre-fc norms, fc, one gated full-attention decoder layer with a dense MLP, the final norm) and their
-// draft logits. Through MLX each step is about nine kernel calls, each waiting for the small MLX ops
-// before it (norms, RoPE, attention): on a CPU that waiting, not the arithmetic, was most of a draft
-// step. The rows of these steps never enter the head's KV cache (the engine would trim them after the
-// verify): each step attends over the cache's `offset` committed rows and the round's earlier draft
-// rows, which the caller keeps in drafted_keys / drafted_values [steps of the round, nkv * hd] between
-// calls. The drafts only propose: their numbers need not match MLX's bitwise (the verify decides).
+// The draft steps of a one-layer Qwen3.5 / Qwen3-Next MTP head (mtpnb/head.py's MTPHead: pre-fc norms, fc,
+// one gated full-attention decoder layer with a dense MLP, the final norm) and their draft logits. Through
+// MLX each step is about nine kernel calls, each waiting for the small MLX ops before it (norms, RoPE,
+// attention): on a CPU that waiting, not the arithmetic, was most of a draft step.
+//
+// A round's rows, at positions offset + r (r = 0, 1, ..): draft step 0's n input rows (the positions the
+// last verify committed, each with the token after it), then one row per later step (the previous step's
+// output g with its draft). Each row attends over the cache's `offset` committed rows and the round's rows
+// up to itself; the round's K and V rows (after k_norm and RoPE, as the MLX cache stores them) go to
+// round_keys / round_values [rows of the round, nkv * hd], which the caller keeps between calls and from
+// which it copies step 0's rows into the head's cache. Of a step's input rows only the last one drafts:
+// the others need their K and V only (one layer: nothing else of theirs is read).
+// The drafts only propose: their numbers need not match MLX's bitwise (the verify decides).
 //
 // w: embed [V, H], pre_fc_norm_embedding [H], pre_fc_norm_hidden [H], fc [H, 2H], input_layernorm [H],
 // q_proj [nh * 2 * hd, H] (per head: query, then gate), k_proj, v_proj [nkv * hd, H], q_norm, k_norm
 // [hd], o_proj [H, nh * hd], post_attention_layernorm [H], gate_proj, up_proj [I, H], down_proj [H, I],
 // norm [H], draft [Vq, H] (the output rows the head drafts from). vocab [Vq]: their token ids (NULL:
 // row i is token i). dims: H, nh, nkv, hd, rot (RoPE's rotated dims, non-traditional), I, Vq.
-// keys, values: the cache [nkv, cap, hd]. g [H]: the previous step's output, overwritten with this
-// call's last; token: the previous step's draft. Runs `steps` steps from the round's step `first`
-// (0: the first after the head's step over the committed rows); logits [steps, Vq]. With `columns`,
-// greedy: each step's argmax row goes there and its token feeds the next step; without, one step (the
-// caller draws from its logits).
+// keys, values: the cache [nkv, cap, hd] (NULL when offset is 0). The call's first step runs on the n
+// input rows hidden [n, H] (may be g when n is 1) and tokens [n], the first of them round row `first`;
+// g [H] gets each step's output. logits [steps, Vq]. With `columns`, greedy: each step's argmax row goes
+// there and its token, with g, is the next step's input row; without, one step (the caller draws from
+// its logits).
 enum { W_EMBED, W_NORM_E, W_NORM_H, W_FC, W_NORM_IN, W_Q, W_K, W_V, W_QNORM, W_KNORM, W_O, W_NORM_POST,
        W_GATE, W_UP, W_DOWN, W_NORM, W_DRAFT };
 
@@ -203,56 +208,75 @@ static void rope(float* x, int rot, int position, float log_base) {
     }
 }
 
+// y[M, N] = x[M, K] . W^T for any M: mtpnb_small_matmul on blocks of MAX_ROWS rows.
+static void matmul(const float* x, const float* W, float* y, int M, int N, int K, int threads) {
+    for (int m = 0; m < M; m += MAX_ROWS)
+        mtpnb_small_matmul(x + (size_t)m * K, W, y + (size_t)m * N, M - m < MAX_ROWS ? M - m : MAX_ROWS, N, K,
+                           threads);
+}
+
 int mtpnb_qwen_head_steps(const float* const* w, const int* vocab, const int* dims, float eps, float log_base,
-                          const float* keys, const float* values, int cap, int offset, float* drafted_keys,
-                          float* drafted_values, int first, float* g, int token, int steps, int* columns,
-                          float* logits, int threads) {
+                          const float* keys, const float* values, int cap, int offset, float* round_keys,
+                          float* round_values, int first, const float* hidden, const int* tokens, int n, float* g,
+                          int steps, int* columns, float* logits, int threads) {
     const int H = dims[0], nh = dims[1], nkv = dims[2], hd = dims[3], rot = dims[4], I = dims[5], Vq = dims[6];
     if (H < 1 || nh < 1 || nkv < 1 || nh % nkv || hd < 1 || rot > hd || rot % 2 || I < 1 || Vq < 1 || steps < 1
-        || offset < 0 || offset > cap || first < 0 || (!columns && steps != 1))
+        || n < 1 || offset < 0 || offset > cap || (offset && !(keys && values)) || first < 0
+        || (!columns && steps != 1))
         return -1;
     const int qg = nh * 2 * hd, kvd = nkv * hd, group = nh / nkv;
     const float scale = 1.0f / sqrtf((float)hd);
-    const size_t need = (size_t)2 * H + H + H + qg + 2 * kvd + nh * hd + 4 * H + 2 * I + offset + first + steps;
+    const size_t need = (size_t)n * (2 * H + H + H + 2 * kvd) + qg + nh * hd + 4 * H + 2 * I + offset + first + n
+                        + steps;
     float* buf = malloc(sizeof(float) * need);
     if (!buf) return -2;
-    float *x2 = buf, *z = x2 + 2 * H, *r = z + H, *q = r + H, *k = q + qg, *v = k + kvd, *att = v + kvd;
-    float *o = att + nh * hd, *h = o + H, *r2 = h + H, *mlp = r2 + H, *up = mlp + H, *gt = up + I;
-    float *score = gt + I, *kd = drafted_keys, *vd = drafted_values;
-    for (int s = first; s < first + steps; s++) {
-        const int position = offset + s;
-        rms_norm(w[W_EMBED] + (size_t)token * H, w[W_NORM_E], x2, H, eps);
-        rms_norm(g, w[W_NORM_H], x2 + H, H, eps);
-        mtpnb_small_matmul(x2, w[W_FC], z, 1, H, 2 * H, threads);
-        rms_norm(z, w[W_NORM_IN], r, H, eps);
-        mtpnb_small_matmul(r, w[W_Q], q, 1, qg, H, threads);
-        mtpnb_small_matmul(r, w[W_K], k, 1, kvd, H, threads);
-        mtpnb_small_matmul(r, w[W_V], v, 1, kvd, H, threads);
-        for (int j = 0; j < nkv; j++) {
-            float* kj = kd + (size_t)s * kvd + (size_t)j * hd;
-            rms_norm(k + (size_t)j * hd, w[W_KNORM], kj, hd, eps);
-            rope(kj, rot, position, log_base);
+    float *x2 = buf, *z = x2 + (size_t)n * 2 * H, *r = z + (size_t)n * H, *k = r + (size_t)n * H;
+    float *v = k + (size_t)n * kvd, *q = v + (size_t)n * kvd, *att = q + qg, *o = att + nh * hd, *h = o + H;
+    float *r2 = h + H, *mlp = r2 + H, *up = mlp + H, *gt = up + I, *score = gt + I;
+    int row0 = first, token = 0;  // token: the previous step's draft, for the steps after the call's first
+    for (int s = 0; s < steps; s++) {
+        const int m = s ? 1 : n;  // the step's input rows; the last one drafts
+        for (int i = 0; i < m; i++) {
+            rms_norm(w[W_EMBED] + (size_t)(s ? token : tokens[i]) * H, w[W_NORM_E], x2 + (size_t)i * 2 * H, H, eps);
+            rms_norm(s ? g : hidden + (size_t)i * H, w[W_NORM_H], x2 + (size_t)i * 2 * H + H, H, eps);
         }
-        memcpy(vd + (size_t)s * kvd, v, sizeof(float) * kvd);
+        matmul(x2, w[W_FC], z, m, H, 2 * H, threads);
+        for (int i = 0; i < m; i++) rms_norm(z + (size_t)i * H, w[W_NORM_IN], r + (size_t)i * H, H, eps);
+        matmul(r, w[W_K], k, m, kvd, H, threads);
+        matmul(r, w[W_V], v, m, kvd, H, threads);
+        for (int i = 0; i < m; i++) {
+            for (int j = 0; j < nkv; j++) {
+                float* kj = round_keys + (size_t)(row0 + i) * kvd + (size_t)j * hd;
+                rms_norm(k + (size_t)i * kvd + (size_t)j * hd, w[W_KNORM], kj, hd, eps);
+                rope(kj, rot, offset + row0 + i, log_base);
+            }
+            memcpy(round_values + (size_t)(row0 + i) * kvd, v + (size_t)i * kvd, sizeof(float) * kvd);
+        }
+        row0 += m;
+        const int seen = offset + row0;  // the rows the drafting row attends over, itself the last
+        const float *zl = z + (size_t)(m - 1) * H, *rl = r + (size_t)(m - 1) * H;
+        matmul(rl, w[W_Q], q, 1, qg, H, threads);
         for (int i = 0; i < nh; i++) {
             float qi[hd];
             rms_norm(q + (size_t)i * 2 * hd, w[W_QNORM], qi, hd, eps);
-            rope(qi, rot, position, log_base);
+            rope(qi, rot, seen - 1, log_base);
             const int j = i / group;
             const float* Kj = keys + (size_t)j * cap * hd;
             const float* Vj = values + (size_t)j * cap * hd;
             float top = -INFINITY;
-            for (int t = 0; t < offset + s + 1; t++) {
-                const float* kt = t < offset ? Kj + (size_t)t * hd : kd + (size_t)(t - offset) * kvd + (size_t)j * hd;
+            for (int t = 0; t < seen; t++) {
+                const float* kt = t < offset ? Kj + (size_t)t * hd
+                                             : round_keys + (size_t)(t - offset) * kvd + (size_t)j * hd;
                 score[t] = dot(qi, kt, hd) * scale;
                 if (score[t] > top) top = score[t];
             }
             float total = 0.0f;
-            for (int t = 0; t < offset + s + 1; t++) total += (score[t] = expf(score[t] - top));
+            for (int t = 0; t < seen; t++) total += (score[t] = expf(score[t] - top));
             float* out = att + (size_t)i * hd;
             for (int d = 0; d < hd; d++) out[d] = 0.0f;
-            for (int t = 0; t < offset + s + 1; t++) {
-                const float* vt = t < offset ? Vj + (size_t)t * hd : vd + (size_t)(t - offset) * kvd + (size_t)j * hd;
+            for (int t = 0; t < seen; t++) {
+                const float* vt = t < offset ? Vj + (size_t)t * hd
+                                             : round_values + (size_t)(t - offset) * kvd + (size_t)j * hd;
                 const float p = score[t] / total;
                 for (int d = 0; d < hd; d++) out[d] += p * vt[d];
             }
@@ -260,7 +284,7 @@ int mtpnb_qwen_head_steps(const float* const* w, const int* vocab, const int* di
             for (int d = 0; d < hd; d++) out[d] *= 1.0f / (1.0f + expf(-gate[d]));
         }
         mtpnb_small_matmul(att, w[W_O], o, 1, H, nh * hd, threads);
-        for (int i = 0; i < H; i++) h[i] = z[i] + o[i];
+        for (int i = 0; i < H; i++) h[i] = zl[i] + o[i];
         rms_norm(h, w[W_NORM_POST], r2, H, eps);
         mtpnb_small_matmul(r2, w[W_GATE], gt, 1, I, H, threads);
         mtpnb_small_matmul(r2, w[W_UP], up, 1, I, H, threads);
@@ -268,13 +292,13 @@ int mtpnb_qwen_head_steps(const float* const* w, const int* vocab, const int* di
         mtpnb_small_matmul(gt, w[W_DOWN], mlp, 1, H, I, threads);
         for (int i = 0; i < H; i++) h[i] += mlp[i];
         rms_norm(h, w[W_NORM], g, H, eps);
-        float* row = logits + (size_t)(s - first) * Vq;
+        float* row = logits + (size_t)s * Vq;
         mtpnb_small_matmul(g, w[W_DRAFT], row, 1, Vq, H, threads);
         if (columns) {
             int best = 0;
             for (int i = 1; i < Vq; i++)
                 if (row[i] > row[best]) best = i;
-            columns[s - first] = best;
+            columns[s] = best;
             token = vocab ? vocab[best] : best;
         }
     }
