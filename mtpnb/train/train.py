@@ -10,9 +10,11 @@ Up to three phases, each a plain loop (sample a batch, forward, loss, backward, 
    sequence-level unlikelihood training (Welleck et al. 2019, "Neural text generation with unlikelihood
    training") lowers the probability of what the model repeats in its *own* greedy continuations:
    L = L_joint(real text) + beta * mean_t [-log(1 - p(x_t | x_<t))] over continuation tokens x_t that are
-   part of a repeated REPEAT_SPAN-token span of that continuation (greedy ones, or greedy and T=0.6 ones in
-   turn with --unlikelihood-sampled; their prefixes end anywhere in the training text, or with
-   --own-prefixes function-body where a function's body starts, as the quality evaluation's prompts do);
+   part of a REPEAT_SPAN-token span at its second occurrence or later in that continuation (with
+   --unlikelihood-occurrence 3, its third or later: where the quality evaluation counts a loop). The
+   continuations are greedy, or greedy and T=0.6 in turn with --unlikelihood-sampled; their prefixes end
+   anywhere in the training text, or with --own-prefixes function-body where a function's body starts, as
+   the quality evaluation's prompts do;
 3. head: the trunk (embeddings and lm_head included) frozen, the head fitted by KL to the trunk's own
    next-token distribution at the position it drafts for; with --head-data own, on real text and on the
    model's own continuations (greedy and sampled), the text it drafts in use.
