@@ -186,7 +186,7 @@ class MTPMagics(Magics):
     @argument("--repeats", type=int, metavar="N", help="measured repeats of every configuration")
     @argument("--max-tokens", type=int, metavar="N", help="tokens per generation")
     @argument("--prompts", type=int, metavar="N", help="how many code prompts (default: mtpnb bench's)")
-    @argument("--quick", action="store_true", help="2 prompts, 32 tokens, 1 repeat: indicative figures in a minute")
+    @argument("--quick", action="store_true", help="2 prompts, 64 tokens, 1 repeat: indicative figures in a minute")
     @argument("--no-peers", action="store_true", help="skip mlx-lm's plain decoding")
     @argument("--no-phases", action="store_true", help="skip the per-phase profile")
     @argument("--html", metavar="PATH", help="also write the standalone HTML report")

@@ -73,7 +73,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("model", nargs="?", default=None, metavar="MODEL",
                         help="a model folder or Hugging Face repo id (default: the embedded default model)")
     parser.add_argument("--quick", action="store_true",
-                        help="a minute or two on 2 cores: 2 prompts, 32 tokens, 1 repeat (figures indicative only)")
+                        help="a minute or two on 2 cores: 2 prompts, 64 tokens, 1 repeat (figures indicative only)")
     parser.add_argument("--json", metavar="PATH", help="write the report as JSON")
     parser.add_argument("--html", metavar="PATH", help="write the report as standalone HTML (plotly inline)")
     parser.add_argument("--depths", type=depth_list, default=[0, 1, 2, 3, 4], metavar="LIST",

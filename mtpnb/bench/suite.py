@@ -23,7 +23,7 @@ from .stats import decode_rate, end_to_end_rate, json_safe, median, parity
 
 SCHEMA = "mtpnb.bench/1"
 FULL = {"prompts": 6, "max_tokens": 128, "repeats": 3, "warmup": 1, "cost_repeats": 9}
-QUICK = {"prompts": 2, "max_tokens": 32, "repeats": 1, "warmup": 1, "cost_repeats": 5}
+QUICK = {"prompts": 2, "max_tokens": 64, "repeats": 1, "warmup": 1, "cost_repeats": 5}
 
 Progress = Callable[[int, int, str], None]
 
