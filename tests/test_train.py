@@ -123,7 +123,7 @@ def smoke_model(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("smoke") / "model"
     main(["--smoke", "--out", str(out), "--data", str(out.parent / "corpus"), "--unlikelihood-steps", "2",
-          "--unlikelihood-prefix", "16", "--unlikelihood-continuation", "24", "--unlikelihood-pool", "4",
+          "--unlikelihood-prefix", "16", "24", "--unlikelihood-continuation", "24", "--unlikelihood-pool", "4",
           "--unlikelihood-sampled", "--own-prefixes", "function-body", "--head-data", "own"])
     return out
 
@@ -158,6 +158,7 @@ def test_smoke_training_writes_a_loadable_folder(smoke_model):
     # --unlikelihood-sampled: the unlikelihood phase's too (both loop rates)
     assert [g["own_continuations"]["sampling"] for g in generations if g["phase"] == "unlikelihood"] == ["greedy", "T=0.6"]
     assert training["hyperparameters"]["own_prefixes"] == "function-body"
+    assert {g["own_continuations"]["prefix"] for g in generations} == {16, 24}  # both prefix lengths
     assert all(np.isfinite(p["heldout"]["loss_main"]) for p in training["phases"])
     assert "## Evaluation on the held-out text" in (smoke_model / "README.md").read_text()
 
@@ -170,6 +171,15 @@ def test_smoke_training_writes_a_loadable_folder(smoke_model):
 
 
 @pytest.mark.torch
+def test_own_continuations_take_every_prefix_length_greedy_and_sampled_in_turn():
+    pytest.importorskip("torch", reason="needs the train extra (torch + transformers)")
+    from mtpnb.train.train import OWN_SAMPLING, own_pool_plan
+
+    sampled = [own_pool_plan(g, [128, 384], sampled=True) for g in range(5)]
+    assert sampled == [(128, {}), (128, OWN_SAMPLING), (384, {}), (384, OWN_SAMPLING), (128, {})]
+    assert [own_pool_plan(g, [128, 384], sampled=False) for g in range(3)] == [(128, {}), (384, {}), (128, {})]
+
+
 def test_unlikelihood_marks_the_repeats_of_a_continuation_up_to_its_end():
     torch = pytest.importorskip("torch", reason="needs the train extra (torch + transformers)")
     from mtpnb.train.train import repeated_spans

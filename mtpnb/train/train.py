@@ -14,7 +14,8 @@ Up to three phases, each a plain loop (sample a batch, forward, loss, backward, 
    --unlikelihood-occurrence 3, its third or later: where the quality evaluation counts a loop). The
    continuations are greedy, or greedy and T=0.6 in turn with --unlikelihood-sampled; their prefixes end
    anywhere in the training text, or with --own-prefixes function-body where a function's body starts, as
-   the quality evaluation's prompts do;
+   the quality evaluation's prompts do; with several --unlikelihood-prefix lengths, of those lengths in
+   turn (the evaluation's prompts run 100-350 tokens, and loops grow with the context);
 3. head: the trunk (embeddings and lm_head included) frozen, the head fitted by KL to the trunk's own
    next-token distribution at the position it drafts for; with --head-data own, on real text and on the
    model's own continuations (greedy and sampled), the text it drafts in use.
@@ -147,7 +148,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--unlikelihood-steps", type=int, default=0, help="unlikelihood steps (without --time-budget-s)")
     g.add_argument("--unlikelihood-lr", type=float, default=2e-4)
     g.add_argument("--unlikelihood-beta", type=float, default=1.0, help="weight of the unlikelihood term")
-    g.add_argument("--unlikelihood-prefix", type=int, default=128, help="tokens of real text before a continuation")
+    g.add_argument("--unlikelihood-prefix", type=int, nargs="+", default=[128],
+                   help="tokens of real text before a continuation; several: the pools of continuations take "
+                        "them in turn (with --unlikelihood-sampled, each greedy and at T=0.6): a model fitted "
+                        "against its loops after 128 tokens of context still loops after 300")
     g.add_argument("--unlikelihood-continuation", type=int, default=128, help="greedy tokens the model continues with")
     g.add_argument("--unlikelihood-pool", type=int, default=256,
                    help="continuations generated at a time (each step trains on batch-size of them)")
@@ -310,6 +314,14 @@ def loop_rate(ids: torch.Tensor, valid: torch.Tensor, start: int) -> float:
 OWN_SAMPLING = {"temperature": 0.6, "top_p": 0.95, "top_k": 20}  # the quality evaluation's sampled setting
 
 
+def own_pool_plan(generation: int, prefixes: list[int], sampled: bool) -> tuple[int, dict]:
+    """(prefix length, sampling) of the `generation`-th pool of own continuations: the prefix lengths in
+    turn, with `sampled` each twice, greedy then OWN_SAMPLING, so that every length gets both."""
+    if sampled:
+        return prefixes[(generation // 2) % len(prefixes)], OWN_SAMPLING if generation % 2 else {}
+    return prefixes[generation % len(prefixes)], {}
+
+
 def function_body_starts(tokens: np.ndarray, tokenizer) -> np.ndarray:
     """Positions in `tokens` where a function's body starts: right after the line that closes its
     docstring, where the quality evaluation's prompts end. Found on the tokens themselves: the second
@@ -336,19 +348,18 @@ class OwnContinuations:
     """The model's own continuations of real-text prefixes: `pool` generated at a time (one batched
     generate is latency-bound, so a large pool costs about what a small one does), handed out `batch_size`
     at a time, regenerated from the current weights when used up. Greedy, or with `sampled` greedy and
-    OWN_SAMPLING pools in turn. A prefix ends anywhere in the text, or with `prefix_ends` at one of
-    those positions (function_body_starts: where the quality evaluation asks for a body)."""
+    OWN_SAMPLING pools in turn, over the prefix lengths in turn (own_pool_plan). A prefix ends anywhere
+    in the text, or with `prefix_ends` at one of those positions (function_body_starts: where the quality
+    evaluation asks for a body)."""
 
     def __init__(self, model: MTPModel, tokens: np.ndarray, args, autocast, seed: int, history: list,
                  phase: str = "unlikelihood", sampled: bool = False, prefix_ends: np.ndarray | None = None):
         self.model, self.autocast, self.history = model, autocast, history
         self.phase, self.sampled = phase, sampled
         self.tokens = torch.from_numpy(tokens.astype(np.int64)).to(args.device)
-        self.prefix, self.continuation, self.pool = args.unlikelihood_prefix, args.unlikelihood_continuation, args.unlikelihood_pool
+        self.prefixes, self.continuation, self.pool = args.unlikelihood_prefix, args.unlikelihood_continuation, args.unlikelihood_pool
         self.occurrence = args.unlikelihood_occurrence
-        self.prefix_ends = None
-        if prefix_ends is not None:
-            self.prefix_ends = torch.from_numpy(prefix_ends[prefix_ends >= self.prefix].astype(np.int64)).to(args.device)
+        self.prefix_ends = None if prefix_ends is None else torch.from_numpy(prefix_ends.astype(np.int64)).to(args.device)
         self.eos = model.config.eos_token_id
         self.generator = torch.Generator(device=self.tokens.device).manual_seed(seed)
         self.ids = self.repeated = self.valid = None
@@ -356,29 +367,29 @@ class OwnContinuations:
 
     @torch.no_grad()
     def _generate(self) -> None:
+        prefix, sampling = own_pool_plan(self.generations, self.prefixes, self.sampled)
         if self.prefix_ends is None:
-            starts = torch.randint(0, len(self.tokens) - self.prefix, (self.pool, 1), generator=self.generator,
+            starts = torch.randint(0, len(self.tokens) - prefix, (self.pool, 1), generator=self.generator,
                                    device=self.tokens.device)
         else:
-            pick = torch.randint(0, len(self.prefix_ends), (self.pool, 1), generator=self.generator,
-                                 device=self.tokens.device)
-            starts = self.prefix_ends[pick] - self.prefix
-        prefixes = self.tokens[starts + torch.arange(self.prefix, device=self.tokens.device)]
+            ends = self.prefix_ends[self.prefix_ends >= prefix]
+            pick = torch.randint(0, len(ends), (self.pool, 1), generator=self.generator, device=self.tokens.device)
+            starts = ends[pick] - prefix
+        prefixes = self.tokens[starts + torch.arange(prefix, device=self.tokens.device)]
         was_training = self.model.training
         self.model.eval()
-        sampling = OWN_SAMPLING if self.sampled and self.generations % 2 else {}
         with self.autocast:
             ids = self.model.trunk.generate(
                 input_ids=prefixes, attention_mask=torch.ones_like(prefixes), max_new_tokens=self.continuation,
                 do_sample=bool(sampling), **sampling, pad_token_id=self.eos, eos_token_id=self.eos)
         self.model.train(was_training)
-        ids = torch.nn.functional.pad(ids, (0, self.prefix + self.continuation - ids.shape[1]), value=self.eos)
+        ids = torch.nn.functional.pad(ids, (0, prefix + self.continuation - ids.shape[1]), value=self.eos)
         self.ids = ids
-        self.repeated, self.valid = repeated_spans(ids, self.prefix, self.eos, occurrence=self.occurrence)
+        self.repeated, self.valid = repeated_spans(ids, prefix, self.eos, occurrence=self.occurrence)
         self.used, self.generations = 0, self.generations + 1
         record = {"phase": self.phase, "generation": self.generations,
-                  "own_continuations": {"sampling": "T=0.6" if sampling else "greedy",
-                                        "loop_rate": loop_rate(ids, self.valid, self.prefix),
+                  "own_continuations": {"sampling": "T=0.6" if sampling else "greedy", "prefix": prefix,
+                                        "loop_rate": loop_rate(ids, self.valid, prefix),
                                         "repeated_share": float(self.repeated.sum() / self.valid.sum()),
                                         "mean_length": float(self.valid.sum() / len(ids))}}
         self.history.append(record)
@@ -602,9 +613,9 @@ def main(argv: list[str] | None = None) -> None:
     prefix_ends = None
     if args.own_prefixes == "function-body" and (unlikelihood or args.head_data == "own"):
         prefix_ends = function_body_starts(train_tokens, load_tokenizer(args.data))
-        if not (prefix_ends >= args.unlikelihood_prefix).any():
+        if not (prefix_ends >= max(args.unlikelihood_prefix)).any():
             raise SystemExit(f"--own-prefixes function-body: no function body starts after "
-                             f"{args.unlikelihood_prefix} tokens of {args.data}'s training text")
+                             f"{max(args.unlikelihood_prefix)} tokens of {args.data}'s training text")
         print(f"own continuations start at {len(prefix_ends)} function bodies", flush=True)
     if unlikelihood:
         own = OwnContinuations(model, train_tokens, args, autocast, args.seed + 3, progress.history,
