@@ -223,7 +223,7 @@ def test_a_continuation_that_ends_early_is_no_loop():
 @pytest.mark.parametrize("vocab_size", [300, 2000])  # a small vocabulary keeps `"""` and the line end apart
 def test_own_continuations_can_start_where_a_function_body_does(vocab_size):
     pytest.importorskip("torch", reason="needs the train extra (torch + transformers)")
-    from mtpnb.train.train import function_body_starts
+    from mtpnb.train.train import def_line_ends, function_body_starts
 
     source = (
         '"""A module docstring."""\n'
@@ -237,6 +237,9 @@ def test_own_continuations_can_start_where_a_function_body_does(vocab_size):
     starts = function_body_starts(np.array(ids + [0] + ids[:12]), tokenizer)  # a file ending mid-signature
     bodies = [tokenizer.decode(ids[s:]).splitlines()[0] for s in starts]
     assert bodies == ["    return 3.14159 * r * r", "        return Shape(self.size * k)"]
+    # after a `def` line: where a bare signature asks for its body (a docstring here, or the code)
+    after_def = [tokenizer.decode(ids[s:]).splitlines()[0].strip() for s in def_line_ends(np.array(ids + [0] + ids[:12]), tokenizer)]
+    assert after_def == ['"""The area of a circle of radius r."""', '"""', 'return "shape"']
 
 
 @pytest.mark.torch

@@ -195,7 +195,9 @@ def _phase_description(phase: dict, hp: dict) -> str:
         )
     if phase["name"] == "unlikelihood":
         where = (" that end where a function's body starts (after its docstring)"
-                 if hp.get("own_prefixes") == "function-body" else "")
+                 if hp.get("own_prefixes") == "function-body"
+                 else " that end where a function's body starts (after its docstring) or after a `def` line"
+                 if hp.get("own_prefixes") == "function" else "")
         how = "greedily and at T=0.6 in turn" if hp.get("unlikelihood_sampled") else "greedily"
         repeats = ("in the third or a later occurrence of an 8-token span within that continuation (code writes "
                    "many spans twice; the quality evaluation counts a loop from the third)"

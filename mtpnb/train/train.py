@@ -160,10 +160,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "quality evaluation counts a loop; code writes many spans twice)")
     g.add_argument("--unlikelihood-sampled", action="store_true",
                    help="continuations greedy and at T=0.6 in turn (both loop rates), not greedy only")
-    g.add_argument("--own-prefixes", choices=("anywhere", "function-body"), default="anywhere",
+    g.add_argument("--own-prefixes", choices=("anywhere", "function-body", "function"), default="anywhere",
                    help="where the model's own continuations start (unlikelihood, --head-data own): anywhere in "
-                        "the training text, or where a function's body starts (after its docstring, as the "
-                        "quality evaluation's prompts end)")
+                        "the training text; where a function's body starts (after its docstring, as the "
+                        "quality evaluation's prompts end); or there and after a `def` line (as a bare "
+                        "signature, the notebooks' `def fibonacci(n):`, asks for a body)")
     g.add_argument("--head-data", choices=("real", "own"), default="real",
                    help="the head phase's text: real text, or real text and the model's own continuations "
                         "(the unlikelihood prefix/continuation lengths, greedy and at T=0.6 in turn)")
@@ -342,6 +343,21 @@ def function_body_starts(tokens: np.ndarray, tokenizer) -> np.ndarray:
     closing = np.flatnonzero(ends_quote[tokens] & (ends_line[tokens] | line_end_next) & (last_def > last_eos))
     closing = closing[quotes_so_far[closing] - quotes_so_far[last_def[closing]] == 2]
     return closing + np.where(ends_line[tokens[closing]], 1, 2)
+
+
+def def_line_ends(tokens: np.ndarray, tokenizer) -> np.ndarray:
+    """Positions in `tokens` right after the first token holding a line end that follows a `def` token (no
+    end of file between): where a bare signature (or the first line of a long one) asks for what comes next."""
+    pieces = [tokenizer.decode([i]) for i in range(tokenizer.get_vocab_size())]
+    is_def = np.array([p.strip() == "def" for p in pieces])
+    has_line_end = np.array(["\n" in p or "\r" in p for p in pieces])
+    line_ends = np.flatnonzero(has_line_end[tokens])
+    defs = np.flatnonzero(is_def[tokens])
+    after = np.searchsorted(line_ends, defs)
+    defs, ends = defs[after < len(line_ends)], line_ends[after[after < len(line_ends)]] + 1
+    eos = np.flatnonzero(tokens == tokenizer.token_to_id(EOS_TOKEN))
+    same_file = np.searchsorted(eos, defs) == np.searchsorted(eos, ends)
+    return np.unique(ends[same_file])
 
 
 class OwnContinuations:
@@ -611,10 +627,13 @@ def main(argv: list[str] | None = None) -> None:
     own = own_for_head = None
     unlikelihood = bool(args.unlikelihood_fraction or args.unlikelihood_steps)
     prefix_ends = None
-    if args.own_prefixes == "function-body" and (unlikelihood or args.head_data == "own"):
-        prefix_ends = function_body_starts(train_tokens, load_tokenizer(args.data))
+    if args.own_prefixes != "anywhere" and (unlikelihood or args.head_data == "own"):
+        tokenizer = load_tokenizer(args.data)
+        prefix_ends = function_body_starts(train_tokens, tokenizer)
+        if args.own_prefixes == "function":
+            prefix_ends = np.union1d(prefix_ends, def_line_ends(train_tokens, tokenizer))
         if not (prefix_ends >= max(args.unlikelihood_prefix)).any():
-            raise SystemExit(f"--own-prefixes function-body: no function body starts after "
+            raise SystemExit(f"--own-prefixes {args.own_prefixes}: no function body starts after "
                              f"{max(args.unlikelihood_prefix)} tokens of {args.data}'s training text")
         print(f"own continuations start at {len(prefix_ends)} function bodies", flush=True)
     if unlikelihood:
