@@ -175,12 +175,12 @@ def _quality_rows(quality: dict) -> list[str]:
 
 
 def _prefix_lengths(hp: dict) -> str:
-    """The own continuations' prefix lengths as the card says them: "128", or "128, 256 or 512 (in turn)"
-    (a run before several lengths recorded one number)."""
+    """The own continuations' prefix lengths as the card says them: "128 tokens", or "128, 256 or 512
+    tokens (in turn)" (a run before several lengths recorded one number)."""
     lengths = hp["unlikelihood_prefix"]
     if isinstance(lengths, int) or len(lengths) == 1:
-        return str(lengths if isinstance(lengths, int) else lengths[0])
-    return f"{', '.join(map(str, lengths[:-1]))} or {lengths[-1]} (in turn)"
+        return f"{lengths if isinstance(lengths, int) else lengths[0]} tokens"
+    return f"{', '.join(map(str, lengths[:-1]))} or {lengths[-1]} tokens (in turn)"
 
 
 def _phase_description(phase: dict, hp: dict) -> str:
@@ -206,7 +206,7 @@ def _phase_description(phase: dict, hp: dict) -> str:
         return (
             f"**unlikelihood** (peak lr {hp['unlikelihood_lr']:g}): a small model's greedy decoding falls into "
             "loops, so, as in sequence-level unlikelihood training (Welleck et al. 2019), the model continues "
-            f"{hp['unlikelihood_pool']} random {_prefix_lengths(hp)}-token prefixes of the training text"
+            f"{hp['unlikelihood_pool']} random prefixes of {_prefix_lengths(hp)} of the training text"
             f"{where} {how} for {hp['unlikelihood_continuation']} tokens at a time, from its current weights, and "
             f"`L = L_joint + {hp['unlikelihood_beta']:g} * mean_t -log(1 - p(x_t | x_<t))` over the "
             f"continuation tokens x_t that lie {repeats}. The joint loss on real text keeps the rest of the "
@@ -217,7 +217,7 @@ def _phase_description(phase: dict, hp: dict) -> str:
         "`sum_k a_k KL(p_trunk(. | x[..t+k]) || q_k)`, the head fitted to the trunk's own next-token "
         "distribution, which is what speculative acceptance rewards"
         + (f"; on real text and, in equal measure, on the model's own {hp['unlikelihood_continuation']}-token "
-           f"continuations of {_prefix_lengths(hp)}-token prefixes (greedy and at T=0.6 in turn, "
+           f"continuations of prefixes of {_prefix_lengths(hp)} (greedy and at T=0.6 in turn, "
            f"{hp['unlikelihood_pool']} at a time), the text it drafts in use."
            if hp.get("head_data") == "own" else ".")
     )
