@@ -180,6 +180,7 @@ def test_own_continuations_take_every_prefix_length_greedy_and_sampled_in_turn()
     assert [own_pool_plan(g, [128, 384], sampled=False) for g in range(3)] == [(128, {}), (384, {}), (128, {})]
 
 
+@pytest.mark.torch
 def test_unlikelihood_marks_the_repeats_of_a_continuation_up_to_its_end():
     torch = pytest.importorskip("torch", reason="needs the train extra (torch + transformers)")
     from mtpnb.train.train import repeated_spans

@@ -14,8 +14,9 @@ Up to three phases, each a plain loop (sample a batch, forward, loss, backward, 
    --unlikelihood-occurrence 3, its third or later: where the quality evaluation counts a loop). The
    continuations are greedy, or greedy and T=0.6 in turn with --unlikelihood-sampled; their prefixes end
    anywhere in the training text, or with --own-prefixes function-body where a function's body starts, as
-   the quality evaluation's prompts do; with several --unlikelihood-prefix lengths, of those lengths in
-   turn (the evaluation's prompts run 100-350 tokens, and loops grow with the context);
+   the quality evaluation's prompts do (function: there and after a `def` line, as a bare signature);
+   with several --unlikelihood-prefix lengths, of those lengths in turn (the evaluation's prompts run
+   100-350 tokens, and loops grow with the context);
 3. head: the trunk (embeddings and lm_head included) frozen, the head fitted by KL to the trunk's own
    next-token distribution at the position it drafts for; with --head-data own, on real text and on the
    model's own continuations (greedy and sampled), the text it drafts in use.
@@ -323,14 +324,19 @@ def own_pool_plan(generation: int, prefixes: list[int], sampled: bool) -> tuple[
     return prefixes[generation % len(prefixes)], {}
 
 
+def _token_pieces(tokenizer) -> tuple[list[str], np.ndarray]:
+    """Every token's text, and which tokens are the keyword `def`."""
+    pieces = [tokenizer.decode([i]) for i in range(tokenizer.get_vocab_size())]
+    return pieces, np.array([p.strip() == "def" for p in pieces])
+
+
 def function_body_starts(tokens: np.ndarray, tokenizer) -> np.ndarray:
     """Positions in `tokens` where a function's body starts: right after the line that closes its
     docstring, where the quality evaluation's prompts end. Found on the tokens themselves: the second
     `\"\"\"` since the last `def` token (no end of file between) ends a token whose line ends there, in that
     token or in the next one (a bare line end; small vocabularies keep it apart). A bare string later in a
     body passes too; that is rare, and still a place where a body goes on."""
-    pieces = [tokenizer.decode([i]) for i in range(tokenizer.get_vocab_size())]
-    is_def = np.array([p.strip() == "def" for p in pieces])
+    pieces, is_def = _token_pieces(tokenizer)
     quotes = np.array([p.count('"""') for p in pieces])
     ends_quote = np.array([p.rstrip("\r\n").endswith('"""') for p in pieces])
     ends_line = np.array([p.endswith(("\n", "\r")) for p in pieces])
@@ -348,8 +354,7 @@ def function_body_starts(tokens: np.ndarray, tokenizer) -> np.ndarray:
 def def_line_ends(tokens: np.ndarray, tokenizer) -> np.ndarray:
     """Positions in `tokens` right after the first token holding a line end that follows a `def` token (no
     end of file between): where a bare signature (or the first line of a long one) asks for what comes next."""
-    pieces = [tokenizer.decode([i]) for i in range(tokenizer.get_vocab_size())]
-    is_def = np.array([p.strip() == "def" for p in pieces])
+    pieces, is_def = _token_pieces(tokenizer)
     has_line_end = np.array(["\n" in p or "\r" in p for p in pieces])
     line_ends = np.flatnonzero(has_line_end[tokens])
     defs = np.flatnonzero(is_def[tokens])
@@ -365,8 +370,8 @@ class OwnContinuations:
     generate is latency-bound, so a large pool costs about what a small one does), handed out `batch_size`
     at a time, regenerated from the current weights when used up. Greedy, or with `sampled` greedy and
     OWN_SAMPLING pools in turn, over the prefix lengths in turn (own_pool_plan). A prefix ends anywhere
-    in the text, or with `prefix_ends` at one of those positions (function_body_starts: where the quality
-    evaluation asks for a body)."""
+    in the text, or with `prefix_ends` at one of those positions (function_body_starts, def_line_ends: where
+    a prompt asks for a body)."""
 
     def __init__(self, model: MTPModel, tokens: np.ndarray, args, autocast, seed: int, history: list,
                  phase: str = "unlikelihood", sampled: bool = False, prefix_ends: np.ndarray | None = None):
@@ -633,9 +638,9 @@ def main(argv: list[str] | None = None) -> None:
         if args.own_prefixes == "function":
             prefix_ends = np.union1d(prefix_ends, def_line_ends(train_tokens, tokenizer))
         if not (prefix_ends >= max(args.unlikelihood_prefix)).any():
-            raise SystemExit(f"--own-prefixes {args.own_prefixes}: no function body starts after "
+            raise SystemExit(f"--own-prefixes {args.own_prefixes}: no place to start a continuation after "
                              f"{max(args.unlikelihood_prefix)} tokens of {args.data}'s training text")
-        print(f"own continuations start at {len(prefix_ends)} function bodies", flush=True)
+        print(f"own continuations start at {len(prefix_ends)} places ({args.own_prefixes})", flush=True)
     if unlikelihood:
         own = OwnContinuations(model, train_tokens, args, autocast, args.seed + 3, progress.history,
                                sampled=args.unlikelihood_sampled, prefix_ends=prefix_ends)
