@@ -14,7 +14,7 @@ import pytest
 from scipy.stats import binomtest, chisquare
 
 from mtpnb.errors import MTPNBError
-from mtpnb.sampling import Sampling, accept_greedy, accept_sampled, sample
+from mtpnb.sampling import Sampling, accept_greedy, accept_sampled, exp, logsumexp, sample
 
 V, K, N = 8, 3, 100_000
 
@@ -110,6 +110,23 @@ def test_sample_follows_p_and_never_draws_a_zero():
     np.testing.assert_allclose(np.array(probs), p[np.array(tokens)], rtol=1e-5)
     one_hot_at_either_end = sample(_log(np.eye(V)[[0, V - 1]]), mx.random.key(12))[0]
     assert np.all(np.array(one_hot_at_either_end) == [0, V - 1])
+
+
+def test_exp_is_as_accurate_as_mlxs_and_exactly_zero_where_a_token_is_filtered():
+    """sampling.exp (a polynomial: MLX's CPU exp is slow) against float64, beside mx.exp; -inf and
+    results below float32's normal range are 0, as mx.exp gives them; logsumexp as mx.logsumexp."""
+    x = np.linspace(-87, 88, 1_000_001, dtype=np.float32)  # float32's normal range
+    want = np.exp(x.astype(np.float64))
+    ours = np.abs(np.array(mx.compile(exp)(mx.array(x))) / want - 1).max()
+    mlxs = np.abs(np.array(mx.exp(mx.array(x))) / want - 1).max()  # 3.9e-6: x * log2(e) rounds in float32
+    assert ours < 5e-6 and ours < 1.1 * mlxs
+    edges = mx.array([-mx.inf, -1e4, -88.0, -87.0, 0.0, 88.0])
+    np.testing.assert_allclose(np.array(exp(edges)), np.exp(np.array([-np.inf, -1e4, -np.inf, -87.0, 0.0, 88.0])),
+                               rtol=5e-6)
+    rows = mx.array([[-mx.inf] * 4, [1.0, 2.0, 3.0, -mx.inf], [-500.0, -499.0, -mx.inf, -501.0]])
+    assert np.array_equal(np.isneginf(np.array(logsumexp(rows))), [True, False, False])
+    np.testing.assert_allclose(np.array(logsumexp(rows))[1:], np.array(mx.logsumexp(rows, axis=-1))[1:], rtol=1e-6)
+    assert logsumexp(rows, keepdims=True).shape == (3, 1)
 
 
 def test_processed_distribution_filters_then_tempers():
