@@ -131,11 +131,13 @@ def _load(path: Path) -> ctypes.CDLL:
         for key, value in OPENMP_ENV.items():
             os.environ.setdefault(key, value)
     lib = ctypes.CDLL(str(path))
-    lib.mtpnb_small_matmul.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 4
-    lib.mtpnb_small_matmul.restype = ctypes.c_int
+    for matmul in (lib.mtpnb_small_matmul, lib.mtpnb_small_matmul_bf16):
+        matmul.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 4
+        matmul.restype = ctypes.c_int
     lib.mtpnb_gated_delta.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_int] * 5
     lib.mtpnb_gated_delta.restype = ctypes.c_int
-    lib.mtpnb_qwen_head_steps.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_float] * 2 + [ctypes.c_void_p] * 2
+    lib.mtpnb_qwen_head_steps.argtypes = ([ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 2
+                                          + [ctypes.c_float] * 2 + [ctypes.c_void_p] * 2
                                           + [ctypes.c_int] * 2 + [ctypes.c_void_p] * 2 + [ctypes.c_int]
                                           + [ctypes.c_void_p] * 2 + [ctypes.c_int] + [ctypes.c_void_p]
                                           + [ctypes.c_int] + [ctypes.c_void_p] * 2 + [ctypes.c_int])
@@ -158,12 +160,22 @@ def threads() -> int:
 
 
 def _call(lib, x: np.ndarray, w: np.ndarray, w_address: int | None = None) -> np.ndarray:
+    """x [m, k] float32 by w [n, k]: float32, or the bfloat16 halves (uint16) that bf16_halves gives."""
     m, k = x.shape
     y = np.empty((m, w.shape[0]), dtype=np.float32)
-    if lib.mtpnb_small_matmul(x.ctypes.data, w_address or w.ctypes.data, y.ctypes.data, m, w.shape[0], k,
-                              threads()):
+    matmul = lib.mtpnb_small_matmul_bf16 if w.dtype == np.uint16 else lib.mtpnb_small_matmul
+    if matmul(x.ctypes.data, w_address or w.ctypes.data, y.ctypes.data, m, w.shape[0], k, threads()):
         raise ValueError(f"small_matmul: {m} rows x {k} by {w.shape}")
     return y
+
+
+def bf16_halves(w: np.ndarray) -> np.ndarray | None:
+    """The upper 16 bits of each float32 of w (uint16: the bfloat16 numbers), if the lower ones are all
+    zero, so that the bf16 matmul reads the same weights at half the bytes; else None."""
+    bits = np.ascontiguousarray(w, dtype=np.float32).view(np.uint32)
+    if np.any(bits & 0xFFFF):
+        return None
+    return (bits >> 16).astype(np.uint16)
 
 
 def _gated_delta_call(lib, q, k, v, g, beta, state0, keep_states: bool):
@@ -194,6 +206,9 @@ def _self_check(lib) -> str | None:
             return f"off MLX's matmul by {np.abs(got - want[:m]).max():.3g} at {m} rows"
         if not np.array_equal(got[-1:], _call(lib, x[m - 1 : m], w)):
             return f"a row's result depends on the batch ({m} rows)"
+        w_bf16 = (w.view(np.uint32) & 0xFFFF0000).view(np.float32)  # float32s that are bfloat16 numbers
+        if not np.array_equal(_call(lib, x[:m], bf16_halves(w_bf16)), _call(lib, x[:m], w_bf16)):
+            return f"the bfloat16 weights' sums differ from the float32 ones' ({m} rows)"
     from mlx_lm.models.gated_delta import gated_delta_ops
 
     T, H, Dk, Dv = 5, 3, 37, 21
@@ -298,11 +313,20 @@ class HeadDraftSteps:
     """A one-layer Qwen3.5 MTP head's draft steps in C (verify_cpu.c's mtpnb_qwen_head_steps): through
     MLX each step waits on about nine kernel calls. `weights` in the C function's order, as MLX arrays
     (kept: the calls read their memory); `vocab`: the token ids of the draft rows (None: row i is token
-    i); `dims`: H, heads, KV heads, head dim, RoPE's rotated dims, MLP width, draft rows."""
+    i); `dims`: H, heads, KV heads, head dim, RoPE's rotated dims, MLP width, draft rows. Where every
+    matrix's float32 values are bfloat16 numbers (a bf16 checkpoint), the C function reads the matrices as
+    bf16: the same numbers at half the bytes, and a draft step's cost is those bytes."""
+
+    MATRICES = (3, 5, 6, 7, 10, 12, 13, 14, 16)  # fc, q, k, v, o, gate, up, down, draft: verify_cpu.c's W_*
 
     def __init__(self, weights: list, vocab: mx.array | None, dims: tuple, eps: float, rope_base: float):
         self._weights = weights
         self._host = [_row_major(w) for w in weights]
+        halves = [bf16_halves(self._host[i]) for i in self.MATRICES]
+        self.bf16 = all(h is not None for h in halves)
+        if self.bf16:
+            for i, h in zip(self.MATRICES, halves):
+                self._host[i] = h
         self._pointers = (ctypes.c_void_p * len(self._host))(*[h.ctypes.data for h in self._host])
         self._vocab = None if vocab is None else np.ascontiguousarray(np.asarray(vocab), dtype=np.int32)
         self._dims = (ctypes.c_int * len(dims))(*dims)
@@ -345,7 +369,7 @@ class DraftRound:
             keys, values = (np.ascontiguousarray(np.asarray(a)[0]) for a in (cache.keys, cache.values))
         logits = np.empty((steps, k._rows), dtype=np.float32)
         if library().mtpnb_qwen_head_steps(
-                k._pointers, None if k._vocab is None else k._vocab.ctypes.data, k._dims, k._eps, k._log_base,
+                k._pointers, k.bf16, None if k._vocab is None else k._vocab.ctypes.data, k._dims, k._eps, k._log_base,
                 None if keys is None else keys.ctypes.data, None if values is None else values.ctypes.data,
                 0 if keys is None else keys.shape[1], cache.offset, rows[0].ctypes.data, rows[1].ctypes.data, first,
                 hidden.ctypes.data, tokens.ctypes.data, len(tokens), self._g.ctypes.data, steps,

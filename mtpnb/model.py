@@ -224,7 +224,9 @@ class Model:
 
 
 def _with_head_steps(described: str | None, head_steps) -> str | None:
-    return f"{described}; the head's draft steps in C" if described and head_steps else described
+    if not (described and head_steps):
+        return described
+    return f"{described}; the head's draft steps in C" + (" (its matrices read as bfloat16)" if head_steps.bf16 else "")
 
 
 def _merge(a: dict, b: dict | None) -> dict:

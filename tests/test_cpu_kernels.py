@@ -34,6 +34,21 @@ def test_small_matmul_is_mlx_matmul_and_each_row_is_that_of_a_call_alone(n, k):
         assert np.array_equal(np.asarray(got), np.concatenate(alone, axis=1))  # bitwise
 
 
+@pytest.mark.parametrize("n, k", [(301, 173), (1152, 512)])
+def test_bfloat16_weights_give_bitwise_the_sums_of_their_float32_values(n, k):
+    """A bf16 checkpoint loaded as float32: the kernel may read its matrices as bf16 (half the bytes)."""
+    rng = np.random.default_rng(n)
+    w = rng.standard_normal((n, k), dtype=np.float32)
+    assert cpu_kernels.bf16_halves(w) is None  # float32 values that bf16 cannot hold: no shortcut
+    w = np.asarray(mx.array(w).astype(mx.bfloat16).astype(mx.float32))
+    halves = cpu_kernels.bf16_halves(w)
+    assert halves.dtype == np.uint16 and halves.nbytes * 2 == w.nbytes
+    lib = cpu_kernels.library()
+    for m in range(1, cpu_kernels.MAX_ROWS + 1):
+        x = rng.standard_normal((m, k), dtype=np.float32)
+        assert np.array_equal(cpu_kernels._call(lib, x, halves), cpu_kernels._call(lib, x, w))
+
+
 def test_a_strided_weight_is_read_as_its_values_not_its_memory():
     w = mx.random.normal((64, 96), key=mx.random.key(5)).T  # a transposed view: [96, 64], column-major
     x = mx.random.normal((3, 64), key=mx.random.key(6))
@@ -103,7 +118,9 @@ def test_the_head_kernel_drafts_what_the_head_drafts_step_by_step(checkpoints, w
     from mtpnb.sampling import Sampling
 
     model = mtpnb.load() if which.startswith("default") else mtpnb.load(checkpoints(family="qwen3_5"))
-    assert model.info()["cpu_kernels"].endswith("; the head's draft steps in C")
+    # the default model is stored in bf16: its head's matrices are read as such; the random one's are float32
+    steps = "the head's draft steps in C" + (" (its matrices read as bfloat16)" if which.startswith("default") else "")
+    assert model.info()["cpu_kernels"].endswith("; " + steps)
     ids = [5, 7, 9, 11, 13, 17, 19, 23] * 3
     hidden, _ = model.forward(mx.array(ids[: committed + pending])[None], cache=model.make_cache())
     pending_hidden, pending_tokens = hidden[:, committed:], ids[committed + 1 : committed + pending] + [29]

@@ -1,5 +1,6 @@
 // mtpnb's CPU verify kernels (mtpnb/cpu_kernels.py compiles and calls them), float32:
-//   mtpnb_small_matmul  y[M, N] = x[M, K] . W[N, K]^T for 1 <= M <= 8 rows;
+//   mtpnb_small_matmul  y[M, N] = x[M, K] . W[N, K]^T for 1 <= M <= 8 rows (W float32, or bfloat16:
+//                       mtpnb_small_matmul_bf16, see below);
 //   mtpnb_gated_delta   the Gated DeltaNet recurrence over T steps (below);
 //   mtpnb_qwen_head_steps  a Qwen3.5 MTP head's draft steps (at the end).
 //
@@ -12,6 +13,11 @@
 // Each output element is summed in an order that depends on K only, never on M or on the thread
 // split: row m of a call with M rows is bitwise the result of a call with that row alone, so a
 // verify scores a token exactly as plain decoding does.
+//
+// A weight matrix whose float32 values all are bfloat16 numbers (a checkpoint stored in bf16, loaded as
+// float32) can be passed as its bf16 half (the upper 16 bits of each float): each weight is widened back
+// to the same float32 in a register, so the sums are bitwise those of the float32 call, at half the bytes
+// read. The cost of a call being those bytes over the bandwidth, it runs up to twice as fast.
 //
 // Portable C with GCC/Clang vector extensions: compiled with -march=native it uses AVX-512, AVX2
 // or NEON registers of whatever width the machine has.
@@ -34,40 +40,57 @@
 
 typedef float vf __attribute__((vector_size(VBYTES)));
 typedef float vf_unaligned __attribute__((vector_size(VBYTES), aligned(4), may_alias));
+typedef unsigned int vu __attribute__((vector_size(VBYTES)));
+typedef unsigned short vh_unaligned __attribute__((vector_size(VBYTES / 2), aligned(2), may_alias));
+typedef unsigned short bf16;
 
 static inline vf load(const float* p) { return *(const vf_unaligned*)p; }
+// LANES bfloat16 numbers widened to float32: each one's bits become the upper half of a float's.
+static inline vf load_bf16(const bf16* p) { return (vf)(__builtin_convertvector(*(const vh_unaligned*)p, vu) << 16); }
+static inline float get(const float* p, int k) { return p[k]; }
+static inline float get_bf16(const bf16* p, int k) {
+    const unsigned int bits = (unsigned int)p[k] << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
 
 // The lanes summed pairwise (halving: a short dependency chain; with AVX-512, its reduce
-// instruction sequence), then the K % LANES tail: the order depends on K only.
-static inline float finish(vf acc, const float* w, const float* x, int kv, int K) {
+// instruction sequence); the caller then adds the K % LANES tail: the order depends on K only.
+static inline float reduce(vf acc) {
 #if defined(__AVX512F__)
-    float s = _mm512_reduce_add_ps((__m512)acc);
+    return _mm512_reduce_add_ps((__m512)acc);
 #else
     float t[LANES];
     memcpy(t, &acc, sizeof t);
     for (int width = LANES / 2; width >= 1; width /= 2)
         for (int i = 0; i < width; i++) t[i] += t[i + width];
-    float s = t[0];
+    return t[0];
 #endif
+}
+
+static inline float finish(vf acc, const float* w, const float* x, int kv, int K) {
+    float s = reduce(acc);
     for (int k = kv; k < K; k++) s += w[k] * x[k];
     return s;
 }
 
-// Rows n0..n1 of the output for MM rows of x. One function per MM (1..8), so that the accumulators
-// are arrays of constant size that live in registers; two weight rows per step share each load of x.
-#define ROWS_FOR(MM)                                                                               \
-    static void rows_##MM(const float* x, const float* W, float* y, int N, int K, int n0, int n1) {  \
+// Rows n0..n1 of the output for MM rows of x, weights of type WT read by LOAD (a vector) and GET (the
+// tail). One function per MM (1..8) and weight type, so that the accumulators are arrays of constant
+// size that live in registers; two weight rows per step share each load of x.
+#define ROWS_FOR(MM, NAME, WT, LOAD, GET)                                                          \
+    static void NAME##_##MM(const float* x, const WT* W, float* y, int N, int K, int n0, int n1) {   \
         const int kv = K - K % LANES;                                                              \
         int n = n0;                                                                                \
         for (; n + 2 <= n1; n += 2) {                                                              \
-            const float* w0 = W + (size_t)n * K;                                                   \
-            const float* w1 = w0 + K;                                                              \
+            const WT* w0 = W + (size_t)n * K;                                                      \
+            const WT* w1 = w0 + K;                                                                 \
             vf a0[MM], a1[MM];                                                                     \
             for (int m = 0; m < MM; m++) a0[m] = a1[m] = (vf){0};                                  \
             for (int k = 0; k < kv; k += LANES) {                                                  \
                 __builtin_prefetch(w0 + k + PREFETCH_FLOATS, 0, 3);                                \
                 __builtin_prefetch(w1 + k + PREFETCH_FLOATS, 0, 3);                                \
-                const vf v0 = load(w0 + k), v1 = load(w1 + k);                                     \
+                const vf v0 = LOAD(w0 + k), v1 = LOAD(w1 + k);                                     \
                 for (int m = 0; m < MM; m++) {                                                     \
                     const vf xv = load(x + (size_t)m * K + k);                                     \
                     a0[m] += v0 * xv;                                                              \
@@ -75,44 +98,66 @@ static inline float finish(vf acc, const float* w, const float* x, int kv, int K
                 }                                                                                  \
             }                                                                                      \
             for (int m = 0; m < MM; m++) {                                                         \
-                y[(size_t)m * N + n] = finish(a0[m], w0, x + (size_t)m * K, kv, K);                \
-                y[(size_t)m * N + n + 1] = finish(a1[m], w1, x + (size_t)m * K, kv, K);            \
+                const float* xm = x + (size_t)m * K;                                               \
+                float s0 = reduce(a0[m]), s1 = reduce(a1[m]);                                      \
+                for (int k = kv; k < K; k++) { /* fused: the same rounding whatever the compiler */ \
+                    s0 = fmaf(GET(w0, k), xm[k], s0);                                              \
+                    s1 = fmaf(GET(w1, k), xm[k], s1);                                              \
+                }                                                                                  \
+                y[(size_t)m * N + n] = s0;                                                         \
+                y[(size_t)m * N + n + 1] = s1;                                                     \
             }                                                                                      \
         }                                                                                          \
         for (; n < n1; n++) { /* the odd row: the same sums, one weight row at a time */           \
-            const float* w0 = W + (size_t)n * K;                                                   \
+            const WT* w0 = W + (size_t)n * K;                                                      \
             vf a0[MM];                                                                             \
             for (int m = 0; m < MM; m++) a0[m] = (vf){0};                                          \
             for (int k = 0; k < kv; k += LANES) {                                                  \
-                const vf v0 = load(w0 + k);                                                        \
+                const vf v0 = LOAD(w0 + k);                                                        \
                 for (int m = 0; m < MM; m++) a0[m] += v0 * load(x + (size_t)m * K + k);            \
             }                                                                                      \
-            for (int m = 0; m < MM; m++) y[(size_t)m * N + n] = finish(a0[m], w0, x + (size_t)m * K, kv, K); \
+            for (int m = 0; m < MM; m++) {                                                         \
+                const float* xm = x + (size_t)m * K;                                               \
+                float s0 = reduce(a0[m]);                                                          \
+                for (int k = kv; k < K; k++) s0 = fmaf(GET(w0, k), xm[k], s0);                      \
+                y[(size_t)m * N + n] = s0;                                                         \
+            }                                                                                      \
         }                                                                                          \
     }
-ROWS_FOR(1) ROWS_FOR(2) ROWS_FOR(3) ROWS_FOR(4) ROWS_FOR(5) ROWS_FOR(6) ROWS_FOR(7) ROWS_FOR(8)
+#define ROWS_1_TO_8(NAME, WT, LOAD, GET)                                                           \
+    ROWS_FOR(1, NAME, WT, LOAD, GET) ROWS_FOR(2, NAME, WT, LOAD, GET) ROWS_FOR(3, NAME, WT, LOAD, GET) \
+    ROWS_FOR(4, NAME, WT, LOAD, GET) ROWS_FOR(5, NAME, WT, LOAD, GET) ROWS_FOR(6, NAME, WT, LOAD, GET) \
+    ROWS_FOR(7, NAME, WT, LOAD, GET) ROWS_FOR(8, NAME, WT, LOAD, GET)
+ROWS_1_TO_8(rows, float, load, get)
+ROWS_1_TO_8(rows_bf16, bf16, load_bf16, get_bf16)
 
 typedef void (*rows_fn)(const float*, const float*, float*, int, int, int, int);
+typedef void (*rows_bf16_fn)(const float*, const bf16*, float*, int, int, int, int);
 static const rows_fn ROWS[MAX_ROWS + 1] = {0, rows_1, rows_2, rows_3, rows_4, rows_5, rows_6, rows_7, rows_8};
+static const rows_bf16_fn ROWS_BF16[MAX_ROWS + 1] = {0, rows_bf16_1, rows_bf16_2, rows_bf16_3, rows_bf16_4,
+                                                     rows_bf16_5, rows_bf16_6, rows_bf16_7, rows_bf16_8};
 
 int mtpnb_max_rows(void) { return MAX_ROWS; }
 int mtpnb_vector_bytes(void) { return VBYTES; }
 
 // Returns 0, or -1 when a size is out of range. `threads` split N; no sum depends on the split.
-int mtpnb_small_matmul(const float* x, const float* W, float* y, int M, int N, int K, int threads) {
-    if (M < 1 || M > MAX_ROWS || N < 1 || K < 1) return -1;
-    if (threads < 1 || N < 64 * threads) threads = 1;
-    if (threads == 1) {
-        ROWS[M](x, W, y, N, K, 0, N);
-        return 0;
+#define SMALL_MATMUL(NAME, WT, TABLE)                                                              \
+    int NAME(const float* x, const WT* W, float* y, int M, int N, int K, int threads) {              \
+        if (M < 1 || M > MAX_ROWS || N < 1 || K < 1) return -1;                                    \
+        if (threads < 1 || N < 64 * threads) threads = 1;                                          \
+        if (threads == 1) {                                                                        \
+            TABLE[M](x, W, y, N, K, 0, N);                                                         \
+            return 0;                                                                              \
+        }                                                                                          \
+        _Pragma("omp parallel for num_threads(threads) schedule(static)")                          \
+        for (int t = 0; t < threads; t++) {                                                        \
+            int n0 = (int)((long)N * t / threads), n1 = (int)((long)N * (t + 1) / threads);        \
+            TABLE[M](x, W, y, N, K, n0, n1);                                                       \
+        }                                                                                          \
+        return 0;                                                                                  \
     }
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int t = 0; t < threads; t++) {
-        int n0 = (int)((long)N * t / threads), n1 = (int)((long)N * (t + 1) / threads);
-        ROWS[M](x, W, y, N, K, n0, n1);
-    }
-    return 0;
-}
+SMALL_MATMUL(mtpnb_small_matmul, float, ROWS)
+SMALL_MATMUL(mtpnb_small_matmul_bf16, bf16, ROWS_BF16)
 
 // ---- Gated DeltaNet recurrence -------------------------------------------------------------------
 // mlx-lm's gated delta rule (gated_delta.py, _gated_delta_step_ops, scalar gate per head), one head
@@ -181,7 +226,8 @@ int mtpnb_gated_delta(const float* q, const float* k, const float* v, const floa
 // w: embed [V, H], pre_fc_norm_embedding [H], pre_fc_norm_hidden [H], fc [H, 2H], input_layernorm [H],
 // q_proj [nh * 2 * hd, H] (per head: query, then gate), k_proj, v_proj [nkv * hd, H], q_norm, k_norm
 // [hd], o_proj [H, nh * hd], post_attention_layernorm [H], gate_proj, up_proj [I, H], down_proj [H, I],
-// norm [H], draft [Vq, H] (the output rows the head drafts from). vocab [Vq]: their token ids (NULL:
+// norm [H], draft [Vq, H] (the output rows the head drafts from), all float32; with bf16_matrices, fc,
+// the projections, the MLP's and draft are bfloat16 (see mtpnb_small_matmul_bf16). vocab [Vq]: their token ids (NULL:
 // row i is token i). dims: H, nh, nkv, hd, rot (RoPE's rotated dims, non-traditional), I, Vq.
 // keys, values: the cache [nkv, cap, hd] (NULL when offset is 0). The call's first step runs on the n
 // input rows hidden [n, H] (may be g when n is 1) and tokens [n], the first of them round row `first`;
@@ -208,17 +254,23 @@ static void rope(float* x, int rot, int position, float log_base) {
     }
 }
 
-// y[M, N] = x[M, K] . W^T for any M: mtpnb_small_matmul on blocks of MAX_ROWS rows.
-static void matmul(const float* x, const float* W, float* y, int M, int N, int K, int threads) {
-    for (int m = 0; m < M; m += MAX_ROWS)
-        mtpnb_small_matmul(x + (size_t)m * K, W, y + (size_t)m * N, M - m < MAX_ROWS ? M - m : MAX_ROWS, N, K,
-                           threads);
+// y[M, N] = x[M, K] . W^T for any M: mtpnb_small_matmul(_bf16) on blocks of MAX_ROWS rows.
+static void matmul(const float* x, const void* W, int bf16_weights, float* y, int M, int N, int K, int threads) {
+    for (int m = 0; m < M; m += MAX_ROWS) {
+        const int rows = M - m < MAX_ROWS ? M - m : MAX_ROWS;
+        if (bf16_weights)
+            mtpnb_small_matmul_bf16(x + (size_t)m * K, W, y + (size_t)m * N, rows, N, K, threads);
+        else
+            mtpnb_small_matmul(x + (size_t)m * K, W, y + (size_t)m * N, rows, N, K, threads);
+    }
 }
 
-int mtpnb_qwen_head_steps(const float* const* w, const int* vocab, const int* dims, float eps, float log_base,
+int mtpnb_qwen_head_steps(const void* const* weights, int bf16_matrices, const int* vocab, const int* dims, float eps, float log_base,
                           const float* keys, const float* values, int cap, int offset, float* round_keys,
                           float* round_values, int first, const float* hidden, const int* tokens, int n, float* g,
                           int steps, int* columns, float* logits, int threads) {
+    const float* const* w = (const float* const*)weights;  // the float32 ones; the matrices through `weights`
+    const int bf = bf16_matrices;
     const int H = dims[0], nh = dims[1], nkv = dims[2], hd = dims[3], rot = dims[4], I = dims[5], Vq = dims[6];
     if (H < 1 || nh < 1 || nkv < 1 || nh % nkv || hd < 1 || rot > hd || rot % 2 || I < 1 || Vq < 1 || steps < 1
         || n < 1 || offset < 0 || offset > cap || (offset && !(keys && values)) || first < 0
@@ -240,10 +292,10 @@ int mtpnb_qwen_head_steps(const float* const* w, const int* vocab, const int* di
             rms_norm(w[W_EMBED] + (size_t)(s ? token : tokens[i]) * H, w[W_NORM_E], x2 + (size_t)i * 2 * H, H, eps);
             rms_norm(s ? g : hidden + (size_t)i * H, w[W_NORM_H], x2 + (size_t)i * 2 * H + H, H, eps);
         }
-        matmul(x2, w[W_FC], z, m, H, 2 * H, threads);
+        matmul(x2, weights[W_FC], bf, z, m, H, 2 * H, threads);
         for (int i = 0; i < m; i++) rms_norm(z + (size_t)i * H, w[W_NORM_IN], r + (size_t)i * H, H, eps);
-        matmul(r, w[W_K], k, m, kvd, H, threads);
-        matmul(r, w[W_V], v, m, kvd, H, threads);
+        matmul(r, weights[W_K], bf, k, m, kvd, H, threads);
+        matmul(r, weights[W_V], bf, v, m, kvd, H, threads);
         for (int i = 0; i < m; i++) {
             for (int j = 0; j < nkv; j++) {
                 float* kj = round_keys + (size_t)(row0 + i) * kvd + (size_t)j * hd;
@@ -255,7 +307,7 @@ int mtpnb_qwen_head_steps(const float* const* w, const int* vocab, const int* di
         row0 += m;
         const int seen = offset + row0;  // the rows the drafting row attends over, itself the last
         const float *zl = z + (size_t)(m - 1) * H, *rl = r + (size_t)(m - 1) * H;
-        matmul(rl, w[W_Q], q, 1, qg, H, threads);
+        matmul(rl, weights[W_Q], bf, q, 1, qg, H, threads);
         for (int i = 0; i < nh; i++) {
             float qi[hd];
             rms_norm(q + (size_t)i * 2 * hd, w[W_QNORM], qi, hd, eps);
@@ -283,17 +335,17 @@ int mtpnb_qwen_head_steps(const float* const* w, const int* vocab, const int* di
             const float* gate = q + (size_t)i * 2 * hd + hd;
             for (int d = 0; d < hd; d++) out[d] *= 1.0f / (1.0f + expf(-gate[d]));
         }
-        mtpnb_small_matmul(att, w[W_O], o, 1, H, nh * hd, threads);
+        matmul(att, weights[W_O], bf, o, 1, H, nh * hd, threads);
         for (int i = 0; i < H; i++) h[i] = zl[i] + o[i];
         rms_norm(h, w[W_NORM_POST], r2, H, eps);
-        mtpnb_small_matmul(r2, w[W_GATE], gt, 1, I, H, threads);
-        mtpnb_small_matmul(r2, w[W_UP], up, 1, I, H, threads);
+        matmul(r2, weights[W_GATE], bf, gt, 1, I, H, threads);
+        matmul(r2, weights[W_UP], bf, up, 1, I, H, threads);
         for (int i = 0; i < I; i++) gt[i] = gt[i] / (1.0f + expf(-gt[i])) * up[i];
-        mtpnb_small_matmul(gt, w[W_DOWN], mlp, 1, H, I, threads);
+        matmul(gt, weights[W_DOWN], bf, mlp, 1, H, I, threads);
         for (int i = 0; i < H; i++) h[i] += mlp[i];
         rms_norm(h, w[W_NORM], g, H, eps);
         float* row = logits + (size_t)s * Vq;
-        mtpnb_small_matmul(g, w[W_DRAFT], row, 1, Vq, H, threads);
+        matmul(g, weights[W_DRAFT], bf, row, 1, Vq, H, threads);
         if (columns) {
             int best = 0;
             for (int i = 1; i < Vq; i++)
