@@ -369,7 +369,8 @@ class DraftRound:
             keys, values = (np.ascontiguousarray(np.asarray(a)[0]) for a in (cache.keys, cache.values))
         logits = np.empty((steps, k._rows), dtype=np.float32)
         if library().mtpnb_qwen_head_steps(
-                k._pointers, k.bf16, None if k._vocab is None else k._vocab.ctypes.data, k._dims, k._eps, k._log_base,
+                k._pointers, k.bf16, None if k._vocab is None else k._vocab.ctypes.data, k._dims, k._eps,
+                k._log_base,
                 None if keys is None else keys.ctypes.data, None if values is None else values.ctypes.data,
                 0 if keys is None else keys.shape[1], cache.offset, rows[0].ctypes.data, rows[1].ctypes.data, first,
                 hidden.ctypes.data, tokens.ctypes.data, len(tokens), self._g.ctypes.data, steps,

@@ -226,7 +226,8 @@ class Model:
 def _with_head_steps(described: str | None, head_steps) -> str | None:
     if not (described and head_steps):
         return described
-    return f"{described}; the head's draft steps in C" + (" (its matrices read as bfloat16)" if head_steps.bf16 else "")
+    read_as = " (its matrices read as bfloat16)" if head_steps.bf16 else ""
+    return f"{described}; the head's draft steps in C{read_as}"
 
 
 def _merge(a: dict, b: dict | None) -> dict:

@@ -11,9 +11,9 @@ normalize(max(0, p_j - q_j)) (p_j itself if that mass is ~0); if all are accepte
 sample of p_K+1. The output then follows p exactly, and P(accept d_j) = sum(min(p_j, q_j)).
 Greedy (temperature 0): accept while d_j == argmax p_j, then emit argmax p at the first mismatch.
 
-Cost: MLX's CPU exp runs at ~50 ns an element (mlx 0.32 on x86-64, fused or not: 1.7 ms for 4 rows of
-8k), so every pass over the vocabulary goes through `exp` below, a polynomial in fused MLX ops at ~12 ns
-an element, as accurate as mx.exp; a pass over an 8k-152k vocabulary is still the price to count.
+Cost: MLX's CPU exp is slow (mlx 0.32 on x86-64: about 1.1 ms for 4 rows of 8k), so every pass over
+the vocabulary goes through `exp` below, a polynomial in MLX ops, as accurate as mx.exp and about half
+its time (benchmarks/sampler_exp.py); a pass over an 8k-152k vocabulary is still the price to count.
 Filtering with top-k normalizes within the k survivors; the acceptance reads p and q at the drafts only
 and builds the one row it samples from (residual or bonus), drawn by inverse CDF (`sample`: one exp pass)
 instead of Gumbel-max (a uniform and two logs over the vocabulary).
@@ -41,7 +41,7 @@ _EXP2_COEFFICIENTS = tuple(math.log(2) ** i / math.factorial(i) for i in range(6
 
 def exp(x: mx.array) -> mx.array:
     """e**x in float32 as 2**n * 2**f (n an integer, |f| <= 1/2, 2**f a polynomial), in elementwise MLX ops
-    that mx.compile fuses: several times faster than mx.exp on a CPU (see Cost above). For x up to 88
+    (mx.compile fuses them): faster than mx.exp on a CPU (see Cost above). For x up to 88
     (sampling's are log-probabilities and logits less their maximum: never above 0); below float32's
     normal range (x < -87.3, -inf included) exactly 0, as mx.exp gives: a filtered token keeps probability 0."""
     y = x.astype(mx.float32) * _LOG2_E

@@ -227,8 +227,8 @@ int mtpnb_gated_delta(const float* q, const float* k, const float* v, const floa
 // q_proj [nh * 2 * hd, H] (per head: query, then gate), k_proj, v_proj [nkv * hd, H], q_norm, k_norm
 // [hd], o_proj [H, nh * hd], post_attention_layernorm [H], gate_proj, up_proj [I, H], down_proj [H, I],
 // norm [H], draft [Vq, H] (the output rows the head drafts from), all float32; with bf16_matrices, fc,
-// the projections, the MLP's and draft are bfloat16 (see mtpnb_small_matmul_bf16). vocab [Vq]: their token ids (NULL:
-// row i is token i). dims: H, nh, nkv, hd, rot (RoPE's rotated dims, non-traditional), I, Vq.
+// the projections, the MLP's and draft are bfloat16 (see mtpnb_small_matmul_bf16). vocab [Vq]: their
+// token ids (NULL: row i is token i). dims: H, nh, nkv, hd, rot (RoPE's rotated dims, non-traditional), I, Vq.
 // keys, values: the cache [nkv, cap, hd] (NULL when offset is 0). The call's first step runs on the n
 // input rows hidden [n, H] (may be g when n is 1) and tokens [n], the first of them round row `first`;
 // g [H] gets each step's output. logits [steps, Vq]. With `columns`, greedy: each step's argmax row goes
@@ -265,9 +265,9 @@ static void matmul(const float* x, const void* W, int bf16_weights, float* y, in
     }
 }
 
-int mtpnb_qwen_head_steps(const void* const* weights, int bf16_matrices, const int* vocab, const int* dims, float eps, float log_base,
-                          const float* keys, const float* values, int cap, int offset, float* round_keys,
-                          float* round_values, int first, const float* hidden, const int* tokens, int n, float* g,
+int mtpnb_qwen_head_steps(const void* const* weights, int bf16_matrices, const int* vocab, const int* dims,
+                          float eps, float log_base, const float* keys, const float* values, int cap, int offset,
+                          float* round_keys, float* round_values, int first, const float* hidden, const int* tokens, int n, float* g,
                           int steps, int* columns, float* logits, int threads) {
     const float* const* w = (const float* const*)weights;  // the float32 ones; the matrices through `weights`
     const int bf = bf16_matrices;
