@@ -171,13 +171,39 @@ def test_smoke_training_writes_a_loadable_folder(smoke_model):
 
 
 @pytest.mark.torch
+def test_a_subset_is_whole_training_files_drawn_at_random_in_corpus_order(smoke_model, tmp_path):
+    from mtpnb.train.corpus import subset
+
+    corpus = smoke_model.parent / "corpus"
+    train = np.load(corpus / "train.npy")
+
+    def files(ids):  # each file ends with <|endoftext|> (id 0)
+        return [tuple(f) for f in np.split(ids, np.flatnonzero(ids == 0)[:-1] + 1)]
+
+    record = subset(corpus, tmp_path / "a", tokens=train.size // 2, seed=1)
+    kept = files(np.load(tmp_path / "a" / "train.npy"))
+    remaining = iter(files(train))
+    assert all(f in remaining for f in kept)  # whole files, in the corpus's order
+    assert record == json.loads((tmp_path / "a" / "manifest.json").read_text())["subset"]
+    assert record["files"] == len(kept) and record["of_files"] == len(files(train))
+    assert train.size // 2 - max(map(len, files(train))) < record["tokens"] <= train.size // 2
+    assert np.array_equal(np.load(tmp_path / "a" / "heldout.npy"), np.load(corpus / "heldout.npy"))
+    assert subset(corpus, tmp_path / "b", tokens=train.size // 2, seed=1) == record
+    assert np.array_equal(np.load(tmp_path / "b" / "train.npy"), np.load(tmp_path / "a" / "train.npy"))
+    subset(corpus, tmp_path / "c", tokens=train.size // 2, seed=2)
+    assert files(np.load(tmp_path / "c" / "train.npy")) != kept
+
+
+@pytest.mark.torch
 def test_own_continuations_take_every_prefix_length_greedy_and_sampled_in_turn():
     pytest.importorskip("torch", reason="needs the train extra (torch + transformers)")
     from mtpnb.train.train import OWN_SAMPLING, own_pool_plan
 
-    sampled = [own_pool_plan(g, [128, 384], sampled=True) for g in range(5)]
-    assert sampled == [(128, {}), (128, OWN_SAMPLING), (384, {}), (384, OWN_SAMPLING), (128, {})]
-    assert [own_pool_plan(g, [128, 384], sampled=False) for g in range(3)] == [(128, {}), (384, {}), (128, {})]
+    both = [own_pool_plan(g, [128, 384], "both") for g in range(5)]
+    assert both == [(128, {}), (128, OWN_SAMPLING), (384, {}), (384, OWN_SAMPLING), (128, {})]
+    assert [own_pool_plan(g, [128, 384], "greedy") for g in range(3)] == [(128, {}), (384, {}), (128, {})]
+    assert [own_pool_plan(g, [128, 384], "sampled") for g in range(3)] == [
+        (128, OWN_SAMPLING), (384, OWN_SAMPLING), (128, OWN_SAMPLING)]
 
 
 @pytest.mark.torch

@@ -183,6 +183,13 @@ def _prefix_lengths(hp: dict) -> str:
     return f"{', '.join(map(str, lengths[:-1]))} or {lengths[-1]} tokens (in turn)"
 
 
+def _subset_description(subset: dict | None) -> str:
+    if subset is None:
+        return ""
+    return (f" ({subset['files']} of its {subset['of_files']} files, drawn at random with seed {subset['seed']}: "
+            "`python -m mtpnb.train.corpus --subset-of`)")
+
+
 def _phase_description(phase: dict, hp: dict) -> str:
     """What a phase trained, with the hyper-parameters of the run it belonged to."""
     if phase["name"] == "joint":
@@ -198,7 +205,8 @@ def _phase_description(phase: dict, hp: dict) -> str:
                  if hp.get("own_prefixes") == "function-body"
                  else " that end where a function's body starts (after its docstring) or after a `def` line"
                  if hp.get("own_prefixes") == "function" else "")
-        how = "greedily and at T=0.6 in turn" if hp.get("unlikelihood_sampled") else "greedily"
+        how = ("at T=0.6" if hp.get("unlikelihood_sampled_only")
+               else "greedily and at T=0.6 in turn" if hp.get("unlikelihood_sampled") else "greedily")
         repeats = ("in the third or a later occurrence of an 8-token span within that continuation (code writes "
                    "many spans twice; the quality evaluation counts a loop from the third)"
                    if hp.get("unlikelihood_occurrence", 2) == 3
@@ -248,7 +256,8 @@ def render_card(training: dict, evaluation: dict | None, draft_vocab: dict | Non
     steps = [
         f"{i}. {_phase_description(p, run['hyperparameters'])}"
         + (f" Fine-tuning from the weights above on {run['train_tokens'] / 1e6:.1f}M tokens drawn from the "
-           "training split." if run is not first and p is run["phases"][0] and run.get("train_tokens") else "")
+           f"training split{_subset_description(run['corpus'].get('subset'))}."
+           if run is not first and p is run["phases"][0] and run.get("train_tokens") else "")
         for i, (run, p) in enumerate(((run, p) for run in runs for p in run["phases"]), start=1)
     ]
     runs_line = " ".join(

@@ -2,6 +2,7 @@
 packages from PyPI; the held-out text is whole packages that mtpnb's own install brings in.
 
     python -m mtpnb.train.corpus OUT [--downloads DIR] [--tokenizer DIR]
+    python -m mtpnb.train.corpus OUT --subset-of CORPUS --tokens N [--seed S]
 
 Selection (deterministic for a given interpreter and environment; everything is recorded in
 `manifest.json`):
@@ -26,6 +27,9 @@ Selection (deterministic for a given interpreter and environment; everything is 
 `prepare()` reuses a tokenizer folder when given one (the v1 tokenizer: the held-out perplexity of old and
 new models is then per the same tokens), else trains a byte-level BPE on the training files; it packs both
 splits into uint16 token arrays, each file followed by `<|endoftext|>`.
+
+`subset()` writes a fine-tune's share of a corpus: whole training files drawn at random (the lent GPU takes
+at most 64 MiB of files per run, and the whole training split is about twice that).
 """
 
 from __future__ import annotations
@@ -617,6 +621,29 @@ def prepare(
     return manifest
 
 
+def subset(corpus_dir: Path, out_dir: Path, tokens: int, seed: int) -> dict:
+    """Copy `corpus_dir` to `out_dir` with a train.npy of whole training files drawn in a seeded random
+    order until the next would pass `tokens`, kept in corpus order; held-out split, tokenizer files and
+    manifest as they are, the manifest recording the subset. Returns that record. A file is what ends with
+    `<|endoftext|>` (the few whose text holds that marker count twice)."""
+    corpus_dir, out_dir = Path(corpus_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    train = np.load(corpus_dir / "train.npy")
+    ends = np.flatnonzero(train == load_tokenizer(corpus_dir).token_to_id(EOS_TOKEN)) + 1
+    starts = np.concatenate([[0], ends[:-1]])
+    order = np.random.default_rng(seed).permutation(len(starts))
+    taken = np.sort(order[: np.searchsorted(np.cumsum((ends - starts)[order]), tokens, side="right")])
+    ids = np.concatenate([train[starts[i] : ends[i]] for i in taken])
+    np.save(out_dir / "train.npy", ids)
+    for name in ("heldout.npy", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(corpus_dir / name, out_dir / name)
+    manifest = json.loads((corpus_dir / "manifest.json").read_text())
+    manifest["subset"] = {"seed": seed, "files": int(len(taken)), "of_files": int(len(starts)),
+                          "tokens": int(ids.size), "of_tokens": int(train.size)}
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    return manifest["subset"]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m mtpnb.train.corpus",
@@ -626,7 +653,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--downloads", type=Path, help="folder for the package archives (omit: the stdlib alone)")
     parser.add_argument("--tokenizer", type=Path, help="reuse the tokenizer of this folder instead of training one")
     parser.add_argument("--vocab-size", type=int, default=8192)
+    parser.add_argument("--subset-of", type=Path, metavar="CORPUS",
+                        help="instead: copy this corpus with --tokens of its training files, drawn at random")
+    parser.add_argument("--tokens", type=int, help="with --subset-of: at most this many training tokens")
+    parser.add_argument("--seed", type=int, default=0, help="with --subset-of: which files are drawn")
     args = parser.parse_args(argv)
+    if args.subset_of is not None:
+        if args.tokens is None:
+            parser.error("--subset-of needs --tokens N (how many training tokens to keep)")
+        print(json.dumps(subset(args.subset_of, args.out_dir, args.tokens, args.seed)))
+        return
     manifest = prepare(args.out_dir, args.downloads, args.tokenizer, args.vocab_size)
     print(json.dumps(manifest["totals"]))
     for s in manifest["train_sources"] + manifest["heldout_sources"]:

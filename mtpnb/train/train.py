@@ -12,7 +12,8 @@ Up to three phases, each a plain loop (sample a batch, forward, loss, backward, 
    L = L_joint(real text) + beta * mean_t [-log(1 - p(x_t | x_<t))] over continuation tokens x_t that are
    part of a REPEAT_SPAN-token span at its second occurrence or later in that continuation (with
    --unlikelihood-occurrence 3, its third or later: where the quality evaluation counts a loop). The
-   continuations are greedy, or greedy and T=0.6 in turn with --unlikelihood-sampled; their prefixes end
+   continuations are greedy, greedy and T=0.6 in turn with --unlikelihood-sampled, or T=0.6 alone with
+   --unlikelihood-sampled-only (a model whose greedy loops are rare by then); their prefixes end
    anywhere in the training text, or with --own-prefixes function-body where a function's body starts, as
    the quality evaluation's prompts do (function: there and after a `def` line, as a bare signature);
    with several --unlikelihood-prefix lengths, of those lengths in turn (the evaluation's prompts run
@@ -161,6 +162,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "quality evaluation counts a loop; code writes many spans twice)")
     g.add_argument("--unlikelihood-sampled", action="store_true",
                    help="continuations greedy and at T=0.6 in turn (both loop rates), not greedy only")
+    g.add_argument("--unlikelihood-sampled-only", action="store_true",
+                   help="continuations at T=0.6 only: sampled text loops far less often than greedy text, so "
+                        "in turn with greedy pools its few repeats are a small share of what is penalized")
     g.add_argument("--own-prefixes", choices=("anywhere", "function-body", "function"), default="anywhere",
                    help="where the model's own continuations start (unlikelihood, --head-data own): anywhere in "
                         "the training text; where a function's body starts (after its docstring, as the "
@@ -316,12 +320,18 @@ def loop_rate(ids: torch.Tensor, valid: torch.Tensor, start: int) -> float:
 OWN_SAMPLING = {"temperature": 0.6, "top_p": 0.95, "top_k": 20}  # the quality evaluation's sampled setting
 
 
-def own_pool_plan(generation: int, prefixes: list[int], sampled: bool) -> tuple[int, dict]:
+def own_pool_plan(generation: int, prefixes: list[int], sampling: str) -> tuple[int, dict]:
     """(prefix length, sampling) of the `generation`-th pool of own continuations: the prefix lengths in
-    turn, with `sampled` each twice, greedy then OWN_SAMPLING, so that every length gets both."""
-    if sampled:
+    turn, each greedy ("greedy"), OWN_SAMPLING ("sampled"), or ("both") twice, greedy then OWN_SAMPLING,
+    so that every length gets both."""
+    if sampling == "both":
         return prefixes[(generation // 2) % len(prefixes)], OWN_SAMPLING if generation % 2 else {}
-    return prefixes[generation % len(prefixes)], {}
+    return prefixes[generation % len(prefixes)], OWN_SAMPLING if sampling == "sampled" else {}
+
+
+def unlikelihood_sampling(args: argparse.Namespace) -> str:
+    """The unlikelihood phase's own_pool_plan sampling, from its two flags."""
+    return "sampled" if args.unlikelihood_sampled_only else "both" if args.unlikelihood_sampled else "greedy"
 
 
 def _token_pieces(tokenizer) -> tuple[list[str], np.ndarray]:
@@ -368,15 +378,15 @@ def def_line_ends(tokens: np.ndarray, tokenizer) -> np.ndarray:
 class OwnContinuations:
     """The model's own continuations of real-text prefixes: `pool` generated at a time (one batched
     generate is latency-bound, so a large pool costs about what a small one does), handed out `batch_size`
-    at a time, regenerated from the current weights when used up. Greedy, or with `sampled` greedy and
-    OWN_SAMPLING pools in turn, over the prefix lengths in turn (own_pool_plan). A prefix ends anywhere
+    at a time, regenerated from the current weights when used up. Greedy, OWN_SAMPLING, or greedy and
+    OWN_SAMPLING pools in turn (`sampling`: own_pool_plan's), over the prefix lengths in turn. A prefix ends anywhere
     in the text, or with `prefix_ends` at one of those positions (function_body_starts, def_line_ends: where
     a prompt asks for a body)."""
 
     def __init__(self, model: MTPModel, tokens: np.ndarray, args, autocast, seed: int, history: list,
-                 phase: str = "unlikelihood", sampled: bool = False, prefix_ends: np.ndarray | None = None):
+                 phase: str = "unlikelihood", sampling: str = "greedy", prefix_ends: np.ndarray | None = None):
         self.model, self.autocast, self.history = model, autocast, history
-        self.phase, self.sampled = phase, sampled
+        self.phase, self.sampling = phase, sampling
         self.tokens = torch.from_numpy(tokens.astype(np.int64)).to(args.device)
         self.prefixes, self.continuation, self.pool = args.unlikelihood_prefix, args.unlikelihood_continuation, args.unlikelihood_pool
         self.occurrence = args.unlikelihood_occurrence
@@ -388,7 +398,7 @@ class OwnContinuations:
 
     @torch.no_grad()
     def _generate(self) -> None:
-        prefix, sampling = own_pool_plan(self.generations, self.prefixes, self.sampled)
+        prefix, sampling = own_pool_plan(self.generations, self.prefixes, self.sampling)
         if self.prefix_ends is None:
             starts = torch.randint(0, len(self.tokens) - prefix, (self.pool, 1), generator=self.generator,
                                    device=self.tokens.device)
@@ -643,10 +653,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"own continuations start at {len(prefix_ends)} places ({args.own_prefixes})", flush=True)
     if unlikelihood:
         own = OwnContinuations(model, train_tokens, args, autocast, args.seed + 3, progress.history,
-                               sampled=args.unlikelihood_sampled, prefix_ends=prefix_ends)
+                               sampling=unlikelihood_sampling(args), prefix_ends=prefix_ends)
     if args.head_data == "own":
         own_for_head = OwnContinuations(model, train_tokens, args, autocast, args.seed + 5, progress.history,
-                                        phase="head", sampled=True, prefix_ends=prefix_ends)
+                                        phase="head", sampling="both", prefix_ends=prefix_ends)
     phases = [
         Phase(
             name="joint",
@@ -720,6 +730,7 @@ def main(argv: list[str] | None = None) -> None:
             "heldout_packages": manifest.get("heldout_packages", []),
             "train_sources": len(manifest.get("train_sources", [])),
             **manifest["totals"],
+            **({"subset": manifest["subset"]} if "subset" in manifest else {}),
         },
         "hardware": {
             "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "CPU",
