@@ -195,6 +195,46 @@ def test_a_subset_is_whole_training_files_drawn_at_random_in_corpus_order(smoke_
 
 
 @pytest.mark.torch
+def test_interpolation_keeps_a_share_of_a_fine_tunes_change_and_the_card_says_so(smoke_model, tmp_path):
+    import shutil
+
+    from mtpnb.train.card import render_card
+    from mtpnb.train.export import interpolate, read_weights, save_weights
+
+    start = read_weights(smoke_model)
+    tuned = tmp_path / "tuned"  # a fine-tune of the smoke model: every tensor moved, training.json naming its base
+    shutil.copytree(smoke_model, tuned)
+    save_weights({n: t + 1 for n, t in start.items()}, tuned)
+    training = json.loads((smoke_model / "training.json").read_text())
+    subset = {"seed": 3, "files": 2, "of_files": 9, "tokens": 1000, "of_tokens": 5000}
+    (tuned / "training.json").write_text(
+        json.dumps({**training, "corpus": {**training["corpus"], "subset": subset}, "base": training}))
+
+    interpolate(tuned, smoke_model, tmp_path / "half", weight=0.5)
+    half = read_weights(tmp_path / "half")
+    assert all(half[n].dtype == t.dtype and torch_close(half[n], t + 0.5) for n, t in start.items())
+    written = json.loads((tmp_path / "half" / "training.json").read_text())
+    assert written["interpolation"] == {"weight": 0.5}
+    card = render_card(written, None)
+    assert "start + 0.5 x (end - start)" in card
+    assert "python -m mtpnb.train.export OUT2-full OUT2 --base OUT1 --weight 0.5" in card
+    assert "python -m mtpnb.train.corpus artifacts/subset2 --subset-of artifacts/corpus --tokens 1000 --seed 3" in card
+    assert "--data artifacts/subset2 --out OUT2-full" in card and "--init-from OUT1" in card
+
+    with pytest.raises(SystemExit, match="was not fine-tuned from"):
+        interpolate(smoke_model, tuned, tmp_path / "wrong", weight=0.5)
+    with pytest.raises(SystemExit, match="in \\(0, 1\\]"):
+        interpolate(tuned, smoke_model, tmp_path / "wrong", weight=1.5)
+
+
+def torch_close(a, b) -> bool:
+    import torch
+
+    tolerance = 1e-2 if a.dtype == torch.bfloat16 else 1e-6  # bfloat16 keeps 8 bits of mantissa
+    return torch.allclose(a.float(), b.float(), rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.torch
 def test_own_continuations_take_every_prefix_length_greedy_and_sampled_in_turn():
     pytest.importorskip("torch", reason="needs the train extra (torch + transformers)")
     from mtpnb.train.train import OWN_SAMPLING, own_pool_plan

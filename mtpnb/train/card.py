@@ -231,6 +231,40 @@ def _phase_description(phase: dict, hp: dict) -> str:
     )
 
 
+def _run_steps(run: dict, first: bool) -> list[str]:
+    """What one run did, a numbered step each: its phases, then the interpolation export made of it."""
+    steps = [
+        _phase_description(p, run["hyperparameters"])
+        + (f" Fine-tuning from the weights above on {run['train_tokens'] / 1e6:.1f}M tokens drawn from the "
+           f"training split{_subset_description(run['corpus'].get('subset'))}."
+           if not first and p is run["phases"][0] and run.get("train_tokens") else "")
+        for p in run["phases"]
+    ]
+    if "interpolation" in run:
+        weight = run["interpolation"]["weight"]
+        steps.append(f"The weights {weight:g} of the way from where this fine-tune started to where it ended "
+                     f"(start + {weight:g} x (end - start), tensor by tensor: "
+                     "`python -m mtpnb.train.export --base --weight`).")
+    return steps
+
+
+def _reproduce_run(r: int, runs: list[dict]) -> list[str]:
+    """The Reproduce section's commands for run r (into _out(r, runs))."""
+    run = runs[r]
+    out = _out(r, runs)
+    train_out = f"{out}-full" if "interpolation" in run else out
+    subset = run["corpus"].get("subset")
+    data = f"artifacts/subset{r + 1}" if subset else "artifacts/corpus"
+    lines = [f"python -m mtpnb.train.corpus {data} --subset-of artifacts/corpus --tokens {subset['tokens']} "
+             f"--seed {subset['seed']}"] if subset else []
+    lines.append(f"python -m mtpnb.train --data {data} --out {train_out} {run['hyperparameters']['command_line']}"
+                 + (f" --init-from {_out(r - 1, runs)}" if r else ""))
+    if "interpolation" in run:
+        lines.append(f"python -m mtpnb.train.export {train_out} {out} --base {_out(r - 1, runs)} "
+                     f"--weight {run['interpolation']['weight']:g}")
+    return lines
+
+
 def _lineage(training: dict) -> list[dict]:
     """The runs that made the model, oldest first (a fine-tuning run records the run it started from)."""
     runs = [training]
@@ -254,11 +288,8 @@ def render_card(training: dict, evaluation: dict | None, draft_vocab: dict | Non
         measured.append((f"`evaluate` (Python {evaluation['python']}, float32)", evaluation))
     cfg = model["config"]
     steps = [
-        f"{i}. {_phase_description(p, run['hyperparameters'])}"
-        + (f" Fine-tuning from the weights above on {run['train_tokens'] / 1e6:.1f}M tokens drawn from the "
-           f"training split{_subset_description(run['corpus'].get('subset'))}."
-           if run is not first and p is run["phases"][0] and run.get("train_tokens") else "")
-        for i, (run, p) in enumerate(((run, p) for run in runs for p in run["phases"]), start=1)
+        f"{i}. {step}"
+        for i, step in enumerate((step for run in runs for step in _run_steps(run, first=run is first)), start=1)
     ]
     runs_line = " ".join(
         f"{'Then' if run is not first else ''} {run['hardware']['device']}, torch {run['hardware']['torch']}, "
@@ -363,8 +394,7 @@ def render_card(training: dict, evaluation: dict | None, draft_vocab: dict | Non
         "",
         "```",
         "python -m mtpnb.train.corpus artifacts/corpus        # corpus, tokenizer, token arrays",
-        *(f"python -m mtpnb.train --data artifacts/corpus --out {_out(r, runs)} {run['hyperparameters']['command_line']}"
-          + (f" --init-from {_out(r - 1, runs)}" if r else "") for r, run in enumerate(runs)),
+        *(line for r in range(len(runs)) for line in _reproduce_run(r, runs)),
         *([f"python -m mtpnb.train.draft_vocab artifacts/corpus {_out(len(runs) - 1, runs)} "
            f"--size {len(draft_vocab['ids'])}"] if draft_vocab else []),
         f"python -m mtpnb.train.evaluate {_out(len(runs) - 1, runs)} --write",

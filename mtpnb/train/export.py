@@ -6,7 +6,8 @@ Checkpoint names are the trunk's own (`model.*`; `lm_head.weight` left out since
 whatever the export dtype (eight decay rates per layer, that mlx-lm also never down-casts).
 
 `python -m mtpnb.train.export SRC DST` joins a sharded export (the device returns files of < 16 MiB)
-into one model.safetensors and copies the other files.
+into one model.safetensors and copies the other files; with `--base BASE --weight W` the weights are
+BASE + W * (SRC - BASE), part of the way from the weights a fine-tune started from to where it ended.
 """
 
 from __future__ import annotations
@@ -114,19 +115,55 @@ def load_model(model_dir: Path, dtype: torch.dtype = torch.float32) -> MTPModel:
 def merge_shards(src: Path, dst: Path) -> None:
     """Copy an exported folder, joining its weight shards into one model.safetensors."""
     src, dst = Path(src), Path(dst)
+    _copy_folder(src, dst, read_weights(src))
+
+
+def _copy_folder(src: Path, dst: Path, state: dict[str, torch.Tensor]) -> None:
+    """`state` as one model.safetensors in dst, beside copies of src's other files."""
     dst.mkdir(parents=True, exist_ok=True)
-    save_weights(read_weights(src), dst)
+    save_weights(state, dst)
     for path in sorted(src.iterdir()):
         if path.is_file() and not path.name.startswith("model") and path.name != INDEX:
             shutil.copyfile(path, dst / path.name)
 
 
+def interpolate(src: Path, base: Path, dst: Path, weight: float) -> None:
+    """Copy the fine-tuned folder `src` as merge_shards does, its weights BASE + weight * (SRC - BASE) (in
+    float32, stored in src's dtypes), where `base` is the folder it was fine-tuned from: a fine-tune's whole
+    step can overshoot, and part of it can keep most of what each end does well (WiSE-FT, Wortsman et al.
+    2022). training.json records the weight; the card and its Reproduce section say so."""
+    src, base, dst = Path(src), Path(base), Path(dst)
+    if not 0 < weight <= 1:
+        raise SystemExit(f"--weight {weight}: give the share of the fine-tune's change to keep, in (0, 1]")
+    training = json.loads((src / "training.json").read_text())
+    if training.get("base") != json.loads((base / "training.json").read_text()):
+        raise SystemExit(f"{src} was not fine-tuned from {base} (its training.json's `base` is not {base}'s "
+                         "training.json): give the folder its --init-from named")
+    start, end = read_weights(base), read_weights(src)
+    if start.keys() != end.keys() or any(start[n].shape != t.shape for n, t in end.items()):
+        raise SystemExit(f"{src} and {base} hold different tensors: not a fine-tune of it")
+    _copy_folder(src, dst, {n: (start[n].float() + weight * (t.float() - start[n].float())).to(t.dtype)
+                            for n, t in end.items()})
+    training["interpolation"] = {"weight": weight}
+    (dst / "training.json").write_text(json.dumps(training, indent=1) + "\n")
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m mtpnb.train.export", description=merge_shards.__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m mtpnb.train.export",
+        description="Copy an exported folder, joining its weight shards into one model.safetensors; with --base "
+                    "and --weight, its weights part of the way from those it was fine-tuned from.")
     parser.add_argument("src", type=Path)
     parser.add_argument("dst", type=Path)
+    parser.add_argument("--base", type=Path, help="the folder SRC was fine-tuned from (its --init-from)")
+    parser.add_argument("--weight", type=float, help="with --base: the share of the fine-tune's change to keep")
     args = parser.parse_args(argv)
-    merge_shards(args.src, args.dst)
+    if (args.base is None) != (args.weight is None):
+        parser.error("--base and --weight go together")
+    if args.base is None:
+        merge_shards(args.src, args.dst)
+    else:
+        interpolate(args.src, args.base, args.dst, args.weight)
 
 
 if __name__ == "__main__":
