@@ -26,10 +26,12 @@ at greedy (through MLX each step is about nine kernel calls, each waiting for th
 ``mtpnb.head.MTPHead.draft_steps_kernel`` builds it where it applies.
 
 ``install(module)`` swaps float32 ``nn.Linear`` layers and a tied ``nn.Embedding``'s
-``as_linear`` to the kernel-aware subclasses below (a class change on the existing objects; no
-weights are copied), which take the kernel for inputs of at most 8 rows on the CPU device and are
-exactly MLX's layers otherwise; ``linear(x, w)`` is the same choice for a bare weight (the head's
-draft vocabulary).
+``as_linear`` to the kernel-aware subclasses below (a class change on the existing objects), which take
+the kernel for inputs of at most 8 rows on the CPU device and are exactly MLX's layers otherwise;
+``linear(x, w)`` is the same choice for a bare weight (the head's draft vocabulary). A layer whose
+float32 weights all are bfloat16 numbers (a bf16 checkpoint, up-cast at load) keeps a bf16 copy for the
+kernel beside MLX's float32 one (which prefills and longer inputs use): the same sums at half the bytes
+read, for half the float32 weights' size in memory.
 MTPNB_NO_CPU_KERNEL=1 turns it off; MTPNB_CPU_THREADS sets its threads (default: the CPUs this
 process may use, at most 4); their spin before sleeping is short (OPENMP_ENV) unless GOMP_SPINCOUNT or
 OMP_WAIT_POLICY says otherwise.
@@ -397,11 +399,14 @@ class DraftRound:
 
 
 def _host_weight(module) -> tuple:
-    """The layer's weight as numpy rows (a view of the same memory unless it is strided) and their
-    address, kept until the weight is replaced."""
+    """The layer's weight as the kernel reads it, and its address, kept until the weight is replaced:
+    its bfloat16 halves where its float32 values all are bf16 numbers (a verify's cost is these bytes),
+    else its numpy rows (a view of the same memory unless it is strided)."""
     kept = getattr(module, "_host_weight_of", None)
     if kept is None or kept[0] is not module.weight:
         view = _row_major(module.weight)
+        halves = bf16_halves(view)
+        view = view if halves is None else halves
         kept = (module.weight, (view, view.ctypes.data))
         object.__setattr__(module, "_host_weight_of", kept)
     return kept[1]
@@ -442,6 +447,7 @@ def install(*modules) -> int:
             new = _SWAPS.get(type(layer))
             if new is not None and layer.weight.dtype == mx.float32:
                 layer.__class__ = new
+                _host_weight(layer)  # at load, not in the first verify
                 swapped += 1
     return swapped
 
@@ -456,6 +462,7 @@ def uninstall(*modules) -> int:
         for _, layer in module.named_modules():
             if type(layer) in back:
                 layer.__class__ = back[type(layer)]
+                layer.__dict__.pop("_host_weight_of", None)
                 swapped += 1
     return swapped
 
@@ -466,5 +473,8 @@ def describe(*modules) -> str | None:
         return None
     if not usable():
         return f"off ({_state['reason']})"
-    layers = sum(type(m) in _SWAPS.values() for module in modules if module is not None for m in module.modules())
-    return f"on: {layers} float32 layers of at most {MAX_ROWS} rows and the Gated DeltaNet recurrence, {threads()} threads"
+    layers = [m for module in modules if module is not None for m in module.modules() if type(m) in _SWAPS.values()]
+    halves = sum(_host_weight(m)[0].dtype == np.uint16 for m in layers)
+    read_as = "" if not halves else (" (read as bfloat16)" if halves == len(layers) else f" ({halves} read as bfloat16)")
+    return (f"on: {len(layers)} float32 layers{read_as} of at most {MAX_ROWS} rows and the Gated DeltaNet recurrence, "
+            f"{threads()} threads")

@@ -49,6 +49,20 @@ def test_bfloat16_weights_give_bitwise_the_sums_of_their_float32_values(n, k):
         assert np.array_equal(cpu_kernels._call(lib, x, halves), cpu_kernels._call(lib, x, w))
 
 
+def test_a_layer_of_a_bf16_checkpoint_reads_its_weights_as_bf16_for_the_same_sums():
+    """Loaded as float32 from bf16: the layer keeps a bf16 copy for the kernel (MLX keeps its float32
+    one), and its output is bitwise the float32 kernel's; a float32-valued layer reads float32."""
+    x = mx.random.normal((1, 4, 512), key=mx.random.key(7))
+    for weight, read_as in ((mx.random.normal((1152, 512), key=mx.random.key(8)).astype(mx.bfloat16), np.uint16),
+                            (mx.random.normal((1152, 512), key=mx.random.key(9)), np.float32)):
+        layer = nn.Linear(512, 1152, bias=False)
+        layer.weight = weight.astype(mx.float32)
+        cpu_kernels.install(layer)
+        assert cpu_kernels._host_weight(layer)[0].dtype == read_as and layer.weight.dtype == mx.float32
+        assert mx.array_equal(layer(x), cpu_kernels.linear(x, layer.weight))  # the float32 kernel's sums
+        assert ("(read as bfloat16)" in cpu_kernels.describe(layer)) == (read_as is np.uint16)
+
+
 def test_a_strided_weight_is_read_as_its_values_not_its_memory():
     w = mx.random.normal((64, 96), key=mx.random.key(5)).T  # a transposed view: [96, 64], column-major
     x = mx.random.normal((3, 64), key=mx.random.key(6))
