@@ -474,7 +474,8 @@ def describe(*modules) -> str | None:
     if not usable():
         return f"off ({_state['reason']})"
     layers = [m for module in modules if module is not None for m in module.modules() if type(m) in _SWAPS.values()]
-    halves = sum(_host_weight(m)[0].dtype == np.uint16 for m in layers)
-    read_as = "" if not halves else (" (read as bfloat16)" if halves == len(layers) else f" ({halves} read as bfloat16)")
+    copies = [kept for kept in (_host_weight(m)[0] for m in layers) if kept.dtype == np.uint16]
+    read_as = "" if not copies else (" (read as bfloat16" if len(copies) == len(layers) else f" ({len(copies)} read as bfloat16")
+    read_as += f": {sum(c.nbytes for c in copies) / 1e6:.0f} MB of copies)" if copies else ""
     return (f"on: {len(layers)} float32 layers{read_as} of at most {MAX_ROWS} rows and the Gated DeltaNet recurrence, "
             f"{threads()} threads")
