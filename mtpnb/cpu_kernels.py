@@ -475,7 +475,9 @@ def describe(*modules) -> str | None:
         return f"off ({_state['reason']})"
     layers = [m for module in modules if module is not None for m in module.modules() if type(m) in _SWAPS.values()]
     copies = [kept for kept in (_host_weight(m)[0] for m in layers) if kept.dtype == np.uint16]
-    read_as = "" if not copies else (" (read as bfloat16" if len(copies) == len(layers) else f" ({len(copies)} read as bfloat16")
-    read_as += f": {sum(c.nbytes for c in copies) / 1e6:.0f} MB of copies)" if copies else ""
+    read_as = ""
+    if copies:
+        which = "" if len(copies) == len(layers) else f"{len(copies)} "
+        read_as = f" ({which}read as bfloat16: {sum(c.nbytes for c in copies) / 1e6:.0f} MB of copies)"
     return (f"on: {len(layers)} float32 layers{read_as} of at most {MAX_ROWS} rows and the Gated DeltaNet recurrence, "
             f"{threads()} threads")
