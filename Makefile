@@ -14,8 +14,9 @@ VENV ?= .venv
 VPY = $(VENV)/bin/python
 SUDO = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 TEST_APT_PACKAGES = chromium libopenblas0-pthread gcc
-# The quick benchmark's duration, measured (`time mtpnb bench --quick`, 2 x86-64 cores, OpenBLAS, nothing else running: 44 s).
-QUICK_BENCH_TIME = about 45 s on 2 idle cores, several minutes on busy ones
+# The quick benchmark's duration, measured (`time mtpnb bench --quick`, 2 x86-64 cores, OpenBLAS, nothing else running:
+# 30 s, and 35 s inside `make demo` in a fresh clone, 2026-12-04).
+QUICK_BENCH_TIME = about 35 s on 2 idle cores, several minutes on busy ones
 
 .PHONY: install install-test venv openblas compiler demo test
 
