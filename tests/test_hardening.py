@@ -314,6 +314,45 @@ def test_shutdown_cuts_streams_visibly_and_refuses_the_queue(checkpoint, tmp_pat
         live.stop(signal.SIGKILL)
 
 
+@pytest.mark.parametrize("answered", [True, False], ids=["thread-done", "thread-answering"])
+def test_a_stop_signal_while_a_connection_thread_starts_still_stops_the_server(checkpoint, monkeypatch, answered):
+    """The signal handler of `mtpnb serve` raises KeyboardInterrupt in the serving thread. One that lands
+    inside Thread.start, after the connection's thread has answered (as in a CI run) or while it is
+    answering, stops the server all the same, and the connection still gets its whole answer."""
+    from mtpnb.server import Server
+
+    start_thread = threading.Thread.start
+
+    def start_then_interrupt(thread):
+        start_thread(thread)
+        if thread.name == "mtpnb-serve-connection":
+            if answered:
+                thread.join(30)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(threading.Thread, "start", start_then_interrupt)
+    srv = Server(checkpoint, port=0).bind()
+    ended = []
+
+    def serve():
+        try:
+            srv.serve_forever()
+        except KeyboardInterrupt:
+            ended.append("KeyboardInterrupt")
+
+    serving = threading.Thread(target=serve, name="test-serve")
+    serving.start()
+    status, _, body = exchange(srv, b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+    serving.join(15)
+    assert not serving.is_alive(), "the server went on serving after the interrupt"
+    assert ended == ["KeyboardInterrupt"]
+    if answered:
+        assert status == 200 and json.loads(body) == {"status": "ok"}
+    else:  # answered, or refused because the server is shutting down: a whole answer either way
+        assert status in (200, 503), body
+        json.loads(body)
+
+
 # -- 6. log injection ---------------------------------------------------------------------------------------
 def test_request_lines_are_logged_with_control_characters_escaped(server):
     status, _, _ = exchange(server, b"GET /\x1b[31mred\r HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")

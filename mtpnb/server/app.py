@@ -108,6 +108,7 @@ class _HTTPServer(ThreadingHTTPServer):
     def __init__(self, address, handler, app, max_connections: int):
         self.app = app
         self._slots = threading.BoundedSemaphore(max_connections)
+        self._interrupted = False  # a KeyboardInterrupt caught while handing a connection over
         # Refused connections are answered on threads of their own, as many as the connection limit;
         # past that, accepting waits for one of them (the rest of the burst waits in the backlog).
         self._refusals = threading.BoundedSemaphore(max_connections)
@@ -125,11 +126,25 @@ class _HTTPServer(ThreadingHTTPServer):
             self.refuse(request, APIError(503, "too many connections: retry later (mtpnb serve --max-connections)",
                                           code="server_busy"))
             return
+        # The connection's thread owns the slot and the socket from the moment it exists. A stop signal
+        # raises KeyboardInterrupt in this thread, possibly while Thread.start waits for a thread that
+        # already runs: the interrupt is then passed on from service_actions, after this returns, so that
+        # neither the slot is released twice (the ValueError that followed was swallowed with the
+        # interrupt, and the server ignored its stop signal) nor the socket closed under its thread.
+        thread = threading.Thread(target=self.process_request_thread, args=(request, client_address),
+                                  name="mtpnb-serve-connection", daemon=True)
         try:
-            super().process_request(request, client_address)
-        except BaseException:
+            thread.start()
+        except RuntimeError:  # no thread could be started: the slot was never handed over
             self._slots.release()
             raise
+        except KeyboardInterrupt:
+            self._interrupted = True
+
+    def service_actions(self):
+        super().service_actions()
+        if self._interrupted:
+            raise KeyboardInterrupt
 
     def refuse(self, request, error: APIError) -> None:
         """Answer a connection that will not be served with `error` and close it, without a reset.
