@@ -2,18 +2,20 @@
 
 Attention layers roll back by trimming their KV cache. A Gated DeltaNet layer holds a conv window
 and a recurrent state that cannot be trimmed, so while it runs a verify it keeps a *tape*: its
-state before the call (free: MLX arrays are immutable) and the call's post-conv q, k, v and raw
-a, b. Keeping m of the T verified tokens then means
+state before the call (free: MLX arrays are immutable), the call's conv input, and what gives the
+state after the call's first m steps (every step's state, or the call's inputs to run them again).
+Keeping m of the T verified tokens then means
 
     conv_state = conv_input[:, m : m + kernel - 1]
     ssm_state  = the gated-delta update over the first m steps, from the state before the call
 
 which is the state a fresh prefill of the committed tokens would have built. Nothing is replayed
-when every token is kept (the common case at high acceptance). Where the recurrence keeps every
-step's state for free a verify-sized call keeps them instead, so a rollback replays nothing at all:
-on the CPU, mtpnb's kernel (mtpnb.cpu_kernels; plain decoding and prefill run it too, so that all
-paths compute each step alike); on CUDA, mlx-lm's `gated_delta_ops`, one step at a time, with the
-same ops as its gated_delta_update. Metal runs mlx-lm's fused kernel and replays.
+when every token is kept (the common case at high acceptance). Where the recurrence runs step by step
+anyway, a verify-sized call keeps every step's state, so a rollback replays nothing: mlx-lm's
+`gated_delta_ops`, one step at a time with the same ops as its gated_delta_update (CUDA, and a CPU
+without mtpnb's kernel). mtpnb's CPU kernel (mtpnb.cpu_kernels; plain decoding and prefill run it too,
+so that all paths compute each step alike) runs the kept steps again, bitwise as the verify did: writing
+every step's state out cost more than these replays. Metal runs mlx-lm's fused kernel and replays.
 """
 
 from __future__ import annotations
@@ -46,19 +48,12 @@ class RollbackArraysCache(ArraysCache):
         """Keep only the first `keep` tokens of the last call."""
         if self.tape is None:
             raise RuntimeError("nothing to roll back: the layer has not run since the last rollback")
-        layer, conv_input, q, k, v, a, b, state0, states = self.tape
+        layer, steps, conv_input, state0, state_after = self.tape
         self.tape = None
-        if keep == q.shape[1]:
+        if keep == steps:
             return
-        kernel = layer.conv_kernel_size
-        self[0] = mx.contiguous(conv_input[:, keep : keep + kernel - 1])
-        if keep == 0:
-            self[1] = state0
-        elif states is not None:
-            self[1] = states[keep - 1]
-        else:
-            self[1] = _recurrence(layer, q[:, :keep], k[:, :keep], v[:, :keep], a[:, :keep], b[:, :keep],
-                                  state0, keep_states=False)[1]
+        self[0] = mx.contiguous(conv_input[:, keep : keep + layer.conv_kernel_size - 1])
+        self[1] = state0 if keep == 0 else state_after(keep)
 
 
 class _Recording:
@@ -97,10 +92,9 @@ class _Recording:
         state0 = cache[1]
         if state0 is None:
             state0 = mx.zeros((B, self.num_v_heads, self.head_v_dim, self.head_k_dim), dtype=mx.float32)
-        keep_states = recording and S <= STEPWISE_MAX_TOKENS and _stepwise()
-        out, cache[1], states = _recurrence(self, q, k, v, a, b, state0, keep_states)
+        out, cache[1], state_after = _recurrence(self, q, k, v, a, b, state0, recording)
         if recording:
-            cache.tape = (self, conv_input, q, k, v, a, b, state0, states)
+            cache.tape = (self, S, conv_input, state0, state_after)
         else:
             cache.advance(S)
         out = self.norm(out, z)
@@ -129,28 +123,29 @@ def _cpu_recurrence(inputs: mx.array) -> bool:
     return inputs.dtype == mx.float32 and inputs.shape[0] == 1 and cpu_kernels.usable()
 
 
-def _recurrence(layer, q, k, v, a, b, state0, keep_states: bool):
-    """The layer's gated delta rule over T steps from state0: -> (y [B, T, Hv, Dv], last state, the
-    state after every step if keep_states, else None). On the CPU, float32: mtpnb's kernel. Else
-    mlx-lm's gated_delta_update; its ops path (CPU, CUDA) step by step when keep_states, with the same
-    ops in the same order, so the same numbers (callers keep states only where that is free: not
-    where Metal's fused kernel runs, which returns the last state only, so a rollback replays)."""
+def _recurrence(layer, q, k, v, a, b, state0, recording: bool):
+    """The layer's gated delta rule over T steps from state0: -> (y [B, T, Hv, Dv], last state,
+    state_after), state_after(n) giving the state after the first n steps, as a rollback needs (only
+    asked of a `recording` call). On the CPU, float32: mtpnb's kernel, which runs the n steps again.
+    Else mlx-lm's gated_delta_update: its ops path (CPU, CUDA) step by step in a recording call of a
+    verify's size, with the same ops in the same order, so the same numbers, keeping every step's
+    state; otherwise (Metal's fused kernel returns the last state only; prefills) run again."""
     beta = mx.sigmoid(b)
     g = compute_g(layer.A_log, a, layer.dt_bias)
     rq, rk = q, k
     if (repeat := v.shape[-2] // q.shape[-2]) > 1:
         rq, rk = mx.repeat(q, repeat, -2), mx.repeat(k, repeat, -2)
     if cpu_kernels.gated_delta_applies(rq, v, g, state0):
-        return cpu_kernels.gated_delta(rq, rk, v, g, beta, state0, keep_states)
-    if keep_states:
+        return cpu_kernels.gated_delta(rq, rk, v, g, beta, state0)
+    if recording and q.shape[1] <= STEPWISE_MAX_TOKENS and _stepwise():
         ys, states, state = [], [], state0
         for t in range(q.shape[1]):
             y, state = _gated_delta_step_ops(rq[:, t], rk[:, t], v[:, t], g[:, t], beta[:, t], state)
             ys.append(y)
             states.append(state)
-        return mx.stack(ys, axis=1), state, states
+        return mx.stack(ys, axis=1), state, lambda n: states[n - 1]
     y, state = gated_delta_update(q, k, v, a, b, layer.A_log, layer.dt_bias, state0, use_kernel=not layer.training)
-    return y, state, None
+    return y, state, lambda n: _recurrence(layer, q[:, :n], k[:, :n], v[:, :n], a[:, :n], b[:, :n], state0, False)[1]
 
 
 RECORDING = {GatedDeltaNet: RecordingGatedDeltaNet, Qwen3NextGatedDeltaNet: RecordingQwen3NextGatedDeltaNet}

@@ -36,6 +36,21 @@ def load_quietly(path, **kw):
         return mtpnb.load(path, **kw)
 
 
+ROLLBACK_DESIGNS = ("kernel", "stepwise", "replay")
+
+
+def use_rollback_design(monkeypatch, design: str) -> None:
+    """How a Gated DeltaNet layer gets back to the state after a verify's first m steps: "kernel", the
+    CPU kernel running them again (the default here); "stepwise", mlx-lm's ops one step at a time
+    keeping every state (CUDA's path); "replay", mlx-lm's gated_delta_update running them again
+    (Metal's path). The last two with the CPU kernel's recurrence switched off."""
+    from mtpnb import cpu_kernels, rollback
+
+    if design != "kernel":
+        monkeypatch.setattr(cpu_kernels, "gated_delta_applies", lambda *arrays: False)
+        monkeypatch.setattr(rollback, "_stepwise", lambda: design == "stepwise")
+
+
 def assert_rollback_matches_fresh_prefill(model, prompt=(11, 42, 7, 99, 3, 150), verify=(21, 33, 8, 77, 120),
                                           follow=64):
     """After keeping m of D+1 verified tokens (every m), trunk and head caches give the next logits

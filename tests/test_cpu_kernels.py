@@ -93,21 +93,23 @@ def _recurrence_inputs(T, H=4, Dk=32, Dv=24, seed=0):
 @pytest.mark.parametrize("T", [1, 5, 40])
 def test_gated_delta_is_mlx_lms_recurrence(T):
     q, k, v, g, beta, state = _recurrence_inputs(T)
-    y, last, states = cpu_kernels.gated_delta(q, k, v, g, beta, state, keep_states=True)
+    y, last, state_after = cpu_kernels.gated_delta(q, k, v, g, beta, state)
     y_ref, last_ref = gated_delta_ops(q, k, v, g, beta, state)
     np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(np.asarray(last), np.asarray(last_ref), rtol=1e-4, atol=1e-4)
-    assert len(states) == T and mx.array_equal(states[-1], last)
+    assert mx.array_equal(state_after(T), last)
 
 
 def test_gated_delta_steps_at_once_equal_steps_one_by_one():
-    """What makes a verify's state, a rollback's and plain decoding's the same bitwise."""
+    """What makes a verify's state, a rollback's and plain decoding's the same bitwise: the outputs and
+    states of one step at a time are those of all steps at once, and those that state_after(n) gives."""
     q, k, v, g, beta, state = _recurrence_inputs(6, seed=1)
-    y_all, last_all, states = cpu_kernels.gated_delta(q, k, v, g, beta, state, keep_states=True)
+    y_all, last_all, state_after = cpu_kernels.gated_delta(q, k, v, g, beta, state)
     s = state
     for t in range(6):
         y_t, s, _ = cpu_kernels.gated_delta(*(a[:, t : t + 1] for a in (q, k, v, g, beta)), s)
-        assert mx.array_equal(y_t[:, 0], y_all[:, t]) and mx.array_equal(s, states[t])
+        assert mx.array_equal(y_t[:, 0], y_all[:, t]) and mx.array_equal(s, state_after(t + 1))
+    assert mx.array_equal(s, last_all)
 
 
 def test_a_loaded_model_uses_them_and_says_so(hybrid_model):

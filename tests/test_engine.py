@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import mtpnb
-from conftest import assert_rollback_matches_fresh_prefill
+from conftest import ROLLBACK_DESIGNS, assert_rollback_matches_fresh_prefill, use_rollback_design
 from mtpnb import MTPNBError
 from mtpnb.sampling import Sampling
 
@@ -63,14 +63,13 @@ def test_greedy_with_a_draft_vocabulary(echo_models):
     assert drafted and set(drafted) <= set(shortlist) and spec.metrics.accepted_drafts > 0
 
 
-@pytest.mark.parametrize("family, stepwise", [("qwen3_5", True), ("qwen3_5", False), ("qwen3", True)])
-def test_rollback_gives_the_logits_of_a_fresh_prefill(checkpoints, monkeypatch, family, stepwise):
+@pytest.mark.parametrize("family, design", [("qwen3_5", d) for d in ROLLBACK_DESIGNS] + [("qwen3", "kernel")])
+def test_rollback_gives_the_logits_of_a_fresh_prefill(checkpoints, monkeypatch, family, design):
     """After keeping m of D+1 verified tokens (every m), trunk and head caches give the next logits
-    of a fresh prefill of the committed tokens (float32, atol 1e-5). Both Gated DeltaNet designs:
-    per-step states kept during the verify, and the replay from the tape (Metal's path)."""
-    from mtpnb import rollback
-
-    monkeypatch.setattr(rollback, "_stepwise", lambda: stepwise)
+    of a fresh prefill of the committed tokens (float32, atol 1e-5). Every Gated DeltaNet design
+    (conftest.use_rollback_design): the CPU kernel's replay, per-step states kept during the verify
+    (CUDA's path), and mlx-lm's replay (Metal's path)."""
+    use_rollback_design(monkeypatch, design)
     assert_rollback_matches_fresh_prefill(mtpnb.load(checkpoints(family=family)))  # random head: its cache rolls back too
 
 

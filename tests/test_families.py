@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import mtpnb
-from conftest import assert_rollback_matches_fresh_prefill
+from conftest import assert_rollback_matches_fresh_prefill, use_rollback_design
 
 torch = pytest.importorskip("torch", reason="needs the train extra (torch + transformers)")
 pytestmark = pytest.mark.torch
@@ -224,17 +224,15 @@ def test_head_logits_match_a_torch_reference(hf_checkpoints, family, experts, mt
     assert all(np.abs(np.array(theirs)).max() > 1e-2 for _, _, theirs in compared)  # not near-zero arrays
 
 
-@pytest.mark.parametrize("family, stepwise, mtp_layers", [
-    ("qwen3_5_moe", True, 1), ("qwen3_next", True, 1), ("qwen3_next", False, 1), ("deepseek_v3", True, 1),
-    ("glm4_moe", True, 1), ("mimo", True, 1), ("qwen3_5_moe", True, 2), ("deepseek_v3", True, 2), ("mimo", True, 2)])
-def test_rollback_for_every_keep_count(hf_checkpoints, monkeypatch, family, stepwise, mtp_layers):
-    """Both Gated DeltaNet designs (per-step states kept during the verify; replay from the tape,
-    Metal's path) on each family's own Gated DeltaNet layout; MLA's compressed-latent cache
-    (DeepSeek-V3) and GQA's (GLM-4.5) trimmed in the trunk and the head; with two MTP layers, each
-    layer's cache keeps exactly the committed positions."""
-    from mtpnb import rollback
-
-    monkeypatch.setattr(rollback, "_stepwise", lambda: stepwise)
+@pytest.mark.parametrize("family, design, mtp_layers", [
+    ("qwen3_5_moe", "kernel", 1), ("qwen3_next", "kernel", 1), ("qwen3_next", "stepwise", 1),
+    ("qwen3_next", "replay", 1), ("deepseek_v3", "kernel", 1), ("glm4_moe", "kernel", 1), ("mimo", "kernel", 1),
+    ("qwen3_5_moe", "kernel", 2), ("deepseek_v3", "kernel", 2), ("mimo", "kernel", 2)])
+def test_rollback_for_every_keep_count(hf_checkpoints, monkeypatch, family, design, mtp_layers):
+    """Every Gated DeltaNet design (conftest.use_rollback_design) on each family's own Gated DeltaNet
+    layout; MLA's compressed-latent cache (DeepSeek-V3) and GQA's (GLM-4.5) trimmed in the trunk and
+    the head; with two MTP layers, each layer's cache keeps exactly the committed positions."""
+    use_rollback_design(monkeypatch, design)
     assert_rollback_matches_fresh_prefill(load(hf_checkpoints(family, mtp_layers=mtp_layers)))
 
 

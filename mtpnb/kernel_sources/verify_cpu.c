@@ -164,9 +164,9 @@ SMALL_MATMUL(mtpnb_small_matmul_bf16, bf16, ROWS_BF16)
 // and one step at a time, each row of the state read once per step:
 //     S = S * g_t;  delta = (v_t - S k_t) * beta_t;  S = S + delta k_t^T;  y_t = S q_t
 // q, k [T, H, Dk] (q/k heads already repeated to the value heads), v [T, H, Dv], g and beta [T, H],
-// state0 [H, Dv, Dk] -> y [T, H, Dv], state [H, Dv, Dk] after the last step and, if `states` is not
-// NULL, the state after every step [T, H, Dv, Dk] (what a rollback keeps). The arithmetic of a step
-// is the same whatever T is, so T steps at once equal T calls of one step, bitwise.
+// state0 [H, Dv, Dk] -> y [T, H, Dv], state [H, Dv, Dk] after the last step. The arithmetic of a step
+// is the same whatever T is, so T steps at once equal T calls of one step, bitwise: a rollback gets the
+// state after the first n steps of a verify by running those n steps again.
 
 static inline float dot(const float* a, const float* b, int n) {
     const int nv = n - n % LANES;
@@ -177,8 +177,7 @@ static inline float dot(const float* a, const float* b, int n) {
 }
 
 static void delta_head(const float* q, const float* k, const float* v, const float* g, const float* beta,
-                       const float* state0, float* y, float* state, float* states, int T, int H, int Dk,
-                       int Dv, int h) {
+                       const float* state0, float* y, float* state, int T, int H, int Dk, int Dv, int h) {
     float* S = state + (size_t)h * Dv * Dk;
     memcpy(S, state0 + (size_t)h * Dv * Dk, sizeof(float) * Dv * Dk);
     for (int t = 0; t < T; t++) {
@@ -194,17 +193,16 @@ static void delta_head(const float* q, const float* k, const float* v, const flo
             for (int j = 0; j < Dk; j++) row[j] += kt[j] * delta;
             y[th * Dv + i] = dot(row, qt, Dk);
         }
-        if (states) memcpy(states + th * Dv * Dk, S, sizeof(float) * Dv * Dk);
     }
 }
 
 int mtpnb_gated_delta(const float* q, const float* k, const float* v, const float* g, const float* beta,
-                      const float* state0, float* y, float* state, float* states, int T, int H, int Dk,
-                      int Dv, int threads) {
+                      const float* state0, float* y, float* state, int T, int H, int Dk, int Dv,
+                      int threads) {
     if (T < 1 || H < 1 || Dk < 1 || Dv < 1) return -1;
     if (threads < 1 || T < 16) threads = 1;  // a verify's few steps cost less than waking a thread
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int h = 0; h < H; h++) delta_head(q, k, v, g, beta, state0, y, state, states, T, H, Dk, Dv, h);
+    for (int h = 0; h < H; h++) delta_head(q, k, v, g, beta, state0, y, state, T, H, Dk, Dv, h);
     return 0;
 }
 
