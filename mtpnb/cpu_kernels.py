@@ -139,10 +139,9 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.mtpnb_gated_delta.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int] * 5
     lib.mtpnb_gated_delta.restype = ctypes.c_int
     lib.mtpnb_qwen_head_steps.argtypes = ([ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 2
-                                          + [ctypes.c_float] * 2 + [ctypes.c_void_p] * 2
-                                          + [ctypes.c_int] * 2 + [ctypes.c_void_p] * 2 + [ctypes.c_int]
-                                          + [ctypes.c_void_p] * 2 + [ctypes.c_int] + [ctypes.c_void_p]
-                                          + [ctypes.c_int] + [ctypes.c_void_p] * 2 + [ctypes.c_int])
+                                          + [ctypes.c_float] * 2 + [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2
+                                          + [ctypes.c_void_p] * 4 + [ctypes.c_int] + [ctypes.c_void_p]
+                                          + [ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int])
     lib.mtpnb_qwen_head_steps.restype = ctypes.c_int
     if lib.mtpnb_max_rows() != MAX_ROWS:
         raise RuntimeError(f"the library takes {lib.mtpnb_max_rows()} rows, this module {MAX_ROWS}")
@@ -357,57 +356,50 @@ class HeadDraftSteps:
 
 
 class DraftRound:
-    """One round's draft steps (HeadDraftSteps.round): all at once at greedy, or one at a time with the
-    caller drawing each draft."""
+    """One round's draft steps (HeadDraftSteps.round), all in one call: greedy, or sampled."""
 
     def __init__(self, kernel: HeadDraftSteps, cache: KVCache, hidden: np.ndarray, tokens: np.ndarray, steps: int):
-        self._kernel, self._cache, self._hidden, self._tokens = kernel, cache, hidden, tokens
-        # The round's K, V rows: step 0's (copied into the cache after its call), then one per later step.
-        self._rows = np.empty((2, len(tokens) + steps - 1, kernel._kv_heads * kernel._head_dim), dtype=np.float32)
-        self._g = np.empty(kernel._hidden_size, dtype=np.float32)  # the last step's output: the next one's input
-        self._done, self._steps = 0, steps
+        self._kernel, self._cache, self._hidden, self._tokens, self._steps = kernel, cache, hidden, tokens, steps
 
-    def _run(self, token: mx.array | None, steps: int, columns: np.ndarray | None) -> np.ndarray:
-        k, cache, n = self._kernel, self._cache, len(self._tokens)
-        if self._done + steps > self._steps:
-            raise ValueError(f"a round of {self._steps} draft steps has {self._steps - self._done} left")
-        if (token is None) != (self._done == 0):
-            raise ValueError("step 0 takes no draft, a later step the previous step's")
-        if self._done:  # step 0's rows are the cache's now: the later steps' rows follow them
-            hidden, tokens, first, rows = self._g, np.array([token.item()], np.int32), self._done - 1, self._rows[:, n:]
-        else:
-            hidden, tokens, first, rows = self._hidden, self._tokens, 0, self._rows
+    def greedy(self) -> tuple[mx.array, mx.array]:
+        """-> (each draft's row among the draft rows [steps], the steps' logits [steps, draft rows])."""
+        return self._run(None, None)
+
+    def sampled(self, temperature: float, top_p: float, min_p: float, top_k: int,
+                uniforms: mx.array) -> tuple[mx.array, mx.array]:
+        """Each step's draft drawn (inverse CDF at uniforms[step], in [0, 1)) from its logits processed as
+        mtpnb.sampling.Sampling does: -> (each draft's row [steps], the distributions they were drawn
+        from as normalized log-probabilities [steps, draft rows], -inf where filtered: what the
+        acceptance reads as q)."""
+        mx.eval(uniforms)
+        settings = np.array([temperature, top_p, min_p, top_k], dtype=np.float32)
+        return self._run(settings, np.ascontiguousarray(np.asarray(uniforms), dtype=np.float32).reshape(self._steps))
+
+    def _run(self, sampling: np.ndarray | None, uniforms: np.ndarray | None) -> tuple[mx.array, mx.array]:
+        k, cache, n, steps = self._kernel, self._cache, len(self._tokens), self._steps
+        # The round's K, V rows: step 0's (copied into the cache after the call), then one per later step.
+        rows = np.empty((2, n + steps - 1, k._kv_heads * k._head_dim), dtype=np.float32)
+        g = np.empty(k._hidden_size, dtype=np.float32)  # each step's output: the next one's input
         keys = values = None
         if cache.keys is not None:
             mx.eval(cache.keys, cache.values)
             keys, values = (np.ascontiguousarray(np.asarray(a)[0]) for a in (cache.keys, cache.values))
+        columns = np.empty(steps, dtype=np.int32)
         logits = np.empty((steps, k._rows), dtype=np.float32)
         if library().mtpnb_qwen_head_steps(
                 k._pointers, k.bf16, None if k._vocab is None else k._vocab.ctypes.data, k._dims, k._eps,
                 k._log_base,
                 None if keys is None else keys.ctypes.data, None if values is None else values.ctypes.data,
-                0 if keys is None else keys.shape[1], cache.offset, rows[0].ctypes.data, rows[1].ctypes.data, first,
-                hidden.ctypes.data, tokens.ctypes.data, len(tokens), self._g.ctypes.data, steps,
-                None if columns is None else columns.ctypes.data, logits.ctypes.data, threads()):
+                0 if keys is None else keys.shape[1], cache.offset, rows[0].ctypes.data, rows[1].ctypes.data,
+                self._hidden.ctypes.data, self._tokens.ctypes.data, n, g.ctypes.data, steps,
+                None if sampling is None else sampling.ctypes.data, None if uniforms is None else uniforms.ctypes.data,
+                columns.ctypes.data, logits.ctypes.data, threads()):
             raise ValueError(f"qwen_head_steps: sizes {list(k._dims)}, cache {None if keys is None else keys.shape}, "
                              f"offset {cache.offset}")
-        if not self._done:  # [1, KV heads, n, head dim], as the MLX head's attention adds them
-            cache.update_and_fetch(*(mx.array(r[:n].reshape(n, k._kv_heads, k._head_dim).transpose(1, 0, 2))[None]
-                                     for r in self._rows))
-        self._done += steps
-        return logits
-
-    def greedy(self) -> tuple[mx.array, mx.array]:
-        """The whole round at greedy, in one call: (each draft's row among the draft rows [steps], their
-        logits [steps, draft rows])."""
-        columns = np.empty(self._steps, dtype=np.int32)
-        logits = self._run(None, self._steps, columns)
+        # step 0's rows [1, KV heads, n, head dim] enter the cache, as the MLX head's attention adds them
+        cache.update_and_fetch(*(mx.array(r[:n].reshape(n, k._kv_heads, k._head_dim).transpose(1, 0, 2))[None]
+                                 for r in rows))
         return mx.array(columns), mx.array(logits)
-
-    def step(self, token: mx.array | None = None) -> mx.array:
-        """The next step: step 0, then each later one from the previous step's draft `token`: its logits
-        over the draft rows."""
-        return mx.array(self._run(token, 1, None)[0])
 
 
 def _host_weight(module) -> tuple:

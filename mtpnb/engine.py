@@ -433,23 +433,23 @@ def draft(model, sampling: Sampling, depth: int, pending_hidden: mx.array, pendi
     model has one, else the whole vocabulary), each draft's column in it [K], and how many draft rows
     entered the head's cache (the verify's rollback takes them back). Step 0 runs over every pending
     position (they enter the head's cache) and only its last row drafts; in C where the kernel applies
-    (Model.draft_round), the whole round in one call at greedy."""
+    (Model.draft_round), the whole round in one call: its drafts drawn in C when sampling, from the
+    distributions it returns (the acceptance reads those)."""
     in_c = model.draft_round(pending_hidden, pending_tokens, head_cache, depth)
-    if in_c is not None and sampling.greedy:
-        columns, logits = in_c.greedy()
-        return (columns if model.draft_vocab is None else model.draft_vocab[columns]), logits, columns, 0
-    if in_c is not None:  # one call a step, MLX drawing each draft with the sampler
-        draws = [draw_draft(model, sampling, in_c.step(), draw_key())]
-        for _ in range(1, depth):
-            draws.append(draw_draft(model, sampling, in_c.step(draws[-1][0]), draw_key()))
-    else:
-        g = model.head(pending_hidden, model.embed(mx.array(pending_tokens)[None]), cache=head_cache)[:, -1:]
-        draws = [draft_token(model, sampling, g, draw_key(), step=0)]
-        for j in range(1, depth):
-            g = model.head(g, model.embed(draws[-1][0].reshape(1, 1)), cache=head_cache, step=j)
-            draws.append(draft_token(model, sampling, g, draw_key(), step=j))
+    if in_c is not None:
+        if sampling.greedy:
+            columns, dists = in_c.greedy()
+        else:
+            columns, dists = in_c.sampled(sampling.temperature, sampling.top_p, sampling.min_p, sampling.top_k,
+                                          mx.random.uniform(shape=(depth,), key=draw_key()))
+        return (columns if model.draft_vocab is None else model.draft_vocab[columns]), dists, columns, 0
+    g = model.head(pending_hidden, model.embed(mx.array(pending_tokens)[None]), cache=head_cache)[:, -1:]
+    draws = [draft_token(model, sampling, g, draw_key(), step=0)]
+    for j in range(1, depth):
+        g = model.head(g, model.embed(draws[-1][0].reshape(1, 1)), cache=head_cache, step=j)
+        draws.append(draft_token(model, sampling, g, draw_key(), step=j))
     drafts, dists, columns = (mx.stack(a) for a in zip(*draws))
-    return drafts, dists, columns, 0 if in_c is not None else depth - 1
+    return drafts, dists, columns, depth - 1
 
 
 def draft_token(model, sampling: Sampling, g: mx.array, key: mx.array | None,

@@ -2,6 +2,7 @@
 arithmetic, a verify's rows bitwise those of plain decoding, and MLX's own ops wherever they do not
 apply or cannot be built."""
 
+import collections
 import os
 import subprocess
 import sys
@@ -129,7 +130,8 @@ def _head_cache_rows(head_cache) -> list[np.ndarray]:
 def test_the_head_kernel_drafts_what_the_head_drafts_step_by_step(checkpoints, which, pending, committed):
     """A round in C (step 0 over the pending rows, then three later steps) against the MLX head step by
     step: the same greedy drafts, logits within 1e-4, and step 0's rows in the head's cache as MLX leaves
-    them (`committed` rows there before; none: a prompt of one token)."""
+    them (`committed` rows there before; none: a prompt of one token); sampled, the distributions the
+    drafts are drawn from are Sampling's of the MLX head's logits."""
     from mtpnb.engine import draft_token
     from mtpnb.sampling import Sampling
 
@@ -171,15 +173,59 @@ def test_the_head_kernel_drafts_what_the_head_drafts_step_by_step(checkpoints, w
     np.testing.assert_allclose(np.asarray(logits), want_logits, rtol=1e-4, atol=1e-4)
     assert_the_cache_is_mlxs(in_c)
 
+    # sampled: each step's draft drawn in C from the distribution it returns, which is what Sampling
+    # makes of the MLX head's logits when the head is fed the same drafts
+    settings = Sampling(temperature=0.7, top_p=0.9, top_k=20)
     in_c = head_cache_after_the_prefill()
-    one_by_one = model.draft_round(pending_hidden, pending_tokens, in_c, 4)  # sampling: a call a step
-    got = [np.asarray(one_by_one.step())]
-    assert_the_cache_is_mlxs(in_c)  # step 0's rows are there before the later steps run
-    got += [np.asarray(one_by_one.step(draft)) for draft, _, _ in step_by_step[:-1]]
-    np.testing.assert_allclose(np.stack(got), want_logits, rtol=1e-4, atol=1e-4)
-    with pytest.raises(ValueError, match="has 0 left"):
-        one_by_one.step(step_by_step[-1][0])
-    assert_the_cache_is_mlxs(in_c)  # the later steps' rows never enter it
+    columns, q = model.draft_round(pending_hidden, pending_tokens, in_c, 4).sampled(
+        settings.temperature, settings.top_p, settings.min_p, settings.top_k, mx.array([0.1, 0.5, 0.9, 0.3]))
+    assert_the_cache_is_mlxs(in_c)
+    mlx_cache = head_cache_after_the_prefill()
+    g = model.head(pending_hidden, model.embed(mx.array(pending_tokens)[None]), cache=mlx_cache)[:, -1:]
+    want = [settings.logprobs(model.draft_logits(g, 0)[0, -1])]
+    for j, column in enumerate(columns.tolist()[:-1], start=1):
+        token = column if model.draft_vocab is None else model.draft_vocab[column].item()
+        g = model.head(g, model.embed(mx.array([[token]])), cache=mlx_cache, step=j)
+        want.append(settings.logprobs(model.draft_logits(g, j)[0, -1]))
+    got, want = np.asarray(q), np.stack([np.asarray(w) for w in want])
+    survivors = np.isfinite(want)
+    assert (np.isfinite(got) == survivors).all() and survivors[np.arange(4), np.asarray(columns)].all()
+    np.testing.assert_allclose(got[survivors], want[survivors], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("temperature, top_p, min_p, top_k", [(1.0, 1.0, 0.0, 8), (0.8, 0.9, 0.0, 0),
+                                                               (1.2, 1.0, 0.05, 0), (1.0, 1.0, 0.0, 0)])
+def test_the_head_kernel_draws_its_drafts_from_the_distribution_it_returns(checkpoints, temperature, top_p, min_p,
+                                                                           top_k):
+    """3000 draws of a round's first draft (the same head state, uniform numbers from a seeded generator)
+    follow the q the kernel returns with them (chi-square): the acceptance, which reads q, is then exact.
+    Each way the kernel ranks the tokens: the k best, all sorted (top-p or min-p without top-k), none."""
+    from scipy.stats import chisquare
+
+    model = mtpnb.load(checkpoints(family="qwen3_5"))
+    ids = [5, 7, 9, 11, 13, 17]
+    hidden, _ = model.forward(mx.array(ids)[None], cache=model.make_cache())
+    head_cache = model.make_head_cache()
+    model.head(hidden[:, :-1], model.embed(mx.array(ids[1:])[None]), cache=head_cache)
+    counts, q = collections.Counter(), None
+    for u in np.random.default_rng(0).random(3000, dtype=np.float32):
+        column, dist = model.draft_round(hidden[:, -1:], [19], head_cache, 1).sampled(
+            temperature, top_p, min_p, top_k, mx.array([float(u)]))
+        for layer_cache in head_cache.caches:  # the drafting row's K and V, as a verify's rollback
+            layer_cache.trim(1)
+        assert q is None or np.array_equal(np.asarray(dist[0]), q)
+        q = np.asarray(dist[0])
+        counts[column.item()] += 1
+    p = np.exp(q.astype(np.float64))
+    assert set(counts) <= set(np.flatnonzero(p)) and abs(p.sum() - 1) < 1e-5
+    expected, observed = 3000 * p / p.sum(), np.array([counts[i] for i in range(len(p))])
+    big = expected >= 5  # cells too small for the chi-square approximation are pooled
+    assert big.sum() >= 5, "the draft distribution is too concentrated to say anything"
+    observed, expected = observed[big].tolist(), expected[big].tolist()
+    if (pooled := 3000 - sum(expected)) > 1e-6:
+        observed.append(3000 - sum(observed))
+        expected.append(pooled)
+    assert chisquare(observed, expected).pvalue > 1e-3
 
 
 def test_turning_them_off_keeps_the_greedy_text(checkpoints):

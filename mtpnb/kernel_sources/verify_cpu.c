@@ -216,8 +216,8 @@ int mtpnb_gated_delta(const float* q, const float* k, const float* v, const floa
 // last verify committed, each with the token after it), then one row per later step (the previous step's
 // output g with its draft). Each row attends over the cache's `offset` committed rows and the round's rows
 // up to itself; the round's K and V rows (after k_norm and RoPE, as the MLX cache stores them) go to
-// round_keys / round_values [rows of the round, nkv * hd], which the caller keeps between calls and from
-// which it copies step 0's rows into the head's cache. Of a step's input rows only the last one drafts:
+// round_keys / round_values [rows of the round, nkv * hd], from which the caller copies step 0's rows into
+// the head's cache. One call runs a whole round. Of a step's input rows only the last one drafts:
 // the others need their K and V only (one layer: nothing else of theirs is read).
 // The drafts only propose: their numbers need not match MLX's bitwise (the verify decides).
 //
@@ -227,11 +227,11 @@ int mtpnb_gated_delta(const float* q, const float* k, const float* v, const floa
 // norm [H], draft [Vq, H] (the output rows the head drafts from), all float32; with bf16_matrices, fc,
 // the projections, the MLP's and draft are bfloat16 (see mtpnb_small_matmul_bf16). vocab [Vq]: their
 // token ids (NULL: row i is token i). dims: H, nh, nkv, hd, rot (RoPE's rotated dims, non-traditional), I, Vq.
-// keys, values: the cache [nkv, cap, hd] (NULL when offset is 0). The call's first step runs on the n
-// input rows hidden [n, H] (may be g when n is 1) and tokens [n], the first of them round row `first`;
-// g [H] gets each step's output. logits [steps, Vq]. With `columns`, greedy: each step's argmax row goes
-// there and its token, with g, is the next step's input row; without, one step (the caller draws from
-// its logits).
+// keys, values: the cache [nkv, cap, hd] (NULL when offset is 0). Step 0 runs on the n input rows
+// hidden [n, H] and tokens [n]; g [H] gets each step's output. logits [steps, Vq]; each step's draft row goes to columns [steps], and
+// its token, with g, is the next step's input row. The draft: the row's argmax (greedy, `sampling` NULL),
+// or a draw (draw_row, which turns the step's logits into the distribution drawn from) with the step's
+// uniform number uniforms[s] in [0, 1).
 enum { W_EMBED, W_NORM_E, W_NORM_H, W_FC, W_NORM_IN, W_Q, W_K, W_V, W_QNORM, W_KNORM, W_O, W_NORM_POST,
        W_GATE, W_UP, W_DOWN, W_NORM, W_DRAFT };
 
@@ -263,27 +263,97 @@ static void matmul(const float* x, const void* W, int bf16_weights, float* y, in
     }
 }
 
+// A sampled draft. The drafts only propose: the acceptance is exact for any distribution q they are drawn
+// from, as long as it reads that q. So the row of logits becomes q, as normalized log-probabilities (-inf
+// where filtered), and the draft is drawn from it. q follows the target's processing (mtpnb.sampling:
+// top-p, min-p and top-k on the untempered log-probabilities keep a prefix of the tokens ranked by
+// probability, top-p judged on the whole row's mass; the temperature divides what survives), so that the
+// drafts are accepted as often as the head allows. sampling: temperature (> 0), top-p, min-p, top-k (0:
+// none); ranked [Vq]: scratch. The draw: inverse CDF at u over the survivors, the most probable first.
+// Returns the drawn row.
+struct ranked {
+    float logit;
+    int row;
+};
+
+static int by_logit(const void* a, const void* b) {  // descending; ties by row, so the order is total
+    const struct ranked *x = a, *y = b;
+    if (x->logit != y->logit) return x->logit < y->logit ? 1 : -1;
+    return x->row - y->row;
+}
+
+static int draw_row(float* row, int Vq, const float* sampling, float u, struct ranked* ranked) {
+    const float temperature = sampling[0], top_p = sampling[1], min_p = sampling[2];
+    const int top_k = (int)sampling[3];
+    float top = row[0];
+    for (int i = 1; i < Vq; i++)
+        if (row[i] > top) top = row[i];
+    double total = 0.0;
+    for (int i = 0; i < Vq; i++) total += exp((double)row[i] - top);
+    const double log_z = top + log(total);  // the untempered log-probabilities: row - log_z
+    int n = 0;  // the candidates in ranked[0, n), best first
+    if (top_k > 0 && top_k < Vq) {  // the k best: insertion into a sorted prefix
+        for (int i = 0; i < Vq; i++) {
+            if (n == top_k && row[i] <= ranked[n - 1].logit) continue;
+            int j = n < top_k ? n++ : n - 1;
+            for (; j > 0 && ranked[j - 1].logit < row[i]; j--) ranked[j] = ranked[j - 1];
+            ranked[j] = (struct ranked){row[i], i};
+        }
+    } else {
+        for (int i = 0; i < Vq; i++) ranked[i] = (struct ranked){row[i], i};
+        n = Vq;
+        if (top_p < 1.0f || min_p > 0.0f) qsort(ranked, Vq, sizeof *ranked, by_logit);
+    }
+    // the prefix that top-p and min-p keep (the best token always)
+    int m = 1;
+    double mass = exp(ranked[0].logit - log_z);
+    const double lowest = min_p > 0.0f ? ranked[0].logit + log((double)min_p) : -INFINITY;
+    while (m < n && (top_p >= 1.0f || mass < top_p) && ranked[m].logit >= lowest)
+        mass += exp(ranked[m++].logit - log_z);
+    // tempered and normalized over the survivors (none above the row's best: the sum cannot overflow)
+    const double best = (top - log_z) / temperature;
+    double tempered = 0.0;
+    for (int r = 0; r < m; r++) tempered += exp((ranked[r].logit - log_z) / temperature - best);
+    const double log_t = best + log(tempered);
+    for (int i = 0; i < Vq; i++) row[i] = -INFINITY;
+    double cdf = 0.0;
+    for (int r = 0; r < m; r++) {
+        row[ranked[r].row] = (float)((ranked[r].logit - log_z) / temperature - log_t);
+        cdf += exp((double)row[ranked[r].row]);
+    }
+    const double target = u * cdf;  // the float q sums to 1 within rounding: draw against its own total
+    double below = 0.0;
+    for (int r = 0; r < m - 1; r++)
+        if ((below += exp((double)row[ranked[r].row])) > target) return ranked[r].row;
+    return ranked[m - 1].row;
+}
+
 int mtpnb_qwen_head_steps(const void* const* weights, int bf16_matrices, const int* vocab, const int* dims,
                           float eps, float log_base, const float* keys, const float* values, int cap, int offset,
-                          float* round_keys, float* round_values, int first, const float* hidden, const int* tokens, int n, float* g,
-                          int steps, int* columns, float* logits, int threads) {
+                          float* round_keys, float* round_values, const float* hidden, const int* tokens, int n,
+                          float* g, int steps, const float* sampling, const float* uniforms, int* columns,
+                          float* logits, int threads) {
     const float* const* w = (const float* const*)weights;  // the float32 ones; the matrices through `weights`
     const int bf = bf16_matrices;
     const int H = dims[0], nh = dims[1], nkv = dims[2], hd = dims[3], rot = dims[4], I = dims[5], Vq = dims[6];
     if (H < 1 || nh < 1 || nkv < 1 || nh % nkv || hd < 1 || rot > hd || rot % 2 || I < 1 || Vq < 1 || steps < 1
-        || n < 1 || offset < 0 || offset > cap || (offset && !(keys && values)) || first < 0
-        || (!columns && steps != 1))
+        || n < 1 || offset < 0 || offset > cap || (offset && !(keys && values)) || !columns
+        || (sampling && !(uniforms && sampling[0] > 0.0f)))
         return -1;
     const int qg = nh * 2 * hd, kvd = nkv * hd, group = nh / nkv;
     const float scale = 1.0f / sqrtf((float)hd);
-    const size_t need = (size_t)n * (2 * H + H + H + 2 * kvd) + qg + nh * hd + 4 * H + 2 * I + offset + first + n
+    const size_t need = (size_t)n * (2 * H + H + H + 2 * kvd) + qg + nh * hd + 4 * H + 2 * I + offset + n
                         + steps;
     float* buf = malloc(sizeof(float) * need);
-    if (!buf) return -2;
+    struct ranked* ranked = sampling ? malloc(sizeof(struct ranked) * Vq) : NULL;
+    if (!buf || (sampling && !ranked)) {
+        free(buf);
+        return -2;
+    }
     float *x2 = buf, *z = x2 + (size_t)n * 2 * H, *r = z + (size_t)n * H, *k = r + (size_t)n * H;
     float *v = k + (size_t)n * kvd, *q = v + (size_t)n * kvd, *att = q + qg, *o = att + nh * hd, *h = o + H;
     float *r2 = h + H, *mlp = r2 + H, *up = mlp + H, *gt = up + I, *score = gt + I;
-    int row0 = first, token = 0;  // token: the previous step's draft, for the steps after the call's first
+    int row0 = 0, token = 0;  // token: the previous step's draft, for the steps after the first
     for (int s = 0; s < steps; s++) {
         const int m = s ? 1 : n;  // the step's input rows; the last one drafts
         for (int i = 0; i < m; i++) {
@@ -344,14 +414,17 @@ int mtpnb_qwen_head_steps(const void* const* weights, int bf16_matrices, const i
         rms_norm(h, w[W_NORM], g, H, eps);
         float* row = logits + (size_t)s * Vq;
         matmul(g, weights[W_DRAFT], bf, row, 1, Vq, H, threads);
-        if (columns) {
-            int best = 0;
+        int drafted = 0;
+        if (sampling) {
+            drafted = draw_row(row, Vq, sampling, uniforms[s], ranked);
+        } else {
             for (int i = 1; i < Vq; i++)
-                if (row[i] > row[best]) best = i;
-            columns[s] = best;
-            token = vocab ? vocab[best] : best;
+                if (row[i] > row[drafted]) drafted = i;
         }
+        columns[s] = drafted;
+        token = vocab ? vocab[drafted] : drafted;
     }
+    free(ranked);
     free(buf);
     return 0;
 }
