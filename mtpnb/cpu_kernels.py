@@ -21,8 +21,9 @@ ctypes on the arrays' memory. The call evaluates its input first: the kernel nee
 Before first use the library is checked against MLX's matmul and mlx-lm's recurrence on random data;
 with no compiler, a failed build or a failed check, a warning says so once and MLX's ops run.
 
-``HeadDraftSteps`` runs a one-layer Qwen3.5 MTP head's draft steps in C, all of a round's in one call
-at greedy (through MLX each step is about nine kernel calls, each waiting for the MLX ops before it);
+``HeadDraftSteps`` runs a one-layer Qwen3.5 MTP head's draft steps in C, all of a round's in one call,
+the drafts chosen (argmax) or drawn there (through MLX each step is about nine kernel calls, each waiting
+for the MLX ops before it);
 ``mtpnb.head.MTPHead.draft_steps_kernel`` builds it where it applies.
 
 ``install(module)`` swaps float32 ``nn.Linear`` layers and a tied ``nn.Embedding``'s
