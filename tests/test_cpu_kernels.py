@@ -174,23 +174,25 @@ def test_the_head_kernel_drafts_what_the_head_drafts_step_by_step(checkpoints, w
     assert_the_cache_is_mlxs(in_c)
 
     # sampled: each step's draft drawn in C from the distribution it returns, which is what Sampling
-    # makes of the MLX head's logits when the head is fed the same drafts
-    settings = Sampling(temperature=0.7, top_p=0.9, top_k=20)
-    in_c = head_cache_after_the_prefill()
-    columns, q = model.draft_round(pending_hidden, pending_tokens, in_c, 4).sampled(
-        settings.temperature, settings.top_p, settings.min_p, settings.top_k, mx.array([0.1, 0.5, 0.9, 0.3]))
-    assert_the_cache_is_mlxs(in_c)
-    mlx_cache = head_cache_after_the_prefill()
-    g = model.head(pending_hidden, model.embed(mx.array(pending_tokens)[None]), cache=mlx_cache)[:, -1:]
-    want = [settings.logprobs(model.draft_logits(g, 0)[0, -1])]
-    for j, column in enumerate(columns.tolist()[:-1], start=1):
-        token = column if model.draft_vocab is None else model.draft_vocab[column].item()
-        g = model.head(g, model.embed(mx.array([[token]])), cache=mlx_cache, step=j)
-        want.append(settings.logprobs(model.draft_logits(g, j)[0, -1]))
-    got, want = np.asarray(q), np.stack([np.asarray(w) for w in want])
-    survivors = np.isfinite(want)
-    assert (np.isfinite(got) == survivors).all() and survivors[np.arange(4), np.asarray(columns)].all()
-    np.testing.assert_allclose(got[survivors], want[survivors], rtol=1e-4, atol=1e-4)
+    # makes of the MLX head's logits when the head is fed the same drafts (top-k; top-p and min-p alone,
+    # where the kernel ranks the best 64 first and sorts the row only if their prefix may run past them)
+    for settings in (Sampling(temperature=0.7, top_p=0.9, top_k=20), Sampling(temperature=0.7, top_p=0.9),
+                     Sampling(temperature=1.0, min_p=0.02)):
+        in_c = head_cache_after_the_prefill()
+        columns, q = model.draft_round(pending_hidden, pending_tokens, in_c, 4).sampled(
+            settings.temperature, settings.top_p, settings.min_p, settings.top_k, mx.array([0.1, 0.5, 0.9, 0.3]))
+        assert_the_cache_is_mlxs(in_c)
+        fed_cache = head_cache_after_the_prefill()
+        g = model.head(pending_hidden, model.embed(mx.array(pending_tokens)[None]), cache=fed_cache)[:, -1:]
+        want = [settings.logprobs(model.draft_logits(g, 0)[0, -1])]
+        for j, column in enumerate(columns.tolist()[:-1], start=1):
+            token = column if model.draft_vocab is None else model.draft_vocab[column].item()
+            g = model.head(g, model.embed(mx.array([[token]])), cache=fed_cache, step=j)
+            want.append(settings.logprobs(model.draft_logits(g, j)[0, -1]))
+        got, want = np.asarray(q), np.stack([np.asarray(w) for w in want])
+        survivors = np.isfinite(want)
+        assert (np.isfinite(got) == survivors).all() and survivors[np.arange(4), np.asarray(columns)].all()
+        np.testing.assert_allclose(got[survivors], want[survivors], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("temperature, top_p, min_p, top_k", [(1.0, 1.0, 0.0, 8), (0.8, 0.9, 0.0, 0),

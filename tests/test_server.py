@@ -257,11 +257,11 @@ def test_openai_streaming_completions(client, local, name):
 
 # -- the extension field over raw HTTP --------------------------------------------------------------------------
 def test_raw_stream_carries_every_token_with_its_kind(server, local, name):
-    params = dict(max_tokens=40, temperature=1.0, seed=7, depth=3)
+    params = dict(max_tokens=40, temperature=1.0, seed=3, depth=3)
     ref = list(local.stream("The quick brown fox", **params))
     result = ref[-1].result
     body = {"model": name, "prompt": "The quick brown fox", "stream": True, "max_tokens": 40, "temperature": 1.0,
-            "seed": 7, "mtp_depth": 3}
+            "seed": 3, "mtp_depth": 3}
     chunks = sse(server, "/v1/completions", body)
     assert chunks[-1] == "[DONE]"
     chunks = chunks[:-1]
@@ -564,7 +564,7 @@ def test_prometheus_metrics_count_what_the_engine_did(server, local, name, monke
     pytest.importorskip("prometheus_client")
     monkeypatch.setitem(globals(), "MODEL_NAME", name)
     before = scrape(server)
-    runs = [("The quick brown fox", dict(max_tokens=40, temperature=1.0, seed=7, depth=3)),
+    runs = [("The quick brown fox", dict(max_tokens=40, temperature=1.0, seed=3, depth=3)),
             ("hello", dict(max_tokens=12, depth=0)), ("abc", dict(max_tokens=20, depth=2))]
     refs = [local.generate(prompt, **params) for prompt, params in runs]
     for prompt, params in runs:

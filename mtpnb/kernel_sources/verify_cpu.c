@@ -282,6 +282,20 @@ static int by_logit(const void* a, const void* b) {  // descending; ties by row,
     return x->row - y->row;
 }
 
+// The k best rows, best first (ties: the lower row first, as by_logit), by insertion into a sorted prefix.
+static int best_of(const float* row, int Vq, int k, struct ranked* ranked) {
+    int n = 0;
+    for (int i = 0; i < Vq; i++) {
+        if (n == k && row[i] <= ranked[n - 1].logit) continue;
+        int j = n < k ? n++ : n - 1;
+        for (; j > 0 && ranked[j - 1].logit < row[i]; j--) ranked[j] = ranked[j - 1];
+        ranked[j] = (struct ranked){row[i], i};
+    }
+    return n;
+}
+
+#define RANK_FIRST 64
+
 static int draw_row(float* row, int Vq, const float* sampling, float u, struct ranked* ranked) {
     const float temperature = sampling[0], top_p = sampling[1], min_p = sampling[2];
     const int top_k = (int)sampling[3];
@@ -291,18 +305,25 @@ static int draw_row(float* row, int Vq, const float* sampling, float u, struct r
     double total = 0.0;
     for (int i = 0; i < Vq; i++) total += exp((double)row[i] - top);
     const double log_z = top + log(total);  // the untempered log-probabilities: row - log_z
-    int n = 0;  // the candidates in ranked[0, n), best first
-    if (top_k > 0 && top_k < Vq) {  // the k best: insertion into a sorted prefix
-        for (int i = 0; i < Vq; i++) {
-            if (n == top_k && row[i] <= ranked[n - 1].logit) continue;
-            int j = n < top_k ? n++ : n - 1;
-            for (; j > 0 && ranked[j - 1].logit < row[i]; j--) ranked[j] = ranked[j - 1];
-            ranked[j] = (struct ranked){row[i], i};
+    int n;  // the candidates in ranked[0, n), best first
+    if (top_k > 0 && top_k < Vq) {
+        n = best_of(row, Vq, top_k, ranked);
+    } else if (top_p < 1.0f || min_p > 0.0f) {
+        // Their prefix is short on a peaked row: the RANK_FIRST best are ranked, and the whole row is sorted
+        // (a large vocabulary's cost) only if the prefix could run past them.
+        n = best_of(row, Vq, RANK_FIRST < Vq ? RANK_FIRST : Vq, ranked);
+        double mass = 0.0;
+        for (int r = 0; r < n; r++) mass += exp(ranked[r].logit - log_z);
+        const int ends = (top_p < 1.0f && mass >= top_p)
+                         || (min_p > 0.0f && ranked[n - 1].logit < ranked[0].logit + log((double)min_p));
+        if (!ends && n < Vq) {
+            for (int i = 0; i < Vq; i++) ranked[i] = (struct ranked){row[i], i};
+            qsort(ranked, Vq, sizeof *ranked, by_logit);
+            n = Vq;
         }
-    } else {
+    } else {  // no filter: every row, in any order
         for (int i = 0; i < Vq; i++) ranked[i] = (struct ranked){row[i], i};
         n = Vq;
-        if (top_p < 1.0f || min_p > 0.0f) qsort(ranked, Vq, sizeof *ranked, by_logit);
     }
     // the prefix that top-p and min-p keep (the best token always)
     int m = 1;
