@@ -139,8 +139,8 @@ def _load(path: Path) -> ctypes.CDLL:
         matmul.restype = ctypes.c_int
     lib.mtpnb_gated_delta.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int] * 5
     lib.mtpnb_gated_delta.restype = ctypes.c_int
-    lib.mtpnb_qwen_head_steps.argtypes = ([ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 2
-                                          + [ctypes.c_float] * 2 + [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2
+    lib.mtpnb_qwen_head_steps.argtypes = ([ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2
+                                          + [ctypes.c_void_p] + [ctypes.c_float] * 2 + [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2
                                           + [ctypes.c_void_p] * 4 + [ctypes.c_int] + [ctypes.c_void_p]
                                           + [ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int])
     lib.mtpnb_qwen_head_steps.restype = ctypes.c_int
@@ -347,20 +347,25 @@ class HeadDraftSteps:
         self._eps, self._log_base = eps, math.log(rope_base)
         self._hidden_size, self._kv_heads, self._head_dim, self._rows = dims[0], dims[2], dims[3], dims[-1]
 
-    def round(self, cache: KVCache, hidden: mx.array, tokens: list[int], steps: int) -> "DraftRound":
+    def round(self, cache: KVCache, hidden: mx.array, tokens: list[int], steps: int,
+              vocabulary=None) -> "DraftRound":
         """One round of `steps` draft steps: step 0 over the positions the head has not read yet (hidden
         [1, n, H], the token after each), whose K and V rows enter `cache` (the head's) as the MLX head's
-        would; the later steps' rows never do (the verify would trim them)."""
+        would; the later steps' rows never do (the verify would trim them). `vocabulary`: a generation's
+        mtpnb.model.DraftVocabulary, whose context rows the drafts may also come from (None: the rows given)."""
         mx.eval(hidden)
         rows = np.array(np.asarray(hidden.astype(mx.float32)).reshape(-1, self._hidden_size))
-        return DraftRound(self, cache, rows, np.array(tokens, dtype=np.int32), steps)
+        vocab, context_rows = (self._vocab, None) if vocabulary is None else vocabulary.host(self.bf16)
+        return DraftRound(self, cache, rows, np.array(tokens, dtype=np.int32), steps, vocab, context_rows)
 
 
 class DraftRound:
     """One round's draft steps (HeadDraftSteps.round), all in one call: greedy, or sampled."""
 
-    def __init__(self, kernel: HeadDraftSteps, cache: KVCache, hidden: np.ndarray, tokens: np.ndarray, steps: int):
+    def __init__(self, kernel: HeadDraftSteps, cache: KVCache, hidden: np.ndarray, tokens: np.ndarray, steps: int,
+                 vocab: np.ndarray | None, context_rows: np.ndarray | None):
         self._kernel, self._cache, self._hidden, self._tokens, self._steps = kernel, cache, hidden, tokens, steps
+        self._vocab, self._context_rows = vocab, context_rows  # every column's token id; the rows after the kernel's
 
     def greedy(self) -> tuple[mx.array, mx.array]:
         """-> (each draft's row among the draft rows [steps], the steps' logits [steps, draft rows])."""
@@ -386,10 +391,13 @@ class DraftRound:
             mx.eval(cache.keys, cache.values)
             keys, values = (np.ascontiguousarray(np.asarray(a)[0]) for a in (cache.keys, cache.values))
         columns = np.empty(steps, dtype=np.int32)
-        logits = np.empty((steps, k._rows), dtype=np.float32)
+        context = 0 if self._context_rows is None else len(self._context_rows)
+        width = k._rows if self._vocab is None else len(self._vocab)  # the context rows' room included
+        logits = np.empty((steps, width), dtype=np.float32)
         if library().mtpnb_qwen_head_steps(
-                k._pointers, k.bf16, None if k._vocab is None else k._vocab.ctypes.data, k._dims, k._eps,
-                k._log_base,
+                k._pointers, k.bf16, None if self._vocab is None else self._vocab.ctypes.data,
+                None if self._context_rows is None else self._context_rows.ctypes.data, context, width, k._dims,
+                k._eps, k._log_base,
                 None if keys is None else keys.ctypes.data, None if values is None else values.ctypes.data,
                 0 if keys is None else keys.shape[1], cache.offset, rows[0].ctypes.data, rows[1].ctypes.data,
                 self._hidden.ctypes.data, self._tokens.ctypes.data, n, g.ctypes.data, steps,

@@ -202,6 +202,7 @@ class DecodeLoop:
         self.trunk_at_history = None  # the trunk's state there, taken during the prefill
         self.fed = list(prompt_ids)  # the tokens the trunk's caches hold at the last yield
         self.live = None  # (trunk caches, head cache, pending hidden) at the last yield
+        self.vocabulary = None  # what the head drafts from (mtpnb.model.DraftVocabulary; None: the model's all)
         self._key = None
         if not sampling.greedy:
             self._key = (mx.random.key(seed) if seed is not None
@@ -295,6 +296,7 @@ class DecodeLoop:
             return
         pending_hidden, first, last_logits = prefilled
         token, p_token = token_to_host(next_token(self.sampling, last_logits, self._draw_key()))
+        self.vocabulary = model.draft_vocabulary(self.prompt_ids + [token])
         first_token_at = time.perf_counter()
         # The head catches up with the last chunk but its last position (whose next token is the one
         # just decided): the state at the end of the prompt, which the prompt cache keeps.
@@ -332,6 +334,8 @@ class DecodeLoop:
                           "rollback_s": time.perf_counter() - t2}
             pending_hidden = hidden[:, : n_accepted + 1]
             pending_tokens = draft_ids[:n_accepted] + [token]
+            if self.vocabulary is not None:  # the drafts accepted are in it already
+                self.vocabulary.add([token])
             self.fed += [fed] + draft_ids[:n_accepted]
             self.live = (cache, head_cache, pending_hidden)
             yield Step(step, draft_ids, p_drafts, q_drafts, n_accepted, token, p_token, t1 - t0, t2 - t1, phases)
@@ -383,7 +387,8 @@ class DecodeLoop:
             decision, step = queued, step + 1
 
     def _draft(self, pending_hidden, pending_tokens, head_cache):
-        return draft(self.model, self.sampling, self.depth, pending_hidden, pending_tokens, head_cache, self._draw_key)
+        return draft(self.model, self.sampling, self.depth, pending_hidden, pending_tokens, head_cache, self._draw_key,
+                     self.vocabulary)
 
     def _accept(self, logits, draft_dists, drafts, draft_columns):
         """The verdict on the drafts; q stays on the draft vocabulary (the acceptance reads it at the
@@ -391,7 +396,7 @@ class DecodeLoop:
         if self.sampling.greedy:
             return accept_greedy(logits, draft_dists, drafts, draft_columns)
         return accept_sampled(self.sampling.logprobs(logits), draft_dists, drafts, self._draw_key(), draft_columns,
-                              self.model.draft_vocab)
+                              self.model.draft_vocab if self.vocabulary is None else self.vocabulary.ids)
 
 
 def release_memory() -> None:
@@ -426,46 +431,44 @@ def next_token(sampling: Sampling, logits: mx.array, key: mx.array | None) -> tu
 
 
 def draft(model, sampling: Sampling, depth: int, pending_hidden: mx.array, pending_tokens: list[int], head_cache,
-          draw_key) -> tuple[mx.array, mx.array, mx.array, int]:
+          draw_key, vocabulary=None) -> tuple[mx.array, mx.array, mx.array, int]:
     """One round of `depth` drafts from the positions the head has not read yet (pending_hidden [1, n, H],
     pending_tokens the token after each; `draw_key()` gives each draw's key): drafts [K], what they were
-    drawn from [K, Vq] (log-probs when sampling, raw logits at greedy; over the draft vocabulary when the
-    model has one, else the whole vocabulary), each draft's column in it [K], and how many draft rows
+    drawn from [K, Vq] (log-probs when sampling, raw logits at greedy; over the draft vocabulary: the
+    generation's `vocabulary` (mtpnb.model.DraftVocabulary), else the model's shortlist, else the whole
+    vocabulary), each draft's column in it [K], and how many draft rows
     entered the head's cache (the verify's rollback takes them back). Step 0 runs over every pending
     position (they enter the head's cache) and only its last row drafts; in C where the kernel applies
     (Model.draft_round), the whole round in one call: its drafts drawn in C when sampling, from the
     distributions it returns (the acceptance reads those)."""
-    in_c = model.draft_round(pending_hidden, pending_tokens, head_cache, depth)
+    ids = model.draft_vocab if vocabulary is None else vocabulary.ids  # each draft row's token (None: row i is i)
+    in_c = model.draft_round(pending_hidden, pending_tokens, head_cache, depth, vocabulary)
     if in_c is not None:
         if sampling.greedy:
             columns, dists = in_c.greedy()
         else:
             columns, dists = in_c.sampled(sampling.temperature, sampling.top_p, sampling.min_p, sampling.top_k,
                                           mx.random.uniform(shape=(depth,), key=draw_key()))
-        return (columns if model.draft_vocab is None else model.draft_vocab[columns]), dists, columns, 0
+        return (columns if ids is None else ids[columns]), dists, columns, 0
     g = model.head(pending_hidden, model.embed(mx.array(pending_tokens)[None]), cache=head_cache)[:, -1:]
-    draws = [draft_token(model, sampling, g, draw_key(), step=0)]
+    draws = [draft_token(model, sampling, g, draw_key(), step=0, vocabulary=vocabulary)]
     for j in range(1, depth):
         g = model.head(g, model.embed(draws[-1][0].reshape(1, 1)), cache=head_cache, step=j)
-        draws.append(draft_token(model, sampling, g, draw_key(), step=j))
+        draws.append(draft_token(model, sampling, g, draw_key(), step=j, vocabulary=vocabulary))
     drafts, dists, columns = (mx.stack(a) for a in zip(*draws))
     return drafts, dists, columns, depth - 1
 
 
 def draft_token(model, sampling: Sampling, g: mx.array, key: mx.array | None,
-                step: int = 0) -> tuple[mx.array, mx.array, mx.array]:
+                step: int = 0, vocabulary=None) -> tuple[mx.array, mx.array, mx.array]:
     """One draft from the head's last output g [1, T, H] at draft step `step`, with a random key when
-    sampling: draw_draft on the head's logits there."""
-    return draw_draft(model, sampling, model.draft_logits(g, step)[0, -1], key)
-
-
-def draw_draft(model, sampling: Sampling, logits: mx.array, key: mx.array | None) -> tuple[mx.array, mx.array, mx.array]:
-    """One draft from the head's logits [Vq] over the draft vocabulary (the whole one without): (token id,
-    the distribution it was drawn from: log-probs when sampling, raw logits at greedy, and the token's
-    column in it)."""
-    dist = logits if sampling.greedy else sampling.logprobs(logits)
+    sampling, from `vocabulary` (see draft): (token id, the distribution it was drawn from over the draft
+    vocabulary: log-probs when sampling, raw logits at greedy, and the token's column in it)."""
+    dist = model.draft_logits(g, step, vocabulary)[0, -1]
+    dist = dist if sampling.greedy else sampling.logprobs(dist)
     column = mx.argmax(dist, axis=-1) if sampling.greedy else sample(dist, key)[0]
-    return (column if model.draft_vocab is None else model.draft_vocab[column]), dist, column
+    ids = model.draft_vocab if vocabulary is None else vocabulary.ids
+    return (column if ids is None else ids[column]), dist, column
 
 
 def token_to_host(decision):

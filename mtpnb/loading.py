@@ -33,6 +33,7 @@ from .blas import warn_once_if_reference_blas
 from .errors import MTPNBError
 from .families import FAMILIES, NOT_YET, family_of, mlx_module
 from .model import Model
+from .params import DRAFT_CONTEXT
 
 MTP_SIDECARS = ("mtp.safetensors", "model-mtp.safetensors")
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "tokenizer.model", "*.tiktoken"]
@@ -94,10 +95,12 @@ def load(
     rollback.install(trunk)
     cpu_kernels.install(trunk, head)
     tokenizer = _load_tokenizer(path, config)
+    draft_vocab, draft_context = _read_draft_vocab(path, text_config) if head is not None else (None, None)
     model = Model(trunk=trunk, head=head, tokenizer=tokenizer, config=config, path=path, name=name, notes=notes,
-                  draft_vocab=_read_draft_vocab(path, text_config) if head is not None else None)
+                  draft_vocab=draft_vocab, draft_context=DRAFT_CONTEXT if draft_context is None else draft_context)
     if model.draft_vocab is not None:
-        notes.append(f"the head drafts from {model.draft_vocab.size} frequent tokens (draft_vocab.json)")
+        notes.append(f"the head drafts from {model.draft_vocab.size} frequent tokens and up to {model.draft_context} "
+                     "of a generation's own context tokens (draft_vocab.json)")
     return model
 
 
@@ -278,19 +281,24 @@ def _head_norms_need_shift(config: dict, text_config: dict, hf_layout: bool) -> 
     return True
 
 
-def _read_draft_vocab(path: Path, text_config: dict) -> list[int] | None:
-    """mtpnb's optional `draft_vocab.json` ({"ids": [...]}, see mtpnb.train.draft_vocab)."""
+def _read_draft_vocab(path: Path, text_config: dict) -> tuple[list[int] | None, int | None]:
+    """mtpnb's optional `draft_vocab.json` ({"ids": [...]}, see mtpnb.train.draft_vocab; optionally
+    "context": how many context tokens a generation may add, Model.draft_context) -> (ids, context),
+    None for what it does not say."""
     file = path / "draft_vocab.json"
     if not file.exists():
-        return None
+        return None, None
     try:
-        ids = json.loads(file.read_text())["ids"]
-    except (json.JSONDecodeError, KeyError, TypeError):
+        saved = json.loads(file.read_text())
+        ids, context = saved["ids"], saved.get("context")
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
         raise MTPNBError(f'{file} is not a draft vocabulary ({{"ids": [token ids]}}); fix or delete it') from None
     vocab = text_config.get("vocab_size", 0)
     if not ids or not all(isinstance(i, int) and 0 <= i < vocab for i in ids):
         raise MTPNBError(f"{file} holds ids outside the vocabulary of {vocab}; fix or delete it")
-    return ids
+    if context is not None and not (isinstance(context, int) and not isinstance(context, bool) and context >= 0):
+        raise MTPNBError(f'{file}: "context" must be a count of tokens >= 0, got {context!r}; fix or delete it')
+    return ids, context
 
 
 def _cast(module: nn.Module, dtype) -> None:
@@ -355,7 +363,8 @@ def save(model: Model, path: str | os.PathLike) -> Path:
     save_config(config, path / "config.json")
     model.tokenizer.save_pretrained(str(path))
     if model.draft_vocab is not None:
-        (path / "draft_vocab.json").write_text(json.dumps({"ids": model.draft_vocab.tolist()}))
+        (path / "draft_vocab.json").write_text(json.dumps({"ids": model.draft_vocab.tolist(),
+                                                            "context": model.draft_context}))
     return path
 
 

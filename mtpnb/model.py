@@ -8,11 +8,13 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 from . import cpu_kernels
 from .head import HeadCache, MiMoHead, MTPHead, NextNHead
+from .params import DRAFT_CONTEXT
 from .rollback import RollbackArraysCache
 
 
@@ -33,6 +35,7 @@ class Model:
     notes: list[str] = field(default_factory=list)  # what the loader did that a user should know
 
     draft_vocab: mx.array | None = None  # token ids the head drafts from (see set_draft_vocab)
+    draft_context: int = DRAFT_CONTEXT  # how many context tokens outside it a generation may add (DraftVocabulary)
 
     def __post_init__(self):
         language_model = getattr(self.trunk, "language_model", self.trunk)
@@ -42,7 +45,7 @@ class Model:
         self._engine = None
         self._draft_weight = None
         self._draft_steps = None  # the head's draft-steps kernel once built (False: it does not apply)
-        self.set_draft_vocab(self.draft_vocab)
+        self.set_draft_vocab(self.draft_vocab, context=self.draft_context)
 
     # -- the forwards -------------------------------------------------------------------------
     @property
@@ -57,47 +60,68 @@ class Model:
             return self._inner.embed_tokens.as_linear(hidden)
         return self._language_model.lm_head(hidden)
 
-    def set_draft_vocab(self, ids) -> None:
-        """Let the head draft from these token ids only (None: the whole vocabulary).
+    def set_draft_vocab(self, ids, *, context: int = DRAFT_CONTEXT) -> None:
+        """Let the head draft from these token ids only (None: the whole vocabulary), and from up to
+        `context` more: a generation's own context tokens outside them (mtpnb.model.DraftVocabulary).
 
         The head's output projection over the full vocabulary is most of a draft step's cost on
         a CPU (it reads the whole embedding matrix for one row); a frequency-ranked shortlist cuts
         it. Sampling stays exact: drafts are drawn from q restricted to the shortlist, and the
         acceptance uses that same q (zero elsewhere). A token outside it can still be output, as
         a correction or bonus token. Quantized output layers keep the full vocabulary."""
-        head_weight = self._inner.embed_tokens if self._tied else self._language_model.lm_head
+        if context < 0:
+            raise ValueError(f"context must be >= 0, got {context}")
+        head_weight = self._output_layer()
+        self.draft_context, self._draft_steps = context, None
         if ids is None or not isinstance(head_weight.weight, mx.array) or hasattr(head_weight, "scales"):
-            self.draft_vocab, self._draft_weight, self._draft_steps = None, None, None
+            self.draft_vocab, self._draft_weight = None, None
             return
         self.draft_vocab = mx.array(ids, dtype=mx.int32)
         self._draft_weight = mx.contiguous(head_weight.weight[self.draft_vocab])
         mx.eval(self._draft_weight)
-        self._draft_steps = None
 
-    def draft_logits(self, g: mx.array, step: int = 0) -> mx.array:
-        """The head's logits over the draft vocabulary (the whole one when none is set) from the
+    def draft_vocabulary(self, context_ids: list[int]) -> "DraftVocabulary | None":
+        """A generation's draft vocabulary: the shortlist and the tokens of its prompt `context_ids`
+        outside it (None without a shortlist: the head drafts from every token)."""
+        if self.draft_vocab is None:
+            return None
+        vocabulary = DraftVocabulary(self.draft_vocab, self._output_layer().weight, self.draft_context)
+        vocabulary.add(reversed(context_ids))  # the most recent first, should they not all fit
+        return vocabulary
+
+    def _output_layer(self) -> nn.Module:
+        return self._inner.embed_tokens if self._tied else self._language_model.lm_head
+
+    def draft_logits(self, g: mx.array, step: int = 0, vocabulary: "DraftVocabulary | None" = None) -> mx.array:
+        """The head's logits over the draft vocabulary (the whole one when none is set; with
+        `vocabulary`, a generation's: its context rows after the shortlist's, over its width) from the
         output g of draft step `step` (with several MTP layers, that step's layer reads it)."""
         g = self.head.pre_logits(g, step)
-        return self.lm_head(g) if self._draft_weight is None else cpu_kernels.linear(g, self._draft_weight)
+        if self._draft_weight is None:
+            return self.lm_head(g)
+        logits = cpu_kernels.linear(g, self._draft_weight)
+        if vocabulary is None:
+            return logits
+        rows = vocabulary.context_rows()
+        return vocabulary.pad(logits if rows is None else mx.concatenate([logits, cpu_kernels.linear(g, rows)], -1))
 
-    def draft_round(self, hidden: mx.array, tokens: list[int], head_cache: HeadCache,
-                    steps: int) -> cpu_kernels.DraftRound | None:
+    def draft_round(self, hidden: mx.array, tokens: list[int], head_cache: HeadCache, steps: int,
+                    vocabulary: "DraftVocabulary | None" = None) -> cpu_kernels.DraftRound | None:
         """One round of `steps` draft steps in C (mtpnb.cpu_kernels.HeadDraftSteps) from the positions the
-        head has not read yet (hidden [1, n, H], the token after each): step 0's rows enter head_cache as
-        the MLX head's would, the later steps' never do. None where the kernel does not apply (then the
-        head runs step by step through MLX)."""
+        head has not read yet (hidden [1, n, H], the token after each), over `vocabulary` (a generation's;
+        None: the model's): step 0's rows enter head_cache as the MLX head's would, the later steps' never
+        do. None where the kernel does not apply (then the head runs step by step through MLX)."""
         kernel, cache = self._head_draft_steps(), head_cache.caches[0]
         if kernel is None or (cache.keys is not None and cache.keys.dtype != mx.float32):
             return None
-        return kernel.round(cache, hidden, tokens, steps)
+        return kernel.round(cache, hidden, tokens, steps, vocabulary)
 
     def _head_draft_steps(self) -> cpu_kernels.HeadDraftSteps | None:
         """The head's draft-steps kernel, built once; None where it does not apply."""
         if not isinstance(self.head, MTPHead) or type(self.head.fc) is not cpu_kernels.SmallBatchLinear:
             return None  # not a Qwen head, or the CPU kernels are not installed on it (any more)
         if self._draft_steps is None:
-            head_weight = self._inner.embed_tokens if self._tied else self._language_model.lm_head
-            rows = head_weight.weight if self._draft_weight is None else self._draft_weight
+            rows = self._output_layer().weight if self._draft_weight is None else self._draft_weight
             self._draft_steps = self.head.draft_steps_kernel(self._inner.embed_tokens.weight, rows,
                                                              self.draft_vocab) or False
         return self._draft_steps or None
@@ -232,3 +256,74 @@ def _with_head_steps(described: str | None, head_steps) -> str | None:
 
 def _merge(a: dict, b: dict | None) -> dict:
     return a if b is None else {k: round(a[k] + b[k], 1) for k in a}
+
+
+class DraftVocabulary:
+    """What one generation's head drafts from: the model's shortlist (Model.set_draft_vocab), then up
+    to `room` tokens of the generation's own context outside it, in the order they came (the prompt's,
+    most recent first, then each token the generation commits). Code repeats the identifiers and strings
+    of its context, which a frequency list of the training corpus misses: the ~9 tokens a generation adds
+    this way on the default model's held-out function prompts gave the acceptance of the whole vocabulary
+    at the cost of the shortlist. Exact as the shortlist is: each round's drafts and its acceptance read
+    the same q, and the vocabulary grows only between rounds, by committed tokens.
+
+    Its `width` stays Vq + room however many tokens have joined: the columns past them are tokens outside
+    it, with q = 0 (logits -inf), so that the compiled acceptance sees one shape per model, not a new one
+    (a new trace, ~2 ms) at every token that joins."""
+
+    def __init__(self, shortlist: mx.array, output_rows: mx.array, room: int):
+        self.shortlist = shortlist
+        self.room = min(room, output_rows.shape[0] - shortlist.size)  # there are no more tokens to add
+        self.width = shortlist.size + self.room
+        self._output_rows = output_rows  # the output layer's weight [V, H], whose rows the added tokens get
+        self._listed = np.zeros(output_rows.shape[0], dtype=bool)
+        self._listed[np.asarray(shortlist)] = True
+        self.added: list[int] = []
+        self._ids = self._rows = self._host = None  # built when first read after a change
+
+    def add(self, tokens) -> None:
+        """Context tokens (the prompt's, then committed ones): each one not drafted from yet joins while
+        there is room."""
+        for token in tokens:
+            if len(self.added) >= self.room:
+                return
+            if not self._listed[token]:
+                self._listed[token] = True
+                self.added.append(token)
+                self._ids = self._rows = self._host = None
+
+    @property
+    def ids(self) -> mx.array:
+        """Each column's token id [width]: the shortlist's, the added ones, then tokens outside both (q = 0)."""
+        if self._ids is None:
+            outside = np.flatnonzero(~self._listed)[: self.width - self.shortlist.size - len(self.added)]
+            self._ids = mx.concatenate([self.shortlist, mx.array(self.added, dtype=mx.int32),
+                                        mx.array(outside, dtype=mx.int32)])
+        return self._ids
+
+    def context_rows(self) -> mx.array | None:
+        """The output layer's rows of the added tokens [added, H] (None: none added)."""
+        if not self.added:
+            return None
+        if self._rows is None:
+            self._rows = self._output_rows[mx.array(self.added, dtype=mx.int32)]
+            mx.eval(self._rows)
+        return self._rows
+
+    def pad(self, logits: mx.array) -> mx.array:
+        """Logits [..., Vq + added] -> [..., width], -inf past the added tokens."""
+        missing = self.width - logits.shape[-1]
+        return logits if not missing else mx.concatenate(
+            [logits, mx.full((*logits.shape[:-1], missing), -mx.inf, dtype=logits.dtype)], axis=-1)
+
+    def host(self, bf16: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """What the C draft steps read (mtpnb.cpu_kernels.HeadDraftSteps): every column's token id (int32),
+        and the added rows, float32 or (bf16) their upper halves, as the shortlist's rows are read."""
+        if self._host is None or self._host[0] != bf16:
+            rows = self.context_rows()
+            if rows is not None:
+                rows = np.ascontiguousarray(np.asarray(rows), dtype=np.float32)
+                if bf16:  # a bf16 checkpoint's rows: the halves are the numbers (cpu_kernels.bf16_halves)
+                    rows = (rows.view(np.uint32) >> 16).astype(np.uint16)
+            self._host = (bf16, np.asarray(self.ids, dtype=np.int32), rows)
+        return self._host[1], self._host[2]

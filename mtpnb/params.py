@@ -28,6 +28,10 @@ from .errors import MTPNBError
 MAX_DEPTH = 8  # drafts per verify: past this the verify's cost outgrows any acceptance seen in practice
 MIN_TEMPERATURE = 0.01  # the smallest positive temperature (vLLM's floor too)
 MAX_SEED = 2**64 - 1
+# With a draft vocabulary (draft_vocab.json), how many tokens of a generation's own context outside it its head
+# may draft too, unless the file says ("context"); at most a quarter more rows for the default model
+# (mtpnb.model.DraftVocabulary).
+DRAFT_CONTEXT = 1024
 
 
 # -- one value ------------------------------------------------------------------------------------

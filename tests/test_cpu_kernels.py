@@ -126,16 +126,23 @@ def _head_cache_rows(head_cache) -> list[np.ndarray]:
 
 
 @pytest.mark.parametrize("pending, committed", [(1, 20), (4, 20), (3, 0)])
-@pytest.mark.parametrize("which", ["default model (draft vocabulary)", "random qwen3_5 checkpoint"])
+@pytest.mark.parametrize("which", ["default model (draft vocabulary)", "default model (and context rows)",
+                                   "random qwen3_5 checkpoint"])
 def test_the_head_kernel_drafts_what_the_head_drafts_step_by_step(checkpoints, which, pending, committed):
     """A round in C (step 0 over the pending rows, then three later steps) against the MLX head step by
     step: the same greedy drafts, logits within 1e-4, and step 0's rows in the head's cache as MLX leaves
     them (`committed` rows there before; none: a prompt of one token); sampled, the distributions the
-    drafts are drawn from are Sampling's of the MLX head's logits."""
+    drafts are drawn from are Sampling's of the MLX head's logits. With context rows: a generation's
+    vocabulary holding every token outside the shortlist too (mtpnb.model.DraftVocabulary)."""
     from mtpnb.engine import draft_token
     from mtpnb.sampling import Sampling
 
     model = mtpnb.load() if which.startswith("default") else mtpnb.load(checkpoints(family="qwen3_5"))
+    vocabulary = None
+    if which.endswith("context rows)"):  # the shortlist without the first 64 tokens, a context with them
+        model.set_draft_vocab([t for t in model.draft_vocab.tolist() if t >= 64])
+        vocabulary = model.draft_vocabulary(list(range(64)))
+    ids_of = model.draft_vocab if vocabulary is None else vocabulary.ids  # each draft row's token
     # the default model is stored in bf16: its head's matrices are read as such; the random one's are float32
     steps = "the head's draft steps in C" + (" (its matrices read as bfloat16)" if which.startswith("default") else "")
     assert model.info()["cpu_kernels"].endswith("; " + steps)
@@ -152,10 +159,10 @@ def test_the_head_kernel_drafts_what_the_head_drafts_step_by_step(checkpoints, w
 
     mlx_cache, greedy = head_cache_after_the_prefill(), Sampling(temperature=0.0)
     g = model.head(pending_hidden, model.embed(mx.array(pending_tokens)[None]), cache=mlx_cache)[:, -1:]
-    step_by_step = [draft_token(model, greedy, g, None, step=0)]
+    step_by_step = [draft_token(model, greedy, g, None, step=0, vocabulary=vocabulary)]
     for j in range(1, 4):
         g = model.head(g, model.embed(step_by_step[-1][0].reshape(1, 1)), cache=mlx_cache, step=j)
-        step_by_step.append(draft_token(model, greedy, g, None, step=j))
+        step_by_step.append(draft_token(model, greedy, g, None, step=j, vocabulary=vocabulary))
     mlx_cache.trim(3)  # the later steps' rows, as the engine's rollback takes them back
     want_columns = [column.item() for _, _, column in step_by_step]
     want_logits = np.stack([np.asarray(logits) for _, logits, _ in step_by_step])
@@ -168,8 +175,10 @@ def test_the_head_kernel_drafts_what_the_head_drafts_step_by_step(checkpoints, w
             np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
     in_c = head_cache_after_the_prefill()
-    columns, logits = model.draft_round(pending_hidden, pending_tokens, in_c, 4).greedy()  # greedy: one call
+    columns, logits = model.draft_round(pending_hidden, pending_tokens, in_c, 4, vocabulary).greedy()  # one call
     assert columns.tolist() == want_columns
+    if vocabulary is not None:  # drafts from the context rows too
+        assert max(want_columns) >= model.draft_vocab.size, ids_of[mx.array(want_columns)].tolist()
     np.testing.assert_allclose(np.asarray(logits), want_logits, rtol=1e-4, atol=1e-4)
     assert_the_cache_is_mlxs(in_c)
 
@@ -179,16 +188,16 @@ def test_the_head_kernel_drafts_what_the_head_drafts_step_by_step(checkpoints, w
     for settings in (Sampling(temperature=0.7, top_p=0.9, top_k=20), Sampling(temperature=0.7, top_p=0.9),
                      Sampling(temperature=1.0, min_p=0.02)):
         in_c = head_cache_after_the_prefill()
-        columns, q = model.draft_round(pending_hidden, pending_tokens, in_c, 4).sampled(
+        columns, q = model.draft_round(pending_hidden, pending_tokens, in_c, 4, vocabulary).sampled(
             settings.temperature, settings.top_p, settings.min_p, settings.top_k, mx.array([0.1, 0.5, 0.9, 0.3]))
         assert_the_cache_is_mlxs(in_c)
         fed_cache = head_cache_after_the_prefill()
         g = model.head(pending_hidden, model.embed(mx.array(pending_tokens)[None]), cache=fed_cache)[:, -1:]
-        want = [settings.logprobs(model.draft_logits(g, 0)[0, -1])]
+        want = [settings.logprobs(model.draft_logits(g, 0, vocabulary)[0, -1])]
         for j, column in enumerate(columns.tolist()[:-1], start=1):
-            token = column if model.draft_vocab is None else model.draft_vocab[column].item()
+            token = column if ids_of is None else ids_of[column].item()
             g = model.head(g, model.embed(mx.array([[token]])), cache=fed_cache, step=j)
-            want.append(settings.logprobs(model.draft_logits(g, j)[0, -1]))
+            want.append(settings.logprobs(model.draft_logits(g, j, vocabulary)[0, -1]))
         got, want = np.asarray(q), np.stack([np.asarray(w) for w in want])
         survivors = np.isfinite(want)
         assert (np.isfinite(got) == survivors).all() and survivors[np.arange(4), np.asarray(columns)].all()

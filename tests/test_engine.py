@@ -53,7 +53,7 @@ def test_greedy_with_a_draft_vocabulary(echo_models):
     model = echo_models["qwen3_5"]
     plain = model.generate([5, 7, 9], depth=0, max_tokens=120)
     shortlist = sorted(set(plain.tokens[::2]))  # half of what the trunk says: some drafts must fail
-    model.set_draft_vocab(shortlist)
+    model.set_draft_vocab(shortlist, context=0)
     try:
         spec = model.generate([5, 7, 9], depth=3, max_tokens=120)
     finally:
@@ -61,6 +61,66 @@ def test_greedy_with_a_draft_vocabulary(echo_models):
     assert spec.tokens == plain.tokens
     drafted = [e.token for e in spec.events if e.kind in ("accepted", "rejected")]
     assert drafted and set(drafted) <= set(shortlist) and spec.metrics.accepted_drafts > 0
+
+
+@pytest.mark.parametrize("room", [1, 1024])
+def test_drafts_also_come_from_the_generations_own_context(echo_models, room):
+    """With room for context tokens, a token outside the shortlist may be drafted once the prompt or the
+    output before its round holds it (up to `room` such tokens), and the output is still the plain greedy
+    one; with room for them all, more drafts are accepted than from the shortlist alone."""
+    model = echo_models["qwen3_5"]
+    prompt = [5, 7, 9]
+    plain = model.generate(prompt, depth=0, max_tokens=120)
+    most_said = max(set(plain.tokens), key=plain.tokens.count)
+    shortlist = sorted(set(plain.tokens[::2]) - {most_said})  # what the context has and the list lacks
+    runs = {}
+    for context in (0, room):
+        model.set_draft_vocab(shortlist, context=context)
+        try:
+            runs[context] = model.generate(prompt, depth=3, max_tokens=120)
+        finally:
+            model.set_draft_vocab(None)
+    spec = runs[room]
+    assert spec.tokens == plain.tokens
+    seen, added = set(prompt), []  # the context before each round: the prompt, the output so far
+    for step in sorted({e.step for e in spec.events}):
+        events = [e for e in spec.events if e.step == step]
+        for e in events:
+            if e.kind in ("accepted", "rejected") and e.token not in shortlist:
+                assert e.token in seen, f"step {step} drafted {e.token}, in neither the shortlist nor the context"
+                if e.token not in added:
+                    added.append(e.token)
+        seen |= {e.token for e in events if e.kind != "rejected"}
+    assert 0 < len(added) <= room
+    if room > 1:
+        assert spec.metrics.accepted_drafts > runs[0].metrics.accepted_drafts
+
+
+def test_a_generations_draft_vocabulary_keeps_one_width_of_distinct_tokens(echo_models):
+    """The prompt's tokens join the shortlist most recent first while there is room; the columns keep
+    one width (the compiled acceptance keeps its shapes), padded with tokens outside the vocabulary,
+    and no token has two columns (the residual writes q back to the whole vocabulary by token id)."""
+    model = echo_models["qwen3_5"]
+    V = model.text_config["vocab_size"]
+    try:
+        model.set_draft_vocab([1, 2, 3], context=4)
+        vocabulary = model.draft_vocabulary([9, 8, 2, 9, 7, 6, 5])
+        assert vocabulary.added == [5, 6, 7, 9] and vocabulary.width == 7
+        assert vocabulary.ids.tolist() == [1, 2, 3, 5, 6, 7, 9]
+        vocabulary.add([10])  # no room left
+        assert vocabulary.ids.tolist() == [1, 2, 3, 5, 6, 7, 9]
+
+        model.set_draft_vocab([1, 2, 3], context=2 * V)  # room for every other token, no more
+        vocabulary = model.draft_vocabulary([4])
+        assert vocabulary.width == V and sorted(vocabulary.ids.tolist()) == list(range(V))
+        assert vocabulary.ids.tolist()[:4] == [1, 2, 3, 4]
+        vocabulary.add([V - 1, 0])
+        assert vocabulary.ids.tolist()[:6] == [1, 2, 3, 4, V - 1, 0]
+        assert sorted(vocabulary.ids.tolist()) == list(range(V))
+        logits = model.draft_logits(mx.ones((1, 1, model.text_config["hidden_size"])), 0, vocabulary)
+        assert logits.shape[-1] == V and np.isneginf(np.asarray(logits[..., 6:])).all()
+    finally:
+        model.set_draft_vocab(None)
 
 
 @pytest.mark.parametrize("family, design", [("qwen3_5", d) for d in ROLLBACK_DESIGNS] + [("qwen3", "kernel")])

@@ -56,11 +56,14 @@ def exact_joint(model, settings=SETTINGS) -> np.ndarray:
     return p1[:, None, None] * p2[:, :, None] * p3
 
 
-@pytest.mark.parametrize("depth, draft_vocab", [(1, None), (3, None), (3, [1, 2, 4, 6, 9, 11, 13, 15])])
-def test_mtp_sampling_matches_plain_sampling_joint(model, depth, draft_vocab):
+@pytest.mark.parametrize("depth, draft_vocab, context", [(1, None, 0), (3, None, 0),
+                                                         (3, [1, 2, 4, 6, 9, 11, 13, 15], 0),
+                                                         (3, [1, 2, 4, 6, 9, 11, 13, 15], 1024)])
+def test_mtp_sampling_matches_plain_sampling_joint(model, depth, draft_vocab, context):
     """draft_vocab: the head drafts from half the vocabulary (q = 0 on the rest), so the residual
-    also has to produce the tokens the head can never propose."""
-    model.set_draft_vocab(draft_vocab)
+    also has to produce the tokens the head can never propose; with `context`, also from the prompt's
+    and the first token's tokens outside it, so that q's support differs from one generation to the next."""
+    model.set_draft_vocab(draft_vocab, context=context)
     try:
         run_and_compare(model, depth)
     finally:

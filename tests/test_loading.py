@@ -59,7 +59,10 @@ def test_draft_vocabulary_is_read_and_saved(tmp_path, checkpoints):
     (path / "draft_vocab.json").write_text('{"ids": [3, 5, 8, 13]}')
     model = mtpnb.load(path)
     assert model.draft_vocab.tolist() == [3, 5, 8, 13] and "draft_vocab.json" in model.info()["notes"][-1]
-    assert mtpnb.load(mtpnb.save(model, tmp_path / "saved")).draft_vocab.tolist() == [3, 5, 8, 13]
+    assert model.draft_context == 1024  # not said: the default
+    model.set_draft_vocab([3, 5, 8, 13], context=7)
+    saved = mtpnb.load(mtpnb.save(model, tmp_path / "saved"))
+    assert saved.draft_vocab.tolist() == [3, 5, 8, 13] and saved.draft_context == 7
 
 
 def test_save_then_load_is_identical(tmp_path, hybrid_model):
@@ -146,6 +149,7 @@ def _truncate(path):
     (lambda p: (p / "tokenizer.json").write_text("garbage"), "tokenizer"),
     (lambda p: (p / "draft_vocab.json").write_text('{"ids": [1, 99999]}'), "outside the vocabulary"),
     (lambda p: (p / "draft_vocab.json").write_text("[1, 2]"), "not a draft vocabulary"),
+    (lambda p: (p / "draft_vocab.json").write_text('{"ids": [1, 2], "context": -1}'), '"context" must be'),
 ])
 def test_bad_checkpoints_give_one_line_errors(tmp_path, checkpoints, edit, message):
     path = _broken(tmp_path, checkpoints, edit)

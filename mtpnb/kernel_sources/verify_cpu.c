@@ -225,10 +225,15 @@ int mtpnb_gated_delta(const float* q, const float* k, const float* v, const floa
 // q_proj [nh * 2 * hd, H] (per head: query, then gate), k_proj, v_proj [nkv * hd, H], q_norm, k_norm
 // [hd], o_proj [H, nh * hd], post_attention_layernorm [H], gate_proj, up_proj [I, H], down_proj [H, I],
 // norm [H], draft [Vq, H] (the output rows the head drafts from), all float32; with bf16_matrices, fc,
-// the projections, the MLP's and draft are bfloat16 (see mtpnb_small_matmul_bf16). vocab [Vq]: their
-// token ids (NULL: row i is token i). dims: H, nh, nkv, hd, rot (RoPE's rotated dims, non-traditional), I, Vq.
+// the projections, the MLP's and draft are bfloat16 (see mtpnb_small_matmul_bf16). context_draft
+// [context_rows, H] (same type as draft; NULL when context_rows is 0): more output rows, the generation's
+// own context tokens outside the shortlist, after draft's (one generation's, where draft is the model's).
+// vocab [Vq + context_rows]: the rows' token ids (NULL: row i is token i, and no context rows). width >=
+// Vq + context_rows: the length of a logits row, -inf past the rows' columns (a generation keeps one width
+// while its context rows grow, so that what reads the logits keeps its shapes).
+// dims: H, nh, nkv, hd, rot (RoPE's rotated dims, non-traditional), I, Vq.
 // keys, values: the cache [nkv, cap, hd] (NULL when offset is 0). Step 0 runs on the n input rows
-// hidden [n, H] and tokens [n]; g [H] gets each step's output. logits [steps, Vq]; each step's draft row goes to columns [steps], and
+// hidden [n, H] and tokens [n]; g [H] gets each step's output. logits [steps, width]; each step's draft row goes to columns [steps], and
 // its token, with g, is the next step's input row. The draft: the row's argmax (greedy, `sampling` NULL),
 // or a draw (draw_row, which turns the step's logits into the distribution drawn from) with the step's
 // uniform number uniforms[s] in [0, 1).
@@ -349,14 +354,17 @@ static int draw_row(float* row, int Vq, const float* sampling, float u, struct r
     return ranked[m - 1].row;
 }
 
-int mtpnb_qwen_head_steps(const void* const* weights, int bf16_matrices, const int* vocab, const int* dims,
-                          float eps, float log_base, const float* keys, const float* values, int cap, int offset,
+int mtpnb_qwen_head_steps(const void* const* weights, int bf16_matrices, const int* vocab, const void* context_draft,
+                          int context_rows, int width, const int* dims, float eps, float log_base, const float* keys, const float* values, int cap, int offset,
                           float* round_keys, float* round_values, const float* hidden, const int* tokens, int n,
                           float* g, int steps, const float* sampling, const float* uniforms, int* columns,
                           float* logits, int threads) {
     const float* const* w = (const float* const*)weights;  // the float32 ones; the matrices through `weights`
     const int bf = bf16_matrices;
     const int H = dims[0], nh = dims[1], nkv = dims[2], hd = dims[3], rot = dims[4], I = dims[5], Vq = dims[6];
+    const int Vt = Vq + context_rows;  // a logits row: the shortlist's, then the context's
+    if (context_rows < 0 || (context_rows && !(context_draft && vocab)) || width < Vt)
+        return -1;
     if (H < 1 || nh < 1 || nkv < 1 || nh % nkv || hd < 1 || rot > hd || rot % 2 || I < 1 || Vq < 1 || steps < 1
         || n < 1 || offset < 0 || offset > cap || (offset && !(keys && values)) || !columns
         || (sampling && !(uniforms && sampling[0] > 0.0f)))
@@ -366,7 +374,7 @@ int mtpnb_qwen_head_steps(const void* const* weights, int bf16_matrices, const i
     const size_t need = (size_t)n * (2 * H + H + H + 2 * kvd) + qg + nh * hd + 4 * H + 2 * I + offset + n
                         + steps;
     float* buf = malloc(sizeof(float) * need);
-    struct ranked* ranked = sampling ? malloc(sizeof(struct ranked) * Vq) : NULL;
+    struct ranked* ranked = sampling ? malloc(sizeof(struct ranked) * Vt) : NULL;
     if (!buf || (sampling && !ranked)) {
         free(buf);
         return -2;
@@ -433,13 +441,16 @@ int mtpnb_qwen_head_steps(const void* const* weights, int bf16_matrices, const i
         matmul(gt, weights[W_DOWN], bf, mlp, 1, H, I, threads);
         for (int i = 0; i < H; i++) h[i] += mlp[i];
         rms_norm(h, w[W_NORM], g, H, eps);
-        float* row = logits + (size_t)s * Vq;
+        float* row = logits + (size_t)s * width;
         matmul(g, weights[W_DRAFT], bf, row, 1, Vq, H, threads);
+        if (context_rows)
+            matmul(g, context_draft, bf, row + Vq, 1, context_rows, H, threads);
+        for (int i = Vt; i < width; i++) row[i] = -INFINITY;
         int drafted = 0;
         if (sampling) {
-            drafted = draw_row(row, Vq, sampling, uniforms[s], ranked);
+            drafted = draw_row(row, Vt, sampling, uniforms[s], ranked);
         } else {
-            for (int i = 1; i < Vq; i++)
+            for (int i = 1; i < Vt; i++)
                 if (row[i] > row[drafted]) drafted = i;
         }
         columns[s] = drafted;

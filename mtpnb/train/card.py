@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..params import DRAFT_CONTEXT
+
 
 def _losses(values: list[float]) -> str:
     return " / ".join(f"{v:.3f}" for v in values)
@@ -314,8 +316,10 @@ def render_card(training: dict, evaluation: dict | None, draft_vocab: dict | Non
         "- MTP head (`mtp.*`, 15 tensors, `mtp_num_hidden_layers: 1`): `g = norm(layer(fc([norm_e(embed(x[t+1])),"
         " norm_h(h[t])])))`, logits through the shared lm_head; step k >= 2 feeds the previous step's `g` back"
         " with the next token.",
-        *([f"- Draft vocabulary (`draft_vocab.json`): the head drafts from {draft_vocab['source']}; a draft step "
-           "computes only those rows of lm_head (`python -m mtpnb.train.draft_vocab` says how the size was chosen)."]
+        *([f"- Draft vocabulary (`draft_vocab.json`): the head drafts from {draft_vocab['source']}, and from up "
+           f"to {draft_vocab.get('context', DRAFT_CONTEXT)} tokens of a generation's own context (its prompt, then "
+           "what it commits) outside them; a draft step computes only those rows of lm_head "
+           "(`python -m mtpnb.train.draft_vocab` says how the size was chosen; `mtpnb.model.DraftVocabulary`)."]
           if draft_vocab else []),
         f"- Weights in {training['hyperparameters']['export_dtype']} (`A_log` in float32).",
         "",
