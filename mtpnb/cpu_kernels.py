@@ -346,6 +346,7 @@ class HeadDraftSteps:
         self._dims = (ctypes.c_int * len(dims))(*dims)
         self._eps, self._log_base = eps, math.log(rope_base)
         self._hidden_size, self._kv_heads, self._head_dim, self._rows = dims[0], dims[2], dims[3], dims[-1]
+        self._context = (None, 0, None, None)  # a generation's vocabulary, its added count, what the C reads of it
 
     def round(self, cache: KVCache, hidden: mx.array, tokens: list[int], steps: int,
               vocabulary=None) -> "DraftRound":
@@ -355,8 +356,22 @@ class HeadDraftSteps:
         mtpnb.model.DraftVocabulary, whose context rows the drafts may also come from (None: the rows given)."""
         mx.eval(hidden)
         rows = np.array(np.asarray(hidden.astype(mx.float32)).reshape(-1, self._hidden_size))
-        vocab, context_rows = (self._vocab, None) if vocabulary is None else vocabulary.host(self.bf16)
+        vocab, context_rows = (self._vocab, None) if vocabulary is None else self._context_of(vocabulary)
         return DraftRound(self, cache, rows, np.array(tokens, dtype=np.int32), steps, vocab, context_rows)
+
+    def _context_of(self, vocabulary) -> tuple[np.ndarray, np.ndarray | None]:
+        """Every column's token id (int32) and the added rows as the shortlist's are read (float32, or the
+        bf16 halves: a bf16 checkpoint's rows are bf16 numbers), kept until tokens join (one generation runs
+        at a time per model)."""
+        kept, count, ids, rows = self._context
+        if kept is not vocabulary or count != len(vocabulary.added):
+            ids, rows = np.asarray(vocabulary.ids, dtype=np.int32), vocabulary.context_rows()
+            if rows is not None:
+                rows = np.ascontiguousarray(np.asarray(rows), dtype=np.float32)
+                if self.bf16:
+                    rows = (rows.view(np.uint32) >> 16).astype(np.uint16)
+            self._context = (vocabulary, len(vocabulary.added), ids, rows)
+        return ids, rows
 
 
 class DraftRound:

@@ -263,8 +263,8 @@ class DraftVocabulary:
     to `room` tokens of the generation's own context outside it, in the order they came (the prompt's,
     most recent first, then each token the generation commits). Code repeats the identifiers and strings
     of its context, which a frequency list of the training corpus misses: the ~9 tokens a generation adds
-    this way on the default model's held-out function prompts gave the acceptance of the whole vocabulary
-    at the cost of the shortlist. Exact as the shortlist is: each round's drafts and its acceptance read
+    this way on the default model's held-out function prompts gave nearly the acceptance of the whole
+    vocabulary at the cost of the shortlist. Exact as the shortlist is: each round's drafts and its acceptance read
     the same q, and the vocabulary grows only between rounds, by committed tokens.
 
     Its `width` stays Vq + room however many tokens have joined: the columns past them are tokens outside
@@ -279,7 +279,7 @@ class DraftVocabulary:
         self._listed = np.zeros(output_rows.shape[0], dtype=bool)
         self._listed[np.asarray(shortlist)] = True
         self.added: list[int] = []
-        self._ids = self._rows = self._host = None  # built when first read after a change
+        self._ids = self._rows = None  # built when first read after a change
 
     def add(self, tokens) -> None:
         """Context tokens (the prompt's, then committed ones): each one not drafted from yet joins while
@@ -290,7 +290,7 @@ class DraftVocabulary:
             if not self._listed[token]:
                 self._listed[token] = True
                 self.added.append(token)
-                self._ids = self._rows = self._host = None
+                self._ids = self._rows = None
 
     @property
     def ids(self) -> mx.array:
@@ -315,15 +315,3 @@ class DraftVocabulary:
         missing = self.width - logits.shape[-1]
         return logits if not missing else mx.concatenate(
             [logits, mx.full((*logits.shape[:-1], missing), -mx.inf, dtype=logits.dtype)], axis=-1)
-
-    def host(self, bf16: bool) -> tuple[np.ndarray, np.ndarray | None]:
-        """What the C draft steps read (mtpnb.cpu_kernels.HeadDraftSteps): every column's token id (int32),
-        and the added rows, float32 or (bf16) their upper halves, as the shortlist's rows are read."""
-        if self._host is None or self._host[0] != bf16:
-            rows = self.context_rows()
-            if rows is not None:
-                rows = np.ascontiguousarray(np.asarray(rows), dtype=np.float32)
-                if bf16:  # a bf16 checkpoint's rows: the halves are the numbers (cpu_kernels.bf16_halves)
-                    rows = (rows.view(np.uint32) >> 16).astype(np.uint16)
-            self._host = (bf16, np.asarray(self.ids, dtype=np.int32), rows)
-        return self._host[1], self._host[2]
