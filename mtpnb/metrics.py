@@ -10,14 +10,26 @@ Definitions (step 0 is the prefill's token; the verify steps are the others):
 - end-to-end tok/s: all generated tokens / the whole wall time, prefill included;
 - acceptance by position j: P(the draft at position j is kept | the verify reached it), where a verify
   reaches position j when every draft before it was kept; a draft cut by the end of the generation
-  (EOS, a stop string, max_tokens) counts as not kept.
+  (EOS, a stop string, max_tokens) counts as not kept;
+- a loop: some 8-token span of the generated ids occurs 3 or more times (issue 19's definition; in 128
+  tokens, text nobody wants, and easy for a head to draft, so acceptance on it overstates what text that
+  does not loop gets).
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 
 from .events import Metrics, StepEvent, TokenEvent
+
+LOOP_SPAN, LOOP_REPEATS = 8, 3
+
+
+def loops(ids: Sequence[int], span: int = LOOP_SPAN, repeats: int = LOOP_REPEATS) -> bool:
+    """Some `span`-token window occurs `repeats` or more times (overlapping occurrences count)."""
+    counts = Counter(tuple(ids[i : i + span]) for i in range(len(ids) - span + 1))
+    return bool(counts) and max(counts.values()) >= repeats
 
 
 def count_positions(step: StepEvent, reached: list[int], accepted: list[int]) -> None:

@@ -18,10 +18,12 @@ TOP_LEVEL = {
     "cost_model": dict, "phases_doc": dict, "results": list, "peers": dict, "notes": list,
 }
 NULLABLE_NUMBERS = ("best_speedup_greedy", "best_speedup_sampled", "best_fraction_of_bound_greedy",
-                    "best_fraction_of_bound_sampled")
+                    "best_fraction_of_bound_sampled", "best_speedup_non_looping_greedy",
+                    "best_speedup_non_looping_sampled")
 ROW = {"engine": str, "depth": int, "temperature": float, "decode_tok_s": (float, type(None)),
        "decode_tok_s_repeats": list, "end_to_end_tok_s": (float, type(None)), "ttft_ms": (float, type(None)),
-       "generated_tokens": int, "runs": int, "peak_memory_mb": (float, int)}
+       "generated_tokens": int, "runs": int, "peak_memory_mb": (float, int), "loop_share": (float, int),
+       "speedup_non_looping": (float, type(None)), "non_looping_runs": int}
 MTPNB_ROW = {"tokens_per_verify": (float, type(None)), "acceptance_by_position": list, "speedup": (float, type(None)),
              "bound": (float, type(None)), "fraction_of_bound": (float, type(None)), "phases": (dict, type(None))}
 PROMPTS = ["def add(a, b):\n", "class Stack:\n    def push(self, item):\n"]
@@ -60,6 +62,7 @@ def test_quick_report_is_well_formed(quick_report):
         for key, kind in ROW.items():
             assert isinstance(r[key], kind), (key, r[key])
         assert r["generated_tokens"] > 0 and r["decode_tok_s"] > 0
+        assert 0 <= r["loop_share"] <= 1 and 0 <= r["non_looping_runs"] <= r["runs"]
         if r["engine"] == "mtpnb":
             for key, kind in MTPNB_ROW.items():
                 assert isinstance(r[key], kind), (key, r[key])
@@ -153,14 +156,42 @@ def test_tokens_per_verify_and_acceptance_counts():
     assert bench.median([3, None, 1, float("nan"), 2]) == 2 and bench.median([]) is None
 
 
+def _run(tokens: int, decode_s: float, looping: bool) -> dict:
+    return {"tokens": tokens + 1, "decode_s": decode_s, "loops": looping}
+
+
+def test_speedup_on_completions_that_do_not_loop_pairs_the_same_prompts():
+    # two repeats of three prompts; prompt 1 loops at depth 2 (and runs fast), prompt 2 loops at depth 0
+    depth2 = [[_run(100, 1.0, False), _run(100, 0.2, True), _run(100, 1.0, False)]] * 2
+    depth0 = [[_run(100, 2.0, False), _run(100, 2.0, False), _run(100, 1.0, True)]] * 2
+    figures = bench.non_looping_speedup(depth2, depth0)
+    assert figures == {"speedup_non_looping": pytest.approx(2.0), "non_looping_runs": 2}  # prompt 0 only
+    every_one_loops = [[_run(100, 1.0, True)]]
+    assert bench.non_looping_speedup(every_one_loops, every_one_loops)["speedup_non_looping"] is None
+
+
+def test_a_model_that_loops_far_more_than_the_other_gets_a_note():
+    def rows(share):
+        return [{"engine": "mtpnb", "depth": d, "temperature": t, "loop_share": share, "runs": 6}
+                for d in (0, 3) for t in (0.0, 0.6)]
+
+    notes = bench.loop_notes("new", rows(0.0), "old", rows(1.0))
+    assert len(notes) == 2 and all("so old's speedup there is largely its loops'" in n for n in notes)
+    assert bench.loop_notes("new", rows(0.1), "old", rows(0.2)) == []
+
+
 def test_compare_alternates_two_models_in_one_run_and_reports_both(checkpoints, tmp_path, capsys):
     # a byte-level random model against the default model: the same prompt text, each model's own tokens
     first, second = checkpoints(family="qwen3_5", head="echo"), DEFAULT_MODEL_DIR
     (tmp_path / "p.py").write_text(PROMPTS[0])
     argv = [str(first), "--compare", str(second), "--quick", "--max-tokens", "6", "--depths", "0,1",
-            "--prompt-file", str(tmp_path / "p.py"), "--json", str(tmp_path / "r.json"), "--quiet", "--no-peers"]
+            "--prompt-file", str(tmp_path / "p.py"), "--json", str(tmp_path / "r.json"), "--quiet", "--no-peers",
+            "--html", str(tmp_path / "r.html")]
     assert bench.main(argv) == 0
     data = json.loads((tmp_path / "r.json").read_text())
+    page = (tmp_path / "r.html").read_text()
+    shows_both = f"Alternated in the same run with {data['compare']['model']['name']}" in page
+    assert shows_both and page.count("no-loop speedup") == 2  # the compared model's table too
     compared = data["compare"]
     assert compared["model"]["path"] != data["model"]["path"]
     assert compared["prompt_tokens"] == [len(mtpnb.load().engine.encode(PROMPTS[0]))]

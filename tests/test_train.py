@@ -82,7 +82,8 @@ def test_heldout_modules_exist_in_this_stdlib():
 
 
 def test_quality_measures_loops_and_first_function_bodies():
-    from mtpnb.train.quality import first_body, loops, parses
+    from mtpnb.metrics import loops
+    from mtpnb.train.quality import first_body, parses
 
     assert loops(list(range(8)) * 3) and not loops(list(range(8)) * 2 + list(range(7)))
     assert not loops(list(range(128)))

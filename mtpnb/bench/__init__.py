@@ -19,7 +19,11 @@ What one run does, in one process on one loaded model:
    round every repeat), so that drift on a shared machine touches every configuration alike. Decode tok/s
    = (tokens - 1) / (time of the last token - time of the first), taken by the consumer of the stream for
    both engines; end-to-end tok/s = tokens / whole call, prefill included; TTFT = time to the first token.
-   Speedups are paired per repeat (depth d / depth 0 of the same repeat), then the median.
+   Speedups are paired per repeat (depth d / depth 0 of the same repeat), then the median. A completion
+   loops when some 8-token span occurs 3+ times in it (mtpnb.metrics.loops, the quality evaluation's
+   definition): a loop is easy to draft, so every row also gives its share of looping completions and the
+   speedup over the prompts whose completions loop neither there nor at depth 0; two compared models whose
+   loop shares differ widely get a note saying which speedup is largely its loops'.
 3. Phases. One extra run per configuration on an engine that profiles (`Engine(model, profile=True)`: every
    phase ends in an eval barrier and its time is on the StepEvent) splits the
    decode window into: draft (the head's D steps and their drafting ops, to the barrier: StepEvent.draft_s),
@@ -48,9 +52,9 @@ from .costs import expected_tokens_per_verify, measure_costs, speedup_bound
 from .prompts import code_prompts, heldout_modules
 from .report import BenchReport
 from .runs import PHASE_DOC, PHASES
-from .stats import median, parity
-from .suite import FULL, QUICK, SCHEMA, run_bench
+from .stats import median, non_looping_speedup, parity
+from .suite import FULL, QUICK, SCHEMA, loop_notes, run_bench
 
 __all__ = ["DESCRIPTION", "FULL", "PHASES", "PHASE_DOC", "QUICK", "SCHEMA", "BenchReport", "add_bench_arguments", "build_parser",
-           "code_prompts", "compare_blas", "expected_tokens_per_verify", "heldout_modules", "main",
-           "measure_costs", "median", "parity", "run_bench", "run_from_args", "speedup_bound"]
+           "code_prompts", "compare_blas", "expected_tokens_per_verify", "heldout_modules", "loop_notes",
+           "main", "measure_costs", "median", "non_looping_speedup", "parity", "run_bench", "run_from_args", "speedup_bound"]

@@ -14,6 +14,9 @@ from .runs import PHASE_DOC, PHASES
 COLORS = {"blue": "#0072B2", "vermillion": "#D55E00", "orange": "#E69F00", "green": "#009E73",
           "sky": "#56B4E9", "purple": "#CC79A7", "yellow": "#F0E442", "black": "#000000"}
 TEMPERATURE_COLORS = (COLORS["blue"], COLORS["vermillion"], COLORS["green"], COLORS["orange"])
+LOOPS_LEGEND = ("loops: the share of completions in which an 8-token span occurs 3+ times (text nobody wants, and easy "
+                "to draft); no-loop: the speedup over the prompts whose completions loop neither there nor at depth 0, "
+                "and on how many of the row's runs it rests")
 PHASE_COLORS = dict(zip(PHASES, (COLORS["orange"], COLORS["blue"], COLORS["vermillion"], COLORS["purple"],
                                  COLORS["sky"], COLORS["green"])))
 
@@ -60,7 +63,8 @@ class BenchReport:
             + _draft_costs(d["cost_model"]),
             "",
             f"{'temp':>5} {'engine':>7} {'depth':>5} {'decode tok/s':>12} {'e2e tok/s':>9} {'TTFT ms':>7} "
-            f"{'speedup':>7} {'bound':>6} {'of bound':>8} {'tok/verify':>10}  acceptance by position",
+            f"{'speedup':>7} {'bound':>6} {'of bound':>8} {'tok/verify':>10} {'loops':>5} {'no-loop (runs)':>14}  "
+            "acceptance by position",
         ]
         for r in d["results"]:
             mtpnb = r["engine"] == "mtpnb"
@@ -76,17 +80,17 @@ class BenchReport:
                 # bound, its fraction and tokens per verify are MTP's: nothing to show for mlx-lm
                 f"{f(r.get('bound'), '.2f', 'x') if mtpnb else '':>6} "
                 f"{f(fraction and 100 * fraction, '.0f', '%') if mtpnb else '':>8} "
-                f"{f(r.get('tokens_per_verify'), '.2f') if mtpnb else '':>10}  "
+                f"{f(r.get('tokens_per_verify'), '.2f') if mtpnb else '':>10} "
+                f"{f(r.get('loop_share') and 100 * r['loop_share'], '.0f', '%'):>5} "
+                f"{_non_looping(r):>14}  "
                 + " ".join(f"{a:.2f}" for a in r.get("acceptance_by_position") or [])
             )
         lines.append("speedup: decode tok/s over depth 0's, paired per repeat; bound: the cost model's ceiling for "
                      "that depth; of bound: speedup / bound (past 100%: the run beat the cost model's estimate, "
                      "within its noise)")
+        lines.append(LOOPS_LEGEND)
         lines.append("")
-        for key in ("best_speedup_greedy", "best_speedup_sampled"):
-            v = d.get(key)
-            depth = d.get(key.replace("speedup", "depth"))
-            lines.append(f"{key}: {v:.2f} (depth {depth})" if v is not None else f"{key}: -")
+        lines += _best_lines(d)
         if d.get("compare"):
             c = d["compare"]
             lines.append("")
@@ -95,11 +99,10 @@ class BenchReport:
                          "verify cost " + " ".join(f"{r:.2f}" for r in c["cost_model"]["verify_ratio"]) + "):")
             for r in c["results"]:
                 lines.append(f"{r['temperature']:>5.2f}  depth {r['depth']}  decode {r['decode_tok_s'] or 0:.1f} tok/s  "
-                             f"speedup {r['speedup'] or 0:.2f}x  tok/verify {r.get('tokens_per_verify') or 1:.2f}")
-            for key in ("best_speedup_greedy", "best_speedup_sampled"):
-                v = c.get(key)
-                depth = c.get(key.replace("speedup", "depth"))
-                lines.append(f"{key}: {v:.2f} (depth {depth})" if v is not None else f"{key}: -")
+                             f"speedup {r['speedup'] or 0:.2f}x  tok/verify {r.get('tokens_per_verify') or 1:.2f}  "
+                             f"loops {100 * (r.get('loop_share') or 0):.0f}%  "
+                             f"no-loop speedup {_non_looping(r)}")
+            lines += _best_lines(c)
         for t, detail in d.get("depth0_vs_mlx_lm_detail", {}).items():
             if detail:
                 lines.append(f"mtpnb depth 0 / mlx-lm plain decoding at temperature {t}: {detail['text']}")
@@ -221,8 +224,16 @@ class BenchReport:
                 f"mtpnb depth 0 / mlx-lm plain decoding at T={esc(str(t))}: <b>{_fmt(v.get('ratio'), 'x', 3)}</b> "
                 f"({esc(v['text'])})" for t, v in d.get("depth0_vs_mlx_lm_detail", {}).items() if v) + "</p>",
             f"<p class='note'>{esc(_settings_line(d))}</p>",
-            _results_table(d),
+            _results_table(d["results"]),
+            "<p class='note'>" + "<br>".join(esc(line) for line in [LOOPS_LEGEND, *_best_lines(d)]) + "</p>",
         ]
+        if d.get("compare"):
+            c = d["compare"]
+            parts += [f"<h3>Alternated in the same run with {esc(c['model']['name'])}</h3>",
+                      f"<p class='note'>t1 {c['cost_model']['t1_ms']:.1f} ms, verify cost t(M)/t(1) "
+                      + " ".join(f"{r:.2f}" for r in c["cost_model"]["verify_ratio"]) + "</p>",
+                      _results_table(c["results"]),
+                      "<p class='note'>" + "<br>".join(esc(line) for line in _best_lines(c)) + "</p>"]
         for fig in self.figures():
             parts.append(fig.to_html(full_html=False, include_plotlyjs=False))
         parts.append("<h3>Phases</h3><ul class='note'>" + "".join(
@@ -246,6 +257,28 @@ def _json_default(o):
     raise TypeError(f"not JSON serializable: {type(o).__name__}")
 
 
+def _best_lines(d: dict) -> list[str]:
+    """The best speedups of a model's rows, over all its completions and over those that do not loop."""
+    lines = []
+    for label in ("greedy", "sampled"):
+        v, depth = d.get(f"best_speedup_{label}"), d.get(f"best_depth_{label}")
+        w, w_depth = d.get(f"best_speedup_non_looping_{label}"), d.get(f"best_depth_non_looping_{label}")
+        row = next((r for r in d["results"] if r["engine"] == "mtpnb" and r["depth"] == w_depth
+                    and r.get("speedup_non_looping") == w), None)
+        lines.append(f"best_speedup_{label}: " + (f"{v:.2f} (depth {depth})" if v is not None else "-")
+                     + "; on completions that do not loop: "
+                     + (f"{w:.2f} (depth {w_depth}, {row['non_looping_runs']} of {row['runs']} runs)" if row
+                        else "- (every one loops)" if v else "-"))
+    return lines
+
+
+def _non_looping(row: dict) -> str:
+    """A row's speedup on the prompts whose completions do not loop, and how many runs it rests on."""
+    if "non_looping_runs" not in row:
+        return "-"
+    return f"{_fmt(row.get('speedup_non_looping'), 'x')} {row['non_looping_runs']}/{row['runs']}"
+
+
 def _fmt(v, suffix="", digits=2):
     return "-" if v is None else f"{v:.{digits}f}{suffix}"
 
@@ -258,12 +291,12 @@ def _settings_line(d) -> str:
             f"{d['created']}")
 
 
-def _results_table(d) -> str:
+def _results_table(results: list[dict]) -> str:
     head = ("<table><tr><th>T</th><th class='l'>engine</th><th>depth</th><th>decode tok/s</th><th>end-to-end tok/s"
             "</th><th>TTFT ms</th><th>speedup</th><th>bound</th><th>% of bound</th><th>tokens/verify</th>"
-            "<th class='l'>acceptance by position</th><th>peak MB</th></tr>")
+            "<th>loops</th><th>no-loop speedup</th><th class='l'>acceptance by position</th><th>peak MB</th></tr>")
     rows = []
-    for r in d["results"]:
+    for r in results:
         frac = r.get("fraction_of_bound")
         rows.append(
             f"<tr><td>{r['temperature']}</td><td class='l'>{r['engine']}</td>"
@@ -272,6 +305,8 @@ def _results_table(d) -> str:
             f"<td>{_fmt(r.get('speedup'), 'x')}</td><td>{_fmt(r.get('bound'), 'x')}</td>"
             f"<td>{_fmt(frac and 100 * frac, '%', 0) if frac is not None else '-'}</td>"
             f"<td>{_fmt(r.get('tokens_per_verify'))}</td>"
+            f"<td>{_fmt(None if r.get('loop_share') is None else 100 * r['loop_share'], '%', 0)}</td>"
+            f"<td>{_non_looping(r)}</td>"
             f"<td class='l'>{' '.join(f'{a:.2f}' for a in r.get('acceptance_by_position') or [])}</td>"
             f"<td>{_fmt(r.get('peak_memory_mb'), '', 0)}</td></tr>")
     return head + "".join(rows) + "</table>"

@@ -17,6 +17,7 @@ import mlx.core as mx
 from ..detokenizer import Detokenizer
 from ..engine import Engine
 from ..events import Done, TokenEvent
+from ..metrics import loops
 from .costs import median_time
 
 PHASES = ("draft", "verify_forward", "accept_sync", "rollback", "python", "detokenize")
@@ -80,7 +81,7 @@ def run_mtpnb(engine: Engine, ids: list[int], depth: int, sampler: Sampler, max_
         elif isinstance(event, Done):
             result = event.result
     end = time.perf_counter()
-    return _record(n, t0, first, last, end, result.metrics.peak_memory_mb, result)
+    return _record(n, result.tokens, t0, first, last, end, result.metrics.peak_memory_mb, result)
 
 
 def run_mlx_lm(model, ids: list[int], sampler: Sampler, max_tokens: int, seed: int) -> dict:
@@ -97,21 +98,22 @@ def run_mlx_lm(model, ids: list[int], sampler: Sampler, max_tokens: int, seed: i
     mx.reset_peak_memory()
     t0 = time.perf_counter()
     first = last = None
-    n = 0
+    output = []
     for response in stream_generate(model.trunk, model.tokenizer, mx.array(ids), max_tokens=max_tokens,
                                     sampler=sample):
         if response.finish_reason == "stop":  # the EOS token is no output
             break
         last = time.perf_counter()
         first = first or last
-        n += 1
+        output.append(response.token)
     end = time.perf_counter()
-    return _record(n, t0, first, last, end, mx.get_peak_memory() / 2**20, None)
+    return _record(len(output), output, t0, first, last, end, mx.get_peak_memory() / 2**20, None)
 
 
-def _record(n, t0, first, last, end, peak_mb, result) -> dict:
+def _record(n: int, output: list[int], t0, first, last, end, peak_mb, result) -> dict:
     return {
         "tokens": n,
+        "loops": loops(output),
         "ttft_s": (first - t0) if first else end - t0,
         "decode_s": (last - first) if n > 1 else 0.0,
         "total_s": end - t0,

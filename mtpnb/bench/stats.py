@@ -1,4 +1,5 @@
-"""Statistics of the runs: medians, rates over runs, and the paired parity test (depth 0 / mlx-lm)."""
+"""Statistics of the runs: medians, rates over runs, the speedup on completions that do not loop, and the
+paired parity test (depth 0 / mlx-lm)."""
 
 from __future__ import annotations
 
@@ -50,6 +51,20 @@ def decode_rate(runs: list[dict]) -> float | None:
     tokens = sum(max(x["tokens"] - 1, 0) for x in runs)
     seconds = sum(x["decode_s"] for x in runs)
     return tokens / seconds if seconds > 0 else None
+
+
+def non_looping_speedup(per_repeat: list[list[dict]], base_per_repeat: list[list[dict]]) -> dict:
+    """The speedup over the prompts whose completions loop neither in this configuration nor at depth 0
+    (paired per repeat, as the speedup): acceptance on a loop is easy, so a model that loops shows a
+    speedup its other text does not get. None where every prompt looped."""
+    ratios, pairs = [], 0
+    for runs, base_runs in zip(per_repeat, base_per_repeat):
+        kept = [(x, b) for x, b in zip(runs, base_runs) if not x["loops"] and not b["loops"]]
+        pairs += len(kept)
+        rate, base_rate = decode_rate([x for x, _ in kept]), decode_rate([b for _, b in kept])
+        if rate and base_rate:
+            ratios.append(rate / base_rate)
+    return {"speedup_non_looping": median(ratios), "non_looping_runs": pairs}
 
 
 def end_to_end_rate(runs: list[dict]) -> float | None:

@@ -19,11 +19,12 @@ from .costs import measure_costs, speedup_bound
 from .prompts import code_prompts, heldout_modules
 from .report import BenchReport
 from .runs import PHASE_DOC, Config, Sampler, phase_profile, schedule
-from .stats import decode_rate, end_to_end_rate, json_safe, median, parity
+from .stats import decode_rate, end_to_end_rate, json_safe, median, non_looping_speedup, parity
 
 SCHEMA = "mtpnb.bench/1"
 FULL = {"prompts": 6, "max_tokens": 128, "repeats": 3, "warmup": 1, "cost_repeats": 9}
 QUICK = {"prompts": 2, "max_tokens": 64, "repeats": 1, "warmup": 1, "cost_repeats": 5}
+LOOP_SHARE_GAP = 0.25  # two compared models' shares of looping completions this far apart get a note
 
 Progress = Callable[[int, int, str], None]
 
@@ -123,6 +124,7 @@ def run_bench(
                          for sampler in samplers for config in other_configs]
         compared = {"model": model_info(other), **_best(other_results, temperatures), "cost_model": other_cost,
                     "prompt_tokens": [len(ids) for ids in other_encoded], "results": other_results}
+        notes += loop_notes(model.name, results, other.name, other_results)
         if compared["prompt_tokens"] != [p["tokens"] for p in prompt_list]:
             notes.append(f"{model.name} and {other.name} tokenize the prompts differently: each model's tok/s "
                          "counts its own tokens, so compare their speedups over their own depth 0, not their tok/s")
@@ -224,6 +226,8 @@ def _row(config: Config, sampler: Sampler, records: dict, cost: dict, profile: d
         "runs": len(runs),
         "peak_memory_mb": max(x["peak_memory_mb"] for x in runs),
         "speedup": median(a / b for a, b in zip(rates, base_rates) if a and b),
+        "loop_share": sum(x["loops"] for x in runs) / len(runs),
+        **non_looping_speedup(per_repeat, records[(base, sampler)]),
     }
     if config.engine != "mtpnb":
         return row
@@ -251,13 +255,36 @@ def _best(results: list[dict], temperatures: list[float]) -> dict:
     best = {}
     for label, selected in (("greedy", [t for t in temperatures if t == 0]),
                             ("sampled", [t for t in temperatures if t > 0])):
-        candidates = [r for r in results if r["engine"] == "mtpnb" and r["depth"] > 0
-                      and r["temperature"] in selected and r.get("speedup") is not None]
-        top = max(candidates, key=lambda r: r["speedup"], default=None)
-        best[f"best_speedup_{label}"] = top["speedup"] if top else None
-        best[f"best_depth_{label}"] = top["depth"] if top else None
-        best[f"best_fraction_of_bound_{label}"] = top.get("fraction_of_bound") if top else None
+        for kind, key in (("", "speedup"), ("_non_looping", "speedup_non_looping")):
+            candidates = [r for r in results if r["engine"] == "mtpnb" and r["depth"] > 0
+                          and r["temperature"] in selected and r.get(key) is not None]
+            top = max(candidates, key=lambda r: r[key], default=None)
+            best[f"best_speedup{kind}_{label}"] = top[key] if top else None
+            best[f"best_depth{kind}_{label}"] = top["depth"] if top else None
+            if not kind:
+                best[f"best_fraction_of_bound_{label}"] = top.get("fraction_of_bound") if top else None
     return best
+
+
+def loop_notes(name: str, results: list[dict], other_name: str, other_results: list[dict]) -> list[str]:
+    """A note for each temperature at which one model's completions loop far more often than the other's:
+    its speedup there is largely its loops' (easy to draft), so the speedups on completions that do not
+    loop are the ones to compare."""
+    notes = []
+    for t in sorted({r["temperature"] for r in results}):
+        mine, theirs = _loop_share(results, t), _loop_share(other_results, t)
+        if abs(mine - theirs) >= LOOP_SHARE_GAP:
+            loopier = name if mine > theirs else other_name
+            notes.append(f"at T={t} {100 * mine:.0f}% of {name}'s completions loop and {100 * theirs:.0f}% of "
+                         f"{other_name}'s (an 8-token span 3+ times): a loop is easy to draft, so {loopier}'s "
+                         "speedup there is largely its loops'; compare the speedups on completions that do not loop")
+    return notes
+
+
+def _loop_share(results: list[dict], temperature: float) -> float:
+    """The share of a model's MTP completions at a temperature that loop, over all its depths."""
+    rows = [r for r in results if r["engine"] == "mtpnb" and r["temperature"] == temperature]
+    return sum(r["loop_share"] * r["runs"] for r in rows) / max(sum(r["runs"] for r in rows), 1)
 
 
 def _notes(results: list[dict], cost: dict, blas: dict, quick: bool) -> list[str]:

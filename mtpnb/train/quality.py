@@ -29,16 +29,15 @@ import ast
 import json
 import math
 import textwrap
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
+from ..metrics import loops
 from .corpus import EOS_TOKEN, HELDOUT_PACKAGES, installed_source
 
 PROMPT_CONTEXT_LINES = 12
 MAX_NEW_TOKENS = 128
-LOOP_SPAN, LOOP_REPEATS = 8, 3
 SAMPLINGS = {"greedy": {"temperature": 0.0}, "T=0.6": {"temperature": 0.6, "top_p": 0.95, "top_k": 20}}
 
 
@@ -72,12 +71,6 @@ def function_prompts(count: int = 56, packages=HELDOUT_PACKAGES) -> list[dict]:
             picks = np.linspace(0, len(candidates) - 1, wanted).round().astype(int)
             prompts += [candidates[i] for i in dict.fromkeys(picks.tolist())]
     return prompts[:count]
-
-
-def loops(ids: list[int], span: int = LOOP_SPAN, repeats: int = LOOP_REPEATS) -> bool:
-    """Some `span`-token window occurs `repeats` or more times (overlapping occurrences count)."""
-    counts = Counter(tuple(ids[i : i + span]) for i in range(len(ids) - span + 1))
-    return bool(counts) and max(counts.values()) >= repeats
 
 
 def first_body(header: str, indent: int, completion: str, finished: bool) -> str:

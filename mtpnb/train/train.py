@@ -69,8 +69,8 @@ from .corpus import EOS_TOKEN, prepare
 from .evaluate import heldout_metrics, windows
 from .export import export, read_weights
 from .model import MTPModel, build_config, count_parameters
-from .quality import LOOP_SPAN
-from .quality import loops as looping
+from ..metrics import LOOP_SPAN
+from ..metrics import loops as looping
 from .tokenizer import load_tokenizer
 
 CARD_CONFIG_KEYS = (
