@@ -190,11 +190,13 @@ class MTPMagics(Magics):
     @argument("--no-peers", action="store_true", help="skip mlx-lm's plain decoding")
     @argument("--no-phases", action="store_true", help="skip the per-phase profile")
     @argument("--html", metavar="PATH", help="also write the standalone HTML report")
+    @argument("--compare", metavar="MODEL", help="a second model (folder or hub repo) with an MTP head, its depths "
+              "alternated with the loaded model's in the same run")
     @OUTPUT
     def bench(self, rest):
         """Benchmark the loaded model: plain decoding (depth 0, and mlx-lm) against the MTP depths,
-        alternated in one run (mtpnb.bench, as `mtpnb bench`); print the table, show the charts.
-        -o binds the BenchReport."""
+        alternated in one run (mtpnb.bench, as `mtpnb bench`), with --compare a second model's depths in
+        the same schedule; print the table, show the charts. -o binds the BenchReport."""
         args = parse_argstring(self.bench, rest)
         model = self._require_model()
         if getattr(model, "remote", False):
@@ -208,6 +210,10 @@ class MTPMagics(Magics):
         if args.prompts is not None:
             prompts = bench.code_prompts(args.prompts, modules=bench.heldout_modules(model.path))
         options = {"depths": args.depths, "temperatures": args.temperatures, "repeats": args.repeats}
+        if args.compare:
+            from .loading import load
+
+            options["other"] = load(args.compare)
         bar, label = widgets.IntProgress(description="mtp bench"), widgets.Label()
         progress = widgets.HBox([bar, label])
         display(progress)

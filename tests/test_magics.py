@@ -223,6 +223,22 @@ def test_bench_the_loaded_model(loaded, capsys, monkeypatch):
     assert report.summary() in capsys.readouterr().out
 
 
+def test_bench_against_a_second_model(loaded, checkpoints, capsys, monkeypatch):
+    from mtpnb import bench
+
+    monkeypatch.setattr(bench, "code_prompts", lambda count, modules=None: [{"name": "add", "text": "def add(a, b):\n"}])
+    other = checkpoints(family="qwen3_5", head="echo")
+    assert loaded.run_line_magic(
+        "mtp", f"bench --quick --max-tokens 4 --depths 0,1 --temperature 0 --prompts 1 --no-peers --no-phases "
+               f"--compare {other} -o rep") is None
+    report = loaded.user_ns.pop("rep")
+    assert report.data["compare"]["model"]["path"] == str(other)
+    assert [r["depth"] for r in report.data["compare"]["results"]] == [0, 1]
+    assert "alternated in the same run with" in capsys.readouterr().out
+    assert one_line_error(loaded, capsys, f"%mtp bench --quick --compare {other}/missing").startswith(
+        "%mtp bench: ")
+
+
 # -- %mtp connect ---------------------------------------------------------------------------------------------
 def test_connect_to_a_served_model(ip, path, model, capsys):
     from mtpnb.server import Server
