@@ -51,6 +51,9 @@ def test_quick_report_is_well_formed(quick_report):
         assert key in data and (data[key] is None or isinstance(data[key], float)), key
     assert isinstance(data["best_speedup_greedy"], float) and isinstance(data["best_speedup_sampled"], float)
     assert data["best_depth_greedy"] in (1, 2) and data["best_depth_sampled"] in (1, 2)
+    for label in ("greedy", "sampled"):  # 6 tokens cannot hold an 8-token span 3 times: no run loops
+        assert data[f"best_runs_non_looping_{label}"] == [2, 2]  # quick: 2 prompts x 1 repeat
+        assert data[f"best_speedup_non_looping_{label}"] == pytest.approx(data[f"best_speedup_{label}"])
     assert data["schema"] == bench.SCHEMA
     assert data["settings"]["depths"] == [0, 1, 2] and data["settings"]["temperatures"] == [0.0, 0.6]
     assert data["platform"]["blas"]["kind"] in KINDS

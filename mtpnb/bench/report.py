@@ -263,11 +263,11 @@ def _best_lines(d: dict) -> list[str]:
     for label in ("greedy", "sampled"):
         v, depth = d.get(f"best_speedup_{label}"), d.get(f"best_depth_{label}")
         w, w_depth = d.get(f"best_speedup_non_looping_{label}"), d.get(f"best_depth_non_looping_{label}")
-        row = next((r for r in d["results"] if r["engine"] == "mtpnb" and r["depth"] == w_depth
-                    and r.get("speedup_non_looping") == w), None)
+        runs = d.get(f"best_runs_non_looping_{label}")
         lines.append(f"best_speedup_{label}: " + (f"{v:.2f} (depth {depth})" if v is not None else "-")
                      + "; on completions that do not loop: "
-                     + (f"{w:.2f} (depth {w_depth}, {row['non_looping_runs']} of {row['runs']} runs)" if row
+                     + (f"{w:.2f} (depth {w_depth}" + (f", {runs[0]} of {runs[1]} runs)" if runs else ")")
+                        if w is not None
                         else "- (every one loops)" if v else "-"))
     return lines
 

@@ -261,7 +261,9 @@ def _best(results: list[dict], temperatures: list[float]) -> dict:
             top = max(candidates, key=lambda r: r[key], default=None)
             best[f"best_speedup{kind}_{label}"] = top[key] if top else None
             best[f"best_depth{kind}_{label}"] = top["depth"] if top else None
-            if not kind:
+            if kind:  # how many runs of how many that figure rests on
+                best[f"best_runs{kind}_{label}"] = [top["non_looping_runs"], top["runs"]] if top else None
+            else:
                 best[f"best_fraction_of_bound_{label}"] = top.get("fraction_of_bound") if top else None
     return best
 
