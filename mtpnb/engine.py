@@ -396,7 +396,7 @@ class DecodeLoop:
         if self.sampling.greedy:
             return accept_greedy(logits, draft_dists, drafts, draft_columns)
         return accept_sampled(self.sampling.logprobs(logits), draft_dists, drafts, self._draw_key(), draft_columns,
-                              self.model.draft_vocab if self.vocabulary is None else self.vocabulary.ids)
+                              self.model.draft_ids(self.vocabulary))
 
 
 def release_memory() -> None:
@@ -441,9 +441,9 @@ def draft(model, sampling: Sampling, depth: int, pending_hidden: mx.array, pendi
     position (they enter the head's cache) and only its last row drafts; in C where the kernel applies
     (Model.draft_round), the whole round in one call: its drafts drawn in C when sampling, from the
     distributions it returns (the acceptance reads those)."""
-    ids = model.draft_vocab if vocabulary is None else vocabulary.ids  # each draft row's token (None: row i is i)
     in_c = model.draft_round(pending_hidden, pending_tokens, head_cache, depth, vocabulary)
     if in_c is not None:
+        ids = model.draft_ids(vocabulary)
         if sampling.greedy:
             columns, dists = in_c.greedy()
         else:
@@ -467,7 +467,7 @@ def draft_token(model, sampling: Sampling, g: mx.array, key: mx.array | None,
     dist = model.draft_logits(g, step, vocabulary)[0, -1]
     dist = dist if sampling.greedy else sampling.logprobs(dist)
     column = mx.argmax(dist, axis=-1) if sampling.greedy else sample(dist, key)[0]
-    ids = model.draft_vocab if vocabulary is None else vocabulary.ids
+    ids = model.draft_ids(vocabulary)
     return (column if ids is None else ids[column]), dist, column
 
 

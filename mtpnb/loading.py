@@ -99,8 +99,9 @@ def load(
     model = Model(trunk=trunk, head=head, tokenizer=tokenizer, config=config, path=path, name=name, notes=notes,
                   draft_vocab=draft_vocab, draft_context=DRAFT_CONTEXT if draft_context is None else draft_context)
     if model.draft_vocab is not None:
-        notes.append(f"the head drafts from {model.draft_vocab.size} frequent tokens and up to {model.draft_context} "
-                     "of a generation's own context tokens (draft_vocab.json)")
+        context = (f" and up to {model.draft_context} of a generation's own context tokens" if model.draft_context
+                   else "")
+        notes.append(f"the head drafts from {model.draft_vocab.size} frequent tokens{context} (draft_vocab.json)")
     return model
 
 

@@ -89,6 +89,11 @@ class Model:
         vocabulary.add(reversed(context_ids))  # the most recent first, should they not all fit
         return vocabulary
 
+    def draft_ids(self, vocabulary: "DraftVocabulary | None" = None) -> mx.array | None:
+        """Each draft column's token id: a generation's `vocabulary`'s, else the shortlist's (None: column
+        i is token i, the whole vocabulary)."""
+        return self.draft_vocab if vocabulary is None else vocabulary.ids
+
     def _output_layer(self) -> nn.Module:
         return self._inner.embed_tokens if self._tied else self._language_model.lm_head
 

@@ -63,6 +63,9 @@ def test_draft_vocabulary_is_read_and_saved(tmp_path, checkpoints):
     model.set_draft_vocab([3, 5, 8, 13], context=7)
     saved = mtpnb.load(mtpnb.save(model, tmp_path / "saved"))
     assert saved.draft_vocab.tolist() == [3, 5, 8, 13] and saved.draft_context == 7
+    assert "up to 7 of a generation's own context tokens" in saved.info()["notes"][-1]
+    (path / "draft_vocab.json").write_text('{"ids": [3, 5, 8, 13], "context": 0}')
+    assert mtpnb.load(path).info()["notes"][-1] == "the head drafts from 4 frequent tokens (draft_vocab.json)"
 
 
 def test_save_then_load_is_identical(tmp_path, hybrid_model):
