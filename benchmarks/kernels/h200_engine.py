@@ -13,7 +13,7 @@ import time
 import mlx.core as mx
 
 import mtpnb
-from mtpnb.engine import _rollback
+from mtpnb.rollback import rollback_cache
 
 PROMPT = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n'
 
@@ -45,7 +45,7 @@ def main():
     for tokens in (1, 2, 4):
         def forward():
             mx.eval(model.forward(mx.array([[5] * tokens]), cache=cache))
-            _rollback(cache, keep=0, discard=tokens)
+            rollback_cache(cache, keep=0, discard=tokens)
 
         print(f"trunk forward of {tokens} token(s): {median_ms(forward):.2f} ms")
 
