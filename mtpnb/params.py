@@ -190,12 +190,14 @@ def add_arguments(parser, table) -> None:
 
 
 def generation_params(args: argparse.Namespace) -> dict:
-    """The generation flags that were given, as keyword arguments of Model.generate / Model.stream."""
+    """The generation flags that were given, as keyword arguments of Model.generate / Model.stream; checked
+    here (MTPNBError), so that a bad value fails before a model is loaded."""
     params = {}
     for name in GenerationParams.names():
         value = getattr(args, name, None)
         if value is not None:
             params[name] = (value == "on") if name == "reasoning" else tuple(value) if name == "stop" else value
+    GenerationParams.of(**params)
     return params
 
 

@@ -181,6 +181,15 @@ def test_bench(path, tmp_path):
     assert report["command"].startswith(f"mtpnb bench {path} --quick")
 
 
+def test_bench_says_when_there_are_fewer_code_prompts_than_asked(path, capsys):
+    args = ["bench", str(path), "--prompts", "1000", "--max-tokens", "2", "--repeats", "1", "--warmup", "0",
+            "--depths", "0", "--temperatures", "0", "--no-peers", "--no-phases", "--quiet"]
+    assert cli.main(args) == 0
+    available = len(mtpnb.bench.code_prompts(1000, modules=mtpnb.bench.heldout_modules(path)))
+    assert f"mtpnb bench: note: --prompts 1000: there are {available} code prompts, and all of them run" \
+        in capsys.readouterr().err
+
+
 def test_bench_of_a_missing_model(capsys):
     assert cli.main(["bench", "/no/such/model"]) != 0
     out, err = capsys.readouterr()
@@ -282,6 +291,8 @@ def test_no_command_and_version(capsys):
                                                 "(choose from 'on', 'off') (see mtpnb generate --help)"),
     (["generate", "-m", "/no/such", "x"], "mtpnb generate: no model folder at /no/such (and it is not a hub repo id "
                                           "like 'owner/name')"),
+    (["generate", "-m", "/no/such", "--depth", "12", "x"],  # checked before a model is loaded
+     "mtpnb generate: depth must be an integer from 0 (plain decoding) to 8, not 12"),
     (["generate", "--url", "nowhere", "x"], "mtpnb generate: url must look like http://host:port, not 'nowhere'"),
     (["info", "extra"], "mtpnb info: unrecognized arguments: extra (see mtpnb info --help)"),
     (["lab", "--dir", "EMPTY", "--dry-run"], "mtpnb lab: no notebooks (*.ipynb) in EMPTY"),

@@ -164,6 +164,9 @@ def run_from_args(args: argparse.Namespace, argv: Sequence[str] | None = None) -
             return 2
     if not prompts:
         prompts = None if args.prompts is None else code_prompts(args.prompts, modules=heldout_modules(model.path))
+        if prompts and len(prompts) < args.prompts:
+            print(f"mtpnb bench: note: --prompts {args.prompts}: there are {len(prompts)} code prompts, and all of "
+                  "them run (--prompt-file adds your own)", file=sys.stderr)
     started = time.perf_counter()
 
     def progress(done, total, label):
