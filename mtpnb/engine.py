@@ -116,12 +116,7 @@ class Engine:
                 raise MTPNBError(f"{self.model.name}'s tokenizer has no chat template: pass the prompt as text")
             if not all(isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in prompt):
                 raise MTPNBError("chat messages must be dicts with string 'role' and 'content'")
-            extra = {} if reasoning is None else {"enable_thinking": reasoning}
-            if tools:
-                extra["tools"] = tools
-            ids = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True, **extra)
-            if isinstance(ids, dict):  # transformers 5 may return a BatchEncoding
-                ids = ids["input_ids"]
+            ids = self.render_chat(prompt, add_generation_prompt=True, reasoning=reasoning, tools=tools)
         elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             ids = list(prompt)
             if any(t < 0 for t in ids):
@@ -145,15 +140,25 @@ class Engine:
             prompt = [{"role": "user", "content": prompt}]
         if not (isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt)):
             return None
+        history = self.render_chat(prompt, add_generation_prompt=False, reasoning=reasoning, tools=tools)
+        n = len(history)
+        return n if 0 < n < len(ids) and history == ids[:n] else None
+
+    def render_chat(self, messages, *, add_generation_prompt: bool, reasoning: bool | None,
+                    tools: list | None) -> list[int]:
+        """Chat messages -> token ids, through the tokenizer's chat template. A template that refuses the
+        messages (Qwen's raise_exception on a role they do not know, say) is the caller's error."""
+        from jinja2 import TemplateError  # transformers' chat templates are jinja2
+
         extra = {} if reasoning is None else {"enable_thinking": reasoning}
         if tools:
             extra["tools"] = tools
-        history = self.model.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=False, tokenize=True,
-                                                           **extra)
-        if isinstance(history, dict):
-            history = history["input_ids"]
-        n = len(history)
-        return n if 0 < n < len(ids) and list(history) == ids[:n] else None
+        try:
+            ids = self.model.tokenizer.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt,
+                                                           tokenize=True, **extra)
+        except TemplateError as e:
+            raise MTPNBError(f"{self.model.name}'s chat template refused the messages: {e}") from None
+        return list(ids["input_ids"] if isinstance(ids, dict) else ids)  # transformers 5 may return a BatchEncoding
 
 
 class Generation(Iterator):

@@ -254,6 +254,24 @@ def test_chat_prompt_uses_the_template(hybrid_model):
     assert off == on + "<think>\n\n</think>\n\n"
 
 
+def test_a_chat_template_that_refuses_the_messages_is_a_one_line_error(checkpoints, tmp_path):
+    """Qwen's templates raise on a role they do not know; that is the caller's error, said in one line."""
+    import json
+    import shutil
+
+    folder = shutil.copytree(checkpoints(family="qwen3_5"), tmp_path / "strict")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = ("{% for m in messages %}{% if m['role'] not in ['system', 'user', 'assistant'] %}"
+                               "{{ raise_exception('Unexpected message role.') }}{% endif %}{% endfor %}"
+                               + config["chat_template"])
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    model = mtpnb.load(folder)
+    assert model.generate([{"role": "system", "content": "hi"}, {"role": "user", "content": "hi"}], max_tokens=2)
+    with pytest.raises(MTPNBError) as e:
+        model.generate([{"role": "narrator", "content": "hi"}], max_tokens=2)
+    assert str(e.value) == "strict's chat template refused the messages: Unexpected message role."
+
+
 @pytest.mark.parametrize("params, message", [
     (dict(depth=-1), "depth"), (dict(depth=9), "depth"), (dict(depth=1.5), "depth"),
     (dict(max_tokens=0), "max_tokens"), (dict(top_p=0.0), "top_p"), (dict(temperature=-0.1), "temperature"),

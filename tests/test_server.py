@@ -223,6 +223,16 @@ def test_openai_chat(client, local, name):
     assert {k: mtp[k] for k in METRIC_COUNTS} == counts_of(ref.metrics)
 
 
+def test_developer_messages_are_system_ones_and_function_results_tool_ones(client, local, name):
+    """OpenAI's `developer` role (agents send it for reasoning models) carries what `system` does, and the
+    deprecated `function` role a tool's result: the template gets the roles it knows."""
+    ref = local.generate(MESSAGES + [{"role": "tool", "content": "1 2 3 4 5"}], max_tokens=8)
+    developer = [{"role": "developer", "content": MESSAGES[0]["content"]}, MESSAGES[1],
+                 {"role": "function", "name": "count", "content": "1 2 3 4 5"}]
+    out = client.chat.completions.create(model=name, messages=developer, max_tokens=8, temperature=0)
+    assert out.choices[0].message.content == ref.text and out.usage.prompt_tokens == ref.metrics.prompt_tokens
+
+
 def test_openai_completions(client, local, name):
     ref = local.generate("def fibonacci(n):", max_tokens=20, temperature=0.8, seed=11, top_k=40, depth=2)
     out = client.completions.create(model=name, prompt="def fibonacci(n):", max_tokens=20, temperature=0.8, seed=11,
@@ -361,6 +371,8 @@ def test_unknown_model(server, client):
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ({"messages": []}, "messages must be a non-empty list"),
     ({"messages": [{"role": "user"}]}, "messages[0].content"),
+    ({"messages": [{"role": "narrator", "content": "hi"}]},
+     "messages[0].role must be one of system, developer, user, assistant, tool, function, not 'narrator'"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
      "only text content parts"),
 ])

@@ -35,6 +35,10 @@ Tools (chat): `tools` (function tools) are rendered by the model's chat template
 writes the call; a named function is then the only tool shown). The model's calls leave the content and arrive as
 `tool_calls` (streamed: one delta per call, whole, with its index), finish_reason "tool_calls"; earlier
 calls and `role: tool` results in `messages` are rendered back by the template. See tools.py.
+
+Roles (chat): system, user, assistant, tool, and `developer` (OpenAI's newer name for system, which agents
+send for reasoning models) rendered as system, `function` (the deprecated tool result) as tool; any other
+role, or messages the chat template itself refuses (Qwen's raise on a misplaced system turn), get a 400.
 """
 
 from __future__ import annotations
@@ -320,6 +324,13 @@ def _tools(data: dict) -> tuple[list | None, bool]:
     return out, bool(named) or choice == "required"
 
 
+# OpenAI's roles, as the chat templates know them: `developer` is OpenAI's newer name for the instructions
+# `system` carries (agents send it for reasoning models; Qwen's templates raise on it), and `function` the
+# deprecated form of a `tool` result.
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool",
+         "function": "tool"}
+
+
 def _messages(messages) -> list[dict]:
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "messages must be a non-empty list of {role, content} objects", param="messages")
@@ -327,8 +338,12 @@ def _messages(messages) -> list[dict]:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise APIError(400, f"messages[{i}] must be an object with a string role", param="messages")
+        role = ROLES.get(m["role"])
+        if role is None:
+            raise APIError(400, f"messages[{i}].role must be one of {', '.join(ROLES)}, not {m['role']!r}",
+                           param="messages")
         content = m.get("content")
-        calls = m.get("tool_calls") if m["role"] == "assistant" else None
+        calls = m.get("tool_calls") if role == "assistant" else None
         if content is None and calls:
             content = ""  # an assistant turn that only called tools
         if isinstance(content, list):  # content parts: text only
@@ -341,10 +356,10 @@ def _messages(messages) -> list[dict]:
         elif not isinstance(content, str):
             raise APIError(400, f"messages[{i}].content must be a string or a list of text parts",
                            param="messages")
-        message = {"role": m["role"], "content": _utf8(content, f"messages[{i}].content")}
+        message = {"role": role, "content": _utf8(content, f"messages[{i}].content")}
         if calls:
             message["tool_calls"] = _tool_calls(calls, f"messages[{i}].tool_calls")
-        if m["role"] == "tool":
+        if role == "tool":
             for key in ("tool_call_id", "name"):
                 if isinstance(m.get(key), str):
                     message[key] = m[key]
