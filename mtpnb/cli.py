@@ -23,7 +23,6 @@ import shlex
 import sys
 import sysconfig
 import traceback
-import warnings
 from pathlib import Path
 
 from . import __version__
@@ -186,16 +185,14 @@ def read_prompt(prompt: str | None) -> str:
 
 def open_model(args):
     """--url: a served model (mtpnb.connect); otherwise --model (default: the embedded model), loaded
-    without the loader's warnings (they are in its `notes`)."""
+    without the loader's warnings (they are in its `notes`, which the commands print)."""
     if getattr(args, "url", None):
         from . import connect
 
         return connect(args.url, args.api_key)
     from .loading import load
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return load(args.model, **model_options(args))
+    return load(args.model, quiet=True, **model_options(args))
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, *, remote: bool) -> None:

@@ -48,6 +48,7 @@ def load(
     quantize: int | None = None,
     group_size: int = 64,
     dtype: str | None = None,
+    quiet: bool = False,
 ) -> Model:
     """Load a model and its MTP head.
 
@@ -56,6 +57,8 @@ def load(
     quantize: 4 or 8 to quantize the float weights at load (MLX affine, `group_size`).
     dtype: "float32", "bfloat16" or "float16" for the float weights; by default float32 on the CPU
         (MLX's CPU matmuls are fastest there in float32) and the stored dtype on a GPU.
+    The loader's notes are in `model.notes`; a missing head is also a UserWarning, unless `quiet` (front ends
+        that show the notes themselves: the CLI, the magics, the bench).
     Prints one line when MLX runs on the slow reference BLAS and something can be done about it
     (mtpnb.blas.warn_once_if_reference_blas).
     """
@@ -75,7 +78,8 @@ def load(
     head = _build_head(head_weights, config, text_config, hf_layout, path) if head_weights else None
     if head is None:
         notes.append(f"no MTP weights in {name}: decoding autoregressively (depth 0)")
-        warnings.warn(notes[-1], stacklevel=2)
+        if not quiet:
+            warnings.warn(notes[-1], stacklevel=2)
 
     target = dtype or ("float32" if mx.default_device() == mx.cpu else None)
     if target:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import warnings
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
@@ -111,9 +110,7 @@ class MTPMagics(Magics):
         args = parse_argstring(self.load, rest)
         from .loading import load
 
-        with warnings.catch_warnings():  # the loader's notes are in the summary
-            warnings.simplefilter("ignore")
-            model = load(args.source, **model_options(args))
+        model = load(args.source, quiet=True, **model_options(args))  # the loader's notes are in the summary
         self.model = model
         print(describe_model(model.info()))
         self._bind(args.output, model)
@@ -213,7 +210,7 @@ class MTPMagics(Magics):
         if args.compare:
             from .loading import load
 
-            options["other"] = load(args.compare)
+            options["other"] = load(args.compare, quiet=True)
         bar, label = widgets.IntProgress(description="mtp bench"), widgets.Label()
         progress = widgets.HBox([bar, label])
         display(progress)

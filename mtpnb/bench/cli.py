@@ -151,14 +151,14 @@ def run_from_args(args: argparse.Namespace, argv: Sequence[str] | None = None) -
             return 2
         model_arg = str(make_standin(args.standin))
     try:
-        model = load(model_arg, **model_options(args))
+        model = load(model_arg, quiet=True, **model_options(args))  # a missing head is a note in the report
     except MTPNBError as e:
         print(f"mtpnb bench: {e}", file=sys.stderr)
         return 2
     other = None
     if args.compare:
         try:
-            other = load(args.compare, **model_options(args))
+            other = load(args.compare, quiet=True, **model_options(args))
         except MTPNBError as e:
             print(f"mtpnb bench: --compare: {e}", file=sys.stderr)
             return 2
