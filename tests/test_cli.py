@@ -218,6 +218,22 @@ def test_serve_then_generate_and_info_through_it(path, expected, capsys):
         server.stderr.close()
 
 
+def test_serve_says_in_its_own_words_that_a_model_has_no_head(checkpoints):
+    no_head = checkpoints(family="qwen3_5", mtp=None)
+    server = subprocess.Popen([sys.executable, "-m", "mtpnb", "serve", str(no_head), "--port", "0", "--quiet"],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env(PYTHONWARNINGS="default"))
+    try:
+        assert server.stdout.readline() == f"mtpnb serve: model {no_head.name} (no MTP head: plain decoding)\n"
+        assert "listening on" in server.stdout.readline()
+    finally:
+        server.send_signal(signal.SIGINT)
+        assert server.wait(30) == 0
+        server.stdout.close()
+        assert server.stderr.read() == "mtpnb serve: stopped (SIGINT)\n"  # and not the loader's UserWarning too
+        server.stderr.close()
+
+
 # -- lab --------------------------------------------------------------------------------------------------------
 @pytest.fixture
 def notebooks(tmp_path):

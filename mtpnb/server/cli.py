@@ -137,7 +137,7 @@ def run_serve(args) -> int:
     from ..errors import MTPNBError
     from .app import Server
 
-    load_options = model_options(args)
+    load_options = {**model_options(args), "quiet": True}  # the start-up line below says when there is no head
     try:
         server = Server(
             args.model, host=args.host, port=args.port, api_key=key, model_name=args.model_name, depth=args.depth,
