@@ -58,7 +58,7 @@ def load(
     dtype: "float32", "bfloat16" or "float16" for the float weights; by default float32 on the CPU
         (MLX's CPU matmuls are fastest there in float32) and the stored dtype on a GPU.
     The loader's notes are in `model.notes`; a missing head is also a UserWarning, unless `quiet` (front ends
-        that show the notes themselves: the CLI, the magics, the bench).
+        that show the notes themselves: the mtpnb commands, the magics).
     Prints one line when MLX runs on the slow reference BLAS and something can be done about it
     (mtpnb.blas.warn_once_if_reference_blas).
     """
