@@ -157,7 +157,6 @@ class RemoteModel:
     def _events(self, conn, response) -> Iterator[TokenEvent | StepEvent | Done]:
         events: list[TokenEvent] = []
         steps: list[StepEvent] = []
-        text: list[str] = []
         metrics = None
         try:
             for chunk in _sse(response):
@@ -169,9 +168,6 @@ class RemoteModel:
                     metrics = Metrics.from_dict(chunk["mtp"])
                 for choice in chunk.get("choices") or ():
                     part = choice.get("delta", choice)
-                    content = part.get("content") if "delta" in choice else part.get("text")
-                    if content:
-                        text.append(content)
                     for d in part.get("mtp") or ():
                         event = TokenEvent.from_dict(d)
                         events.append(event)
@@ -186,8 +182,8 @@ class RemoteModel:
             conn.close()  # early close of this generator: the server cancels the generation
         if metrics is None:
             raise MTPNBError(f"the stream from {self.url} ended without its metrics")
-        tokens = [e.token for e in events if e.kind != "rejected"]
-        yield Done(Result(tokens, "".join(text), events, steps, metrics))
+        output = [e for e in events if e.kind != "rejected"]  # their pieces add up to the text, thinking included
+        yield Done(Result([e.token for e in output], "".join(e.text for e in output), events, steps, metrics))
 
 
 def _sse(response) -> Iterator[dict | None]:

@@ -252,6 +252,37 @@ def test_openai_agent_round_trip(oai, local, stream):
     assert answers[0] == answers[3] == ANSWER
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_openai_reasoning_leaves_the_content(oai, local, stream):
+    """With thinking on, the think block arrives as `reasoning_content` (the name most clients read) and
+    `reasoning` (vLLM's), not in the content, and the call after it is still a tool call."""
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTION}]
+    kw = dict(model="tiny-agent", messages=messages, tools=TOOLS, max_tokens=80,
+              extra_body={"mtp_depth": 3, "reasoning": True})
+    ref = local.generate(conversation(local, turn=1, thinking=True), max_tokens=80, depth=3)
+    assert ref.text.startswith(f"<think>\n{THOUGHT}\n</think>")
+    if not stream:
+        out = oai.chat.completions.create(**kw)
+        m = out.choices[0].message
+        fields = {k: m.model_extra[k] for k in ("reasoning_content", "reasoning")}
+        content, calls, finish = m.content, m.tool_calls, out.choices[0].finish_reason
+    else:
+        fields, content, calls, finish, deltas = {"reasoning_content": "", "reasoning": ""}, "", [], None, []
+        for chunk in oai.chat.completions.create(**kw, stream=True):
+            delta = chunk.choices[0].delta
+            deltas.append(delta.model_extra)
+            for k in fields:
+                fields[k] += delta.model_extra.get(k) or ""
+            content += delta.content or ""
+            calls += delta.tool_calls or []
+            finish = chunk.choices[0].finish_reason or finish
+        content = content or None
+        assert events_in(deltas) == ref.events  # the token events still carry every token, the thought's too
+    assert fields == {"reasoning_content": THOUGHT + "\n", "reasoning": THOUGHT + "\n"}
+    assert (content, finish) == (None, "tool_calls")
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [("get_weather", {"city": "Paris"})]
+
+
 # -- the agent loop, Anthropic ------------------------------------------------------------------------------------
 def claude_turn(claude, messages, depth, stream, **extra):
     """One request -> (the final Message, the stream's token events or None)."""

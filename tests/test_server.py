@@ -233,6 +233,16 @@ def test_developer_messages_are_system_ones_and_function_results_tool_ones(clien
     assert out.choices[0].message.content == ref.text and out.usage.prompt_tokens == ref.metrics.prompt_tokens
 
 
+def test_an_assistant_turns_reasoning_reaches_the_template_as_reasoning_content():
+    from mtpnb.server.protocol import parse_request
+
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello", "reasoning": "greet back"},
+             {"role": "user", "content": "again"}, {"role": "assistant", "content": "hi", "reasoning_content": "again"},
+             {"role": "user", "content": "bye"}]
+    req = parse_request("chat", {"messages": turns}, model_name="m", defaults={}, max_tokens_limit=8)
+    assert [m.get("reasoning_content") for m in req.prompt] == [None, "greet back", None, "again", None]
+
+
 def test_openai_completions(client, local, name):
     ref = local.generate("def fibonacci(n):", max_tokens=20, temperature=0.8, seed=11, top_k=40, depth=2)
     out = client.completions.create(model=name, prompt="def fibonacci(n):", max_tokens=20, temperature=0.8, seed=11,

@@ -29,6 +29,12 @@ Non-streamed response
 The streamed text (`delta.content` / `text`) is the concatenation of the output tokens' pieces; the
 engine holds back tokens whose text may begin a stop string, so it always equals the final text.
 
+Thinking (chat, unless the request turns reasoning off): a think block the model writes (or the template
+opens for it) leaves the content and arrives as `reasoning_content` (DeepSeek's name, which most clients
+read) and `reasoning` (vLLM's newer one), in the deltas as it streams and in the message. An assistant
+turn sent back with either field gives it to the template as `reasoning_content` (Qwen's templates show
+it for the turns of an unfinished tool loop). The `mtp` token events still carry every token's text.
+
 Tools (chat): `tools` (function tools) are rendered by the model's chat template; `tool_choice` "auto"
 (default), "none" (the tools are then not shown), "required" or {"type": "function", "function": {"name"}}
 (a call is forced: the assistant's turn starts with the model's own call-opening marker, so the model
@@ -52,7 +58,7 @@ from typing import Any
 
 from ..errors import MTPNBError
 from ..params import GenerationParams
-from .tools import OutputSplitter, call_id
+from .tools import OutputSplitter, call_id, prompt_opens_thinking
 
 # Defaults a request falls back to (the server's flags override them).
 SERVER_DEFAULTS = {"depth": GenerationParams.depth, "reasoning": None, "temperature": GenerationParams.temperature}
@@ -359,6 +365,9 @@ def _messages(messages) -> list[dict]:
         message = {"role": role, "content": _utf8(content, f"messages[{i}].content")}
         if calls:
             message["tool_calls"] = _tool_calls(calls, f"messages[{i}].tool_calls")
+        thought = m.get("reasoning_content", m.get("reasoning")) if role == "assistant" else None
+        if isinstance(thought, str) and thought:
+            message["reasoning_content"] = _utf8(thought, f"messages[{i}].reasoning_content")
         if role == "tool":
             for key in ("tool_call_id", "name"):
                 if isinstance(m.get(key), str):
@@ -454,15 +463,17 @@ class Encoder:
     """Builds one request's response body or stream chunks.
 
     The stream methods (shared with anthropic.Encoder) return lists of SSE events, (event name or
-    None, payload); app.py writes them. With tools, the output text goes through a tools.OutputSplitter:
-    tool calls leave the content and arrive as `tool_calls` deltas, each whole, when its end is seen."""
+    None, payload); app.py writes them. A chat's output text goes through a tools.OutputSplitter: a think
+    block leaves the content for `reasoning_content` / `reasoning`, and tool calls arrive as `tool_calls`
+    deltas, each whole, when its end is seen."""
 
-    def __init__(self, req: Request, fingerprint: str, tokenizer=None):
+    def __init__(self, req: Request, fingerprint: str, tokenizer):
         self.req = req
         self.chat = req.endpoint == "chat"
         self.fingerprint = fingerprint
-        self.sent = ""  # the output text streamed so far (tool calls included)
-        self.splitter = OutputSplitter(tokenizer, req.tools, in_call=req.force_tool) if req.tools else None
+        self.tokenizer = tokenizer
+        self.sent = ""  # the output text streamed so far (thinking and tool calls included)
+        self.splitter: OutputSplitter | None = None  # begin() makes it, for a chat
         self.calls = 0  # tool calls given out
 
     def _chunk(self, choice: dict, **top) -> dict:
@@ -473,10 +484,10 @@ class Encoder:
                 "created": self.req.created, "model": self.req.model, "system_fingerprint": self.fingerprint,
                 "choices": [choice] if choice is not None else [], **usage_field, **top}
 
-    def _split(self, text: str, *, final: bool, stream: bool) -> tuple[str, list[dict]]:
-        """Text -> (content, tool calls in OpenAI's shape)."""
+    def _split(self, text: str, *, final: bool, stream: bool) -> tuple[str, dict, list[dict]]:
+        """Text -> (content, the reasoning fields ({} when none), tool calls in OpenAI's shape)."""
         if self.splitter is None:
-            return text, []
+            return text, {}, []
         segments = self.splitter.feed(text) + (self.splitter.finish() if final else [])
         calls = []
         for s in segments:
@@ -485,12 +496,18 @@ class Encoder:
                         "function": {"name": s.name, "arguments": json.dumps(s.arguments, ensure_ascii=False)}}
                 calls.append({"index": self.calls, **call} if stream else call)
                 self.calls += 1
-        return "".join(s.text for s in segments if s.kind != "tool_call"), calls
+        thought = "".join(s.text for s in segments if s.kind == "thinking")
+        reasoning = {"reasoning_content": thought, "reasoning": thought} if thought else {}
+        return "".join(s.text for s in segments if s.kind == "text"), reasoning, calls
 
     def begin(self, prompt_ids: list[int]) -> list[tuple]:
         """The prompt is encoded: the stream's opening events."""
         if not self.chat:
             return []
+        thinking = self.req.params.get("reasoning") is not False
+        self.splitter = OutputSplitter(self.tokenizer, self.req.tools, thinking=thinking,
+                                       opened=thinking and prompt_opens_thinking(self.tokenizer, prompt_ids),
+                                       in_call=self.req.force_tool)
         return [(None, self._chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                     "finish_reason": None}))]
 
@@ -499,11 +516,11 @@ class Encoder:
         ext = {"mtp": [t.to_dict() for t in tokens]}
         text = "".join(t.text for t in tokens if t.kind != "rejected")
         self.sent += text
-        content, calls = self._split(text, final=False, stream=True)
+        content, reasoning, calls = self._split(text, final=False, stream=True)
         if step is not None:
             ext["mtp_step"] = step.to_dict()
         if self.chat:
-            delta = {"content": content, **({"tool_calls": calls} if calls else {}), **ext}
+            delta = {"content": content, **reasoning, **({"tool_calls": calls} if calls else {}), **ext}
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
         else:
             choice = {"index": 0, "text": content, "logprobs": None, "finish_reason": None, **ext}
@@ -514,10 +531,11 @@ class Encoder:
         finish_reason "abort" (vLLM's name); the error event that says why follows it."""
         text = "".join(t.text for t in tokens if t.kind != "rejected")
         self.sent += text
-        content, calls = self._split(text, final=True, stream=True)
+        content, reasoning, calls = self._split(text, final=True, stream=True)
         ext = {"mtp": [t.to_dict() for t in tokens]} if tokens else {}
         if self.chat:
-            delta = {**({"content": content} if content else {}), **({"tool_calls": calls} if calls else {}), **ext}
+            delta = {**({"content": content} if content else {}), **reasoning, **({"tool_calls": calls} if calls else {}),
+                     **ext}
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": FINISH_CUT}
         else:
             choice = {"index": 0, "text": content, "logprobs": None, "finish_reason": FINISH_CUT, **ext}
@@ -527,10 +545,10 @@ class Encoder:
         """The closing chunks: the rest of the text with finish_reason (+ usage and metrics)."""
         m = result.metrics
         rest = result.text[len(self.sent):] if result.text.startswith(self.sent) else ""
-        content, calls = self._split(rest, final=True, stream=True)
+        content, reasoning, calls = self._split(rest, final=True, stream=True)
         finish = self._finish(m)
         if self.chat:
-            delta = {**({"content": content} if content else {}), **({"tool_calls": calls} if calls else {})}
+            delta = {**({"content": content} if content else {}), **reasoning, **({"tool_calls": calls} if calls else {})}
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
         else:
             choice = {"index": 0, "text": content, "logprobs": None, "finish_reason": finish}
@@ -551,9 +569,9 @@ class Encoder:
 
     def response(self, result) -> dict:
         m = result.metrics
-        content, calls = self._split(result.text, final=True, stream=False)
+        content, reasoning, calls = self._split(result.text, final=True, stream=False)
         if self.chat:
-            message = {"role": "assistant", "content": content if content or not calls else None}
+            message = {"role": "assistant", "content": content if content or not calls else None, **reasoning}
             if calls:
                 message["tool_calls"] = calls
             choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": self._finish(m)}
