@@ -233,6 +233,33 @@ def test_developer_messages_are_system_ones_and_function_results_tool_ones(clien
     assert out.choices[0].message.content == ref.text and out.usage.prompt_tokens == ref.metrics.prompt_tokens
 
 
+def test_a_think_block_leaves_the_content_and_connect_keeps_the_whole_text(checkpoint, tmp_path):
+    """A template that opens the think block (as Qwen3.5's does with thinking on): the output up to its end is
+    `reasoning_content` / `reasoning`, not content; mtpnb.connect still gets the model's whole text."""
+    import shutil
+
+    folder = shutil.copytree(checkpoint, tmp_path / "thinker")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = config["chat_template"].replace(
+        "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}",
+        "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n"
+        "{% else %}<think>\n{% endif %}")
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    thinker = mtpnb.load(folder)
+    ref = thinker.generate(MESSAGES, reasoning=True, max_tokens=24)
+    assert ref.text and "</think>" not in ref.text  # random weights: the block never closes
+    live = start(folder, "--prompt-cache-mb", 0, log_path=tmp_path / "server.log")
+    try:
+        client = openai.OpenAI(base_url=live.url + "/v1", api_key="none", max_retries=0, timeout=60)
+        m = client.chat.completions.create(model="thinker", messages=MESSAGES, max_tokens=24, temperature=0,
+                                           extra_body={"reasoning": True}).choices[0].message
+        assert m.model_extra["reasoning_content"] == m.model_extra["reasoning"] == ref.text.lstrip("\n")
+        assert not m.content
+        assert mtpnb.connect(live.url).generate(MESSAGES, reasoning=True, max_tokens=24).text == ref.text
+    finally:
+        assert live.stop() == 0, live.log()[-2000:]
+
+
 def test_an_assistant_turns_reasoning_reaches_the_template_as_reasoning_content():
     from mtpnb.server.protocol import parse_request
 
