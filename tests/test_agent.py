@@ -332,6 +332,19 @@ def test_anthropic_thinking_blocks(claude, stream):
     assert message.content[0].thinking.strip() == THOUGHT and message.content[1].input == {"city": "Paris"}
 
 
+def test_thinking_sent_back_reaches_the_template_as_reasoning_content():
+    from mtpnb.server import anthropic as messages_api
+
+    turn = {"role": "assistant", "content": [{"type": "thinking", "thinking": THOUGHT, "signature": ""},
+                                             {"type": "redacted_thinking", "data": "c2VjcmV0"},
+                                             {"type": "tool_use", "id": "c1", "name": "get_weather",
+                                              "input": {"city": "Paris"}}]}
+    result = {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "c1", "content": WEATHER}]}
+    req = messages_api.parse_request({"messages": [{"role": "user", "content": QUESTION}, turn, result],
+                                      "max_tokens": 8}, model_name="m", defaults={}, max_tokens_limit=8)
+    assert req.prompt[1]["reasoning_content"] == THOUGHT and req.prompt[1]["tool_calls"][0]["id"] == "c1"
+
+
 # -- forced tool calls, count_tokens ---------------------------------------------------------------------------------
 def forced_reference(local, depth):
     """What the model writes at turn 2 (after the tool's result, where it answers in text) once its turn

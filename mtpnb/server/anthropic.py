@@ -22,7 +22,9 @@ Non-streamed message
 
 Thinking: `thinking: {"type": "enabled"}` turns the template's reasoning on (`disabled` off; absent:
 the server's --reasoning, else off, as Anthropic's API); the output's think block becomes a thinking
-content block (its signature is empty: nothing to verify on a local model).
+content block (its signature is empty: nothing to verify on a local model). A thinking block sent back in
+an assistant turn reaches the template as that turn's `reasoning_content` (Qwen's templates show it within
+an unfinished tool loop); a redacted_thinking block, another provider's encrypted reasoning, is dropped.
 
 Tools: `tool_choice` {type: auto} (default), {type: none}, or a forced call, {type: any} or {type: tool,
 name} (as OpenAI's "required" / named function: the turn opens the call, the model writes it; refused
@@ -130,7 +132,7 @@ def _messages(data: dict) -> list[dict]:
         if not isinstance(content, list):
             raise APIError(400, f"messages[{i}].content must be a string or a list of content blocks",
                            param="messages")
-        texts, calls, results = [], [], []
+        texts, calls, results, thoughts = [], [], [], []
         for j, block in enumerate(content):
             kind = block.get("type") if isinstance(block, dict) else None
             where = f"messages[{i}].content[{j}]"
@@ -145,13 +147,17 @@ def _messages(data: dict) -> list[dict]:
                 results.append({"role": "tool", "content": _text(block.get("content", ""), f"{where}.content"),
                                 **({"tool_call_id": block["tool_use_id"]} if isinstance(block.get("tool_use_id"), str)
                                    else {})})
-            elif kind in ("thinking", "redacted_thinking") and role == "assistant":
-                continue  # past reasoning is not shown to the model again (as chat templates drop it)
+            elif kind == "thinking" and role == "assistant":
+                if isinstance(block.get("thinking"), str):  # the template decides whether it shows it again
+                    thoughts.append(block["thinking"])
+            elif kind == "redacted_thinking" and role == "assistant":
+                continue  # encrypted by another provider: nothing this model can read
             else:
                 raise APIError(400, f"{where}: {kind!r} blocks are not supported here (text, tool_use from the "
                                     "assistant, tool_result from the user)", param="messages")
         if role == "assistant":
-            out.append({"role": "assistant", "content": "".join(texts), **({"tool_calls": calls} if calls else {})})
+            out.append({"role": "assistant", "content": "".join(texts), **({"tool_calls": calls} if calls else {}),
+                        **({"reasoning_content": "".join(thoughts)} if thoughts else {})})
         else:
             out.extend(results)
             if texts or not results:
