@@ -366,10 +366,8 @@ class HeadDraftSteps:
         kept, count, ids, rows = self._context
         if kept is not vocabulary or count != len(vocabulary.added):
             ids, rows = np.asarray(vocabulary.ids, dtype=np.int32), vocabulary.context_rows()
-            if rows is not None:
-                rows = np.ascontiguousarray(np.asarray(rows), dtype=np.float32)
-                if self.bf16:
-                    rows = (rows.view(np.uint32) >> 16).astype(np.uint16)
+            if rows is not None:  # rows of the output layer the shortlist's halves came from: exact in bf16 too
+                rows = bf16_halves(np.asarray(rows)) if self.bf16 else np.ascontiguousarray(rows, dtype=np.float32)
             self._context = (vocabulary, len(vocabulary.added), ids, rows)
         return ids, rows
 
