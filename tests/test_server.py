@@ -264,7 +264,7 @@ def test_an_assistant_turns_reasoning_reaches_the_template_as_reasoning_content(
     from mtpnb.server.protocol import parse_request
 
     turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello", "reasoning": "greet back"},
-             {"role": "user", "content": "again"}, {"role": "assistant", "content": "hi", "reasoning_content": "again"},
+             {"role": "user", "content": "again"}, {"role": "assistant", "content": "hi", "reasoning_content": None, "reasoning": "again"},
              {"role": "user", "content": "bye"}]
     req = parse_request("chat", {"messages": turns}, model_name="m", defaults={}, max_tokens_limit=8)
     assert [m.get("reasoning_content") for m in req.prompt] == [None, "greet back", None, "again", None]

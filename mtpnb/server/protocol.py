@@ -365,7 +365,7 @@ def _messages(messages) -> list[dict]:
         message = {"role": role, "content": _utf8(content, f"messages[{i}].content")}
         if calls:
             message["tool_calls"] = _tool_calls(calls, f"messages[{i}].tool_calls")
-        thought = m.get("reasoning_content", m.get("reasoning")) if role == "assistant" else None
+        thought = (m.get("reasoning_content") or m.get("reasoning")) if role == "assistant" else None
         if isinstance(thought, str) and thought:
             message["reasoning_content"] = _utf8(thought, f"messages[{i}].reasoning_content")
         if role == "tool":
